@@ -1,0 +1,209 @@
+//! A job as the controller records it.
+//!
+//! ```text
+//!  pending ──▶ scheduled ──▶ preparing ──▶ running ──▶ succeeded | failed
+//!     ▲            │             │            │
+//!     │            └─────────────┴────────────┴──▶ lost ──▶ pending (next attempt) | failed
+//!     └───── failed, retries left (next attempt)
+//!  desired = stop: pending ──▶ stopped;  scheduled|preparing|running ──▶ stopping ──▶ stopped
+//! ```
+//! Each placement is an *attempt* with a number; an agent holding an older attempt is told to
+//! stop it (fencing).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::JobSpec;
+use crate::time::Timestamp;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Scheduled,
+    Preparing,
+    Running,
+    Succeeded,
+    Failed,
+    Stopping,
+    Stopped,
+    Lost,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 9] = [
+        JobStatus::Pending,
+        JobStatus::Scheduled,
+        JobStatus::Preparing,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Stopping,
+        JobStatus::Stopped,
+        JobStatus::Lost,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Stopped
+        )
+    }
+
+    /// The attempt is placed on an agent and may hold resources there.
+    pub fn is_on_agent(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Scheduled | JobStatus::Preparing | JobStatus::Running | JobStatus::Stopping
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Scheduled => "scheduled",
+            JobStatus::Preparing => "preparing",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Stopping => "stopping",
+            JobStatus::Stopped => "stopped",
+            JobStatus::Lost => "lost",
+        }
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                let all: Vec<_> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+                format!("unknown status `{s}`: one of {}", all.join(", "))
+            })
+    }
+}
+
+/// What users want of the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    #[default]
+    Run,
+    Stop,
+}
+
+/// Why an attempt failed, as a machine-readable kind next to the human `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The repository could not be cloned or fetched.
+    Clone,
+    /// The revision does not exist in the repository.
+    Revision,
+    /// The script path is missing or escapes the repository.
+    Script,
+    /// The Python environment could not be built.
+    Env,
+    /// The script exited non-zero or was killed by a signal.
+    Exit,
+    /// The attempt ran past its timeout.
+    Timeout,
+    /// The agent running it was lost too many times.
+    AgentLost,
+    /// The agent could not start the process (or another agent-side error).
+    Agent,
+}
+
+impl FailureKind {
+    pub fn parse(s: &str) -> Option<FailureKind> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Clone => "clone",
+            FailureKind::Revision => "revision",
+            FailureKind::Script => "script",
+            FailureKind::Env => "env",
+            FailureKind::Exit => "exit",
+            FailureKind::Timeout => "timeout",
+            FailureKind::AgentLost => "agent_lost",
+            FailureKind::Agent => "agent",
+        }
+    }
+}
+
+/// How many times a lost attempt is placed again before the job fails.
+pub const MAX_LOST: u32 = 3;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    #[serde(default)]
+    pub desired: Desired,
+    /// Number of the current attempt; 0 until first placed.
+    pub attempt: u32,
+    /// Agent holding the current attempt.
+    pub agent: Option<String>,
+    /// GPU indices of the current attempt on its agent.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+    /// The resolved revision.
+    pub commit: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Why the job is in its state: a failure, a stop, or why it still waits.
+    pub reason: Option<String>,
+    pub failure: Option<FailureKind>,
+    /// Attempts lost with their agent so far.
+    #[serde(default)]
+    pub lost_count: u32,
+    /// Script failures so far (compared with `spec.retries`).
+    #[serde(default)]
+    pub failures: u32,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// When the current attempt was placed / started running / ended.
+    pub scheduled_at: Option<Timestamp>,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+impl Job {
+    pub fn new(id: String, spec: JobSpec, now: Timestamp) -> Job {
+        Job {
+            id,
+            name: spec.name.clone(),
+            spec,
+            status: JobStatus::Pending,
+            desired: Desired::Run,
+            attempt: 0,
+            agent: None,
+            gpus: Vec::new(),
+            commit: None,
+            exit_code: None,
+            reason: None,
+            failure: None,
+            lost_count: 0,
+            failures: 0,
+            created_at: now,
+            updated_at: now,
+            scheduled_at: None,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The job spec a user submits, and its validation.
+//!
+//! `JobSpec::from_json` / `JobSpec::from_value` are the one way in: they reject unknown fields,
+//! name the field at fault in every error, and return a normalized spec. The same rules serve the
+//! HTTP API, the CLI (`-f job.yaml` and flags) and the web page.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::compute::Compute;
+
+/// Default grace between SIGTERM and SIGKILL when a job is stopped.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Upper bound on `retries`.
+pub const MAX_RETRIES: u32 = 100;
+
+/// A bad input, naming the field at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A validated, normalized job spec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Display name; defaults to the script's file stem.
+    #[serde(default)]
+    pub name: String,
+    /// Git URL: https, http, ssh, git, file, or scp-like `user@host:path`.
+    pub repo: String,
+    /// Branch, tag or commit; empty means the remote's default branch.
+    #[serde(default)]
+    pub revision: String,
+    /// Path of the Python script inside the repository.
+    pub script: String,
+    /// Arguments, passed verbatim (never through a shell).
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// pip requirement strings.
+    #[serde(default)]
+    pub requirements: Vec<String>,
+    /// A requirements file inside the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirements_file: Option<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub compute: Compute,
+    /// Wall-clock limit of one attempt; `None` = no limit.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// How many times a failing script is run again.
+    #[serde(default)]
+    pub retries: u32,
+    /// Grace between SIGTERM and SIGKILL on stop.
+    #[serde(default = "default_grace", with = "duration")]
+    pub stop_grace: Duration,
+}
+
+fn default_grace() -> Duration {
+    DEFAULT_STOP_GRACE
+}
+
+impl JobSpec {
+    /// Parses and validates a JSON body.
+    pub fn from_json(body: &[u8]) -> Result<JobSpec, ValidationError> {
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(path_error)?;
+        spec.validate()
+    }
+
+    /// Parses and validates an already-parsed value (YAML files come in this way).
+    pub fn from_value(value: serde_json::Value) -> Result<JobSpec, ValidationError> {
+        let spec: JobSpec = serde_path_to_error::deserialize(value).map_err(path_error)?;
+        spec.validate()
+    }
+
+    /// Checks every field and fills defaults. Idempotent.
+    pub fn validate(mut self) -> Result<JobSpec, ValidationError> {
+        validate_repo(&self.repo)?;
+        validate_repo_path("script", &self.script)?;
+        if !self.script.ends_with(".py") {
+            return Err(ValidationError::new(
+                "script",
+                format!("`{}` is not a Python file (.py)", self.script),
+            ));
+        }
+        if let Some(f) = &self.requirements_file {
+            validate_repo_path("requirements_file", f)?;
+        }
+        if self.revision.len() > 255
+            || self.revision.chars().any(|c| c.is_control() || c == ' ')
+            || self.revision.starts_with('-')
+        {
+            return Err(ValidationError::new(
+                "revision",
+                format!("`{}` is not a branch, tag or commit name", self.revision),
+            ));
+        }
+        for (i, r) in self.requirements.iter().enumerate() {
+            validate_requirement(r)
+                .map_err(|m| ValidationError::new(format!("requirements[{i}]"), m))?;
+        }
+        for (k, v) in &self.env {
+            if !is_identifier(k) {
+                return Err(ValidationError::new(
+                    format!("env.{k}"),
+                    format!(
+                        "`{k}` is not a valid environment variable name (letters, digits and _, not starting with a digit)"
+                    ),
+                ));
+            }
+            if k.starts_with("RUNYARD_") || k == "CUDA_VISIBLE_DEVICES" {
+                return Err(ValidationError::new(
+                    format!("env.{k}"),
+                    format!("`{k}` is set by Runyard and cannot be overridden"),
+                ));
+            }
+            if v.contains('\0') {
+                return Err(ValidationError::new(
+                    format!("env.{k}"),
+                    "the value contains a NUL byte",
+                ));
+            }
+        }
+        for (i, a) in self.args.iter().enumerate() {
+            if a.contains('\0') {
+                return Err(ValidationError::new(
+                    format!("args[{i}]"),
+                    "contains a NUL byte",
+                ));
+            }
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            return Err(ValidationError::new(
+                "timeout",
+                "must be positive (omit it for no limit)",
+            ));
+        }
+        if self.retries > MAX_RETRIES {
+            return Err(ValidationError::new(
+                "retries",
+                format!("at most {MAX_RETRIES}"),
+            ));
+        }
+        if self.stop_grace > Duration::from_secs(3600) {
+            return Err(ValidationError::new("stop_grace", "at most 1h"));
+        }
+        if self.name.is_empty() {
+            self.name = default_name(&self.script);
+        }
+        if self.name.chars().count() > 128 || self.name.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                "name",
+                "at most 128 printable characters",
+            ));
+        }
+        Ok(self)
+    }
+}
+
+fn default_name(script: &str) -> String {
+    let file = script.rsplit('/').next().unwrap_or(script);
+    file.strip_suffix(".py").unwrap_or(file).to_string()
+}
+
+fn path_error<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> ValidationError {
+    let path = e.path().to_string();
+    let inner = e.inner().to_string();
+    // serde reports unknown and missing fields at the parent; name the field itself.
+    let field = if let Some(rest) = inner.strip_prefix("unknown field `") {
+        rest.split('`').next().unwrap_or("").to_string()
+    } else if let Some(rest) = inner.strip_prefix("missing field `") {
+        rest.split('`').next().unwrap_or("").to_string()
+    } else if path == "." || path == "?" {
+        "body".to_string()
+    } else {
+        path
+    };
+    let field = if field.is_empty() {
+        "body".to_string()
+    } else {
+        field
+    };
+    let message = inner
+        .split(" at line ")
+        .next()
+        .unwrap_or(&inner)
+        .to_string();
+    ValidationError::new(field, message)
+}
+
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn validate_repo(repo: &str) -> Result<(), ValidationError> {
+    let err = |m: String| Err(ValidationError::new("repo", m));
+    if repo.is_empty() {
+        return err("must not be empty".into());
+    }
+    if repo.chars().any(|c| c.is_control() || c == ' ') {
+        return err(format!("`{repo}` contains spaces or control characters"));
+    }
+    if let Some((scheme, rest)) = repo.split_once("://") {
+        match scheme {
+            "https" | "http" | "ssh" | "git" => {
+                let host = rest.split('/').next().unwrap_or("");
+                if host.is_empty() || !rest.contains('/') {
+                    return err(format!("`{repo}` has no host or path"));
+                }
+            }
+            "file" => {
+                if !rest.starts_with('/') {
+                    return err(format!(
+                        "`{repo}`: a file URL needs an absolute path, as in file:///srv/repo.git"
+                    ));
+                }
+            }
+            _ => {
+                return err(format!(
+                    "unsupported scheme `{scheme}`: use https, ssh, git, http or file"
+                ));
+            }
+        }
+        return Ok(());
+    }
+    // scp-like: user@host:path
+    if let Some((userhost, path)) = repo.split_once(':')
+        && let Some((user, host)) = userhost.split_once('@')
+        && !user.is_empty()
+        && !host.is_empty()
+        && !host.contains('/')
+        && !path.is_empty()
+    {
+        return Ok(());
+    }
+    err(format!(
+        "`{repo}` is not a git URL: use https://host/owner/repo, ssh://, git@host:owner/repo, git:// or file:///path"
+    ))
+}
+
+/// A path relative to the repository root that stays inside it (symlinks are checked by the
+/// agent after checkout).
+fn validate_repo_path(field: &str, p: &str) -> Result<(), ValidationError> {
+    if p.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if p.starts_with('/') {
+        return Err(ValidationError::new(
+            field,
+            format!("`{p}` is absolute: give a path inside the repository"),
+        ));
+    }
+    if p.split('/').any(|c| c == "..") {
+        return Err(ValidationError::new(
+            field,
+            format!("`{p}` escapes the repository (`..`)"),
+        ));
+    }
+    if p.chars().any(|c| c.is_control()) || p.contains('\\') {
+        return Err(ValidationError::new(
+            field,
+            format!("`{p}` contains control characters or backslashes"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_requirement(r: &str) -> Result<(), String> {
+    let t = r.trim();
+    if t.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if t.starts_with('-') {
+        return Err(format!(
+            "`{t}` is a pip option, not a requirement: options such as -e, -r and --index-url are not allowed"
+        ));
+    }
+    if r.contains('\n') || r.contains('\r') {
+        return Err("one requirement per entry: no line breaks".into());
+    }
+    if r.len() > 1024 {
+        return Err("longer than 1024 characters".into());
+    }
+    Ok(())
+}
+
+/// Parses a duration given as a human string (`90s`, `2h 30m`) or a number of seconds.
+pub fn parse_duration_value(v: &serde_json::Value) -> Result<Duration, String> {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                Ok(Duration::from_secs(u))
+            } else if let Some(f) = n.as_f64() {
+                if f < 0.0 || !f.is_finite() {
+                    Err(format!(
+                        "{f} is negative: give a positive duration such as `30m` or `2h`"
+                    ))
+                } else {
+                    Ok(Duration::from_secs_f64(f))
+                }
+            } else {
+                Err("not a duration".into())
+            }
+        }
+        serde_json::Value::String(s) => parse_duration(s),
+        _ => Err("expected a duration such as `30s`, `2h` or a number of seconds".into()),
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!(
+            "`{s}` is negative: give a positive duration such as `30m` or `2h`"
+        ));
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); use forms like `90s`, `30m`, `2h`"))
+}
+
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+}
+
+mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        parse_duration_value(&v).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        parse_duration_value(&v)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> serde_json::Value {
+        json!({"repo": "https://github.com/acme/train.git", "script": "train.py"})
+    }
+
+    fn with(k: &str, v: serde_json::Value) -> serde_json::Value {
+        let mut b = base();
+        b[k] = v;
+        b
+    }
+
+    fn field_of(v: serde_json::Value) -> String {
+        JobSpec::from_json(v.to_string().as_bytes())
+            .unwrap_err()
+            .field
+    }
+
+    #[test]
+    fn minimal_spec_gets_defaults() {
+        let s = JobSpec::from_json(base().to_string().as_bytes()).unwrap();
+        assert_eq!(s.name, "train");
+        assert_eq!(s.compute, Compute::CpuSmall);
+        assert_eq!(s.stop_grace, DEFAULT_STOP_GRACE);
+        assert_eq!(s.timeout, None);
+        // Normalized output parses back to the same spec.
+        let again = JobSpec::from_json(serde_json::to_string(&s).unwrap().as_bytes()).unwrap();
+        assert_eq!(again, s);
+    }
+
+    #[test]
+    fn durations_accept_strings_and_seconds() {
+        let s = JobSpec::from_value(with("timeout", json!("2h"))).unwrap();
+        assert_eq!(s.timeout, Some(Duration::from_secs(7200)));
+        let s = JobSpec::from_value(with("timeout", json!(90))).unwrap();
+        assert_eq!(s.timeout, Some(Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (with("colour", json!("red")), "colour"),
+            (json!({"script": "train.py"}), "repo"),
+            (json!({"repo": "https://h/x"}), "script"),
+            (with("repo", json!("not a url")), "repo"),
+            (with("repo", json!("ftp://host/x.git")), "repo"),
+            (with("repo", json!("file://relative/path")), "repo"),
+            (with("script", json!("/etc/passwd.py")), "script"),
+            (with("script", json!("../up.py")), "script"),
+            (with("script", json!("a/../../up.py")), "script"),
+            (with("compute", json!("tpu")), "compute"),
+            (with("compute", json!("gpu:0")), "compute"),
+            (with("timeout", json!(-5)), "timeout"),
+            (with("timeout", json!("-5s")), "timeout"),
+            (with("timeout", json!("soon")), "timeout"),
+            (with("env", json!({"1BAD": "x"})), "env.1BAD"),
+            (with("env", json!({"A-B": "x"})), "env.A-B"),
+            (
+                with("requirements", json!(["numpy", "-e ."])),
+                "requirements[1]",
+            ),
+            (
+                with("requirements", json!(["--index-url=http://evil"])),
+                "requirements[0]",
+            ),
+            (
+                with("requirements", json!(["-r other.txt"])),
+                "requirements[0]",
+            ),
+            (with("retries", json!(-1)), "retries"),
+            (with("args", json!("--lr 1")), "args"),
+            (
+                with("requirements_file", json!("../r.txt")),
+                "requirements_file",
+            ),
+        ];
+        for (body, field) in cases {
+            assert_eq!(field_of(body.clone()), field, "body {body}");
+        }
+    }
+
+    #[test]
+    fn repo_forms() {
+        for ok in [
+            "https://github.com/a/b.git",
+            "http://127.0.0.1:8080/r.git",
+            "ssh://git@github.com/a/b.git",
+            "git@github.com:a/b.git",
+            "git://127.0.0.1:9418/r",
+            "file:///tmp/r",
+        ] {
+            assert!(validate_repo(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_a_body_error() {
+        let e = JobSpec::from_json(b"{").unwrap_err();
+        assert_eq!(e.field, "body", "{e:?}");
+    }
+}

@@ -1,0 +1,12 @@
+//! Runyard's wire contract (`runyard.agent.v1`) and its conversions to and from domain nouns.
+//!
+//! - `v1`: code generated from `proto/runyard/agent/v1/agent.proto` by build.rs.
+//! - `convert`: `From`/`TryFrom` between wire messages and `runyard_model` types.
+
+pub mod v1 {
+    tonic::include_proto!("runyard.agent.v1");
+}
+
+mod convert;
+
+pub use convert::{ConvertError, spec_from_wire, spec_to_wire};
