@@ -1,0 +1,90 @@
+//! API tokens: an admin token for users and a join token for agents, created at first start in
+//! the data dir with mode 0600 and read back on every start.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use rand::RngExt;
+
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const AGENT_TOKEN_FILE: &str = "agent.token";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    /// For users: CLI, HTTP API, web page.
+    pub admin: String,
+    /// For agents joining over gRPC.
+    pub agent: String,
+}
+
+/// Reads the tokens from `data_dir`, creating any that is missing.
+pub fn ensure_tokens(data_dir: &Path) -> std::io::Result<Tokens> {
+    fs::create_dir_all(data_dir)?;
+    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))?;
+    Ok(Tokens {
+        admin: ensure_one(&data_dir.join(ADMIN_TOKEN_FILE), "rya_")?,
+        agent: ensure_one(&data_dir.join(AGENT_TOKEN_FILE), "ryj_")?,
+    })
+}
+
+fn ensure_one(path: &Path, prefix: &str) -> std::io::Result<String> {
+    if let Ok(s) = fs::read_to_string(path) {
+        let t = s.trim();
+        if !t.is_empty() {
+            return Ok(t.to_string());
+        }
+    }
+    let mut rng = rand::rng();
+    let body: String = (0..40)
+        .map(|_| {
+            let i = rng.random_range(0..62u8);
+            (match i {
+                0..=9 => b'0' + i,
+                10..=35 => b'a' + i - 10,
+                _ => b'A' + i - 36,
+            }) as char
+        })
+        .collect();
+    let token = format!("{prefix}{body}");
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(token.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    Ok(token)
+}
+
+/// Constant-time comparison, so a wrong token leaks nothing through timing.
+pub fn token_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_with_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let t1 = ensure_tokens(dir.path()).unwrap();
+        let t2 = ensure_tokens(dir.path()).unwrap();
+        assert_eq!(t1, t2);
+        assert_ne!(t1.admin, t1.agent);
+        let mode = fs::metadata(dir.path().join(ADMIN_TOKEN_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(token_eq(&t1.admin, &t2.admin));
+        assert!(!token_eq(&t1.admin, &t1.agent));
+    }
+}
