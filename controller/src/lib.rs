@@ -63,3 +63,6 @@ pub async fn run(
     cancel.cancelled().await;
     Ok(())
 }
+
+pub mod reconcile;
+pub mod scheduler;
