@@ -66,3 +66,4 @@ pub async fn run(
 
 pub mod reconcile;
 pub mod scheduler;
+pub mod logs;
