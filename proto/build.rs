@@ -3,6 +3,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/runyard/agent/v1/agent.proto";
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Log chunks stay `Bytes` end to end: no copy between the wire and the log file.
+    tonic_prost_build::configure()
+        .bytes(".runyard.agent.v1.LogChunk.data")
+        .compile_fds(fds)?;
     Ok(())
 }

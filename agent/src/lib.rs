@@ -1,10 +1,30 @@
-//! The Runyard agent.
+//! The Runyard agent: runs jobs from git repositories on this machine and streams their logs and
+//! statuses to the controller.
 //!
-//! Work in progress: the modules below are filled in one by one.
+//! - `session`: the gRPC session with the controller (register, heartbeat, pump, reconnect).
+//! - `attempts`: the attempts this agent holds, their statuses and stop channels.
+//! - `runner`: one attempt's lifecycle: checkout, environment, process, report.
+//! - `spool`: per-attempt on-disk log spool, kept until the controller acknowledges lines.
+//! - `checkout`: bare mirror cache and per-job working trees (git2).
+//! - `pyenv`: per-job Python environments (uv, or venv + pip).
+//! - `process`: the job's process group, line capture, stop and sweep (child subreaper).
+//! - `gpu`: GPU detection and sampling through NVML.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub mod attempts;
+pub mod checkout;
+pub mod gpu;
+pub mod process;
+pub mod pyenv;
+pub mod reaper;
+pub mod runner;
+pub mod session;
+pub mod spool;
 
 /// Validated agent configuration.
 #[derive(Clone, Debug)]
@@ -36,14 +56,116 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("GPU detection failed: {0}")]
+    Gpu(#[from] gpu::GpuError),
 }
 
-/// Runs the agent until `cancel` fires.
+/// Runs the agent until `cancel` fires. Jobs still running then are stopped (their grace
+/// applies); the controller declares them lost and places them again.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+    let data_err = |source| AgentError::DataDir {
         path: config.data_dir.clone(),
         source,
-    })?;
-    cancel.cancelled().await;
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
+    let jobs_dir = config.data_dir.join("jobs");
+    // A previous incarnation's leftovers: working dirs and spools of attempts nobody will report.
+    if jobs_dir.exists() {
+        let _ = std::fs::remove_dir_all(&jobs_dir);
+    }
+    std::fs::create_dir_all(&jobs_dir).map_err(data_err)?;
+    if let Err(error) = process::become_subreaper() {
+        warn!(%error, "cannot become a child subreaper; processes that leave their group may escape stops");
+    }
+    let name = config.name.clone();
+    let swept = tokio::task::spawn_blocking(move || process::sweep_agent(&name))
+        .await
+        .unwrap_or(0);
+    if swept > 0 {
+        warn!(
+            processes = swept,
+            "killed processes left by a previous run of this agent"
+        );
+    }
+
+    let gpus = if config.offer_gpus {
+        let lib = config.nvml_library.clone();
+        tokio::task::spawn_blocking(move || gpu::detect(lib.as_deref()))
+            .await
+            .expect("GPU detection panicked")?
+    } else {
+        gpu::GpuProbe::none()
+    };
+    let gpus = Arc::new(gpus);
+    let svc = Arc::new(runner::Services {
+        agent_name: config.name.clone(),
+        jobs_dir,
+        checkouts: checkout::CheckoutCache::new(config.data_dir.join("mirrors")),
+        envs: pyenv::EnvBuilder::new(
+            config.python.clone(),
+            config.uv.clone(),
+            config.data_dir.join("uv-cache"),
+        ),
+        attempts: attempts::Attempts::default(),
+    });
+    let (cpus, memory_bytes) = machine_size();
+    info!(
+        name = %config.name,
+        controller = %config.controller,
+        cpu_small_slots = config.cpu_small_slots,
+        gpus = gpus.sample().len(),
+        installer = svc.envs.installer(),
+        "agent started"
+    );
+    let session = session::SessionLoop {
+        controller: config.controller.clone(),
+        token: config.token.clone(),
+        svc: svc.clone(),
+        gpus,
+        offer: session::Offer {
+            cpu_small_slots: config.cpu_small_slots,
+            cpus,
+            memory_bytes,
+        },
+    };
+    session.run(cancel.clone()).await;
+
+    // Shutting down: stop what still runs, within each job's grace.
+    let running: Vec<_> = svc
+        .attempts
+        .all()
+        .into_iter()
+        .filter(|a| !a.is_terminal())
+        .collect();
+    if !running.is_empty() {
+        info!(jobs = running.len(), "stopping jobs before exit");
+    }
+    for a in &running {
+        let _ = a.stop.send(Some(attempts::StopRequest {
+            grace: std::time::Duration::from_secs(5),
+            reason: "agent shut down".into(),
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(7);
+    while running.iter().any(|a| !a.is_terminal()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     Ok(())
+}
+
+/// Number of CPUs and bytes of memory of this machine.
+pub fn machine_size() -> (u32, u64) {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0);
+    (cpus, mem)
 }

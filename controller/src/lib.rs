@@ -1,15 +1,38 @@
-//! The Runyard controller.
+//! The Runyard controller: keeps the list of jobs, places them on agents, and serves the HTTP API.
 //!
-//! Work in progress: the modules below are filled in one by one.
+//! - `store`: the narrow state-store interface, with an embedded (redb) and an etcd backend.
+//! - `jobs`: the job table, cached in memory and written through to the store.
+//! - `agents`: the registry of agents and their live sessions.
+//! - `logs`: per-attempt log files with sequence-numbered, idempotent appends.
+//! - `scheduler`: pure placement of one job onto the fleet's free capacity.
+//! - `reconcile`: the pure job state machine (plan, apply, agent reports).
+//! - `executor`: the level-triggered loop that applies plans and talks to agents.
+//! - `grpc`: the agent-facing `Session` stream.
+//! - `http`: the user-facing JSON API.
+//! - `tokens`: admin and agent join tokens in the data dir.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use runyard_model::Timestamp;
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span};
 
+pub mod agents;
+pub mod executor;
+pub mod grpc;
+pub mod http;
+pub mod jobs;
+pub mod logs;
+pub mod reconcile;
+pub mod scheduler;
+pub mod store;
 pub mod tokens;
 
+pub use executor::Controller;
 pub use tokens::{Tokens, ensure_tokens};
 
 /// Default HTTP API address.
@@ -18,11 +41,13 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7900";
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:7901";
 /// An agent silent for this long is lost, and so are its jobs.
 pub const DEFAULT_AGENT_TTL: Duration = Duration::from_secs(30);
+/// How long shutdown waits for connections to drain.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Validated controller configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Holds the embedded store, logs, artifacts and tokens.
+    /// Holds the embedded store, logs and tokens.
     pub data_dir: PathBuf,
     /// `file:` (embedded, under the data dir) or `etcd://host:port[,host:port...]`.
     pub store: String,
@@ -46,6 +71,14 @@ pub enum ControllerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot open the store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("cannot load jobs: {0}")]
+    Jobs(#[from] jobs::JobsError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
 }
 
 /// Runs the controller on the given listeners until `cancel` fires.
@@ -55,15 +88,82 @@ pub async fn run(
     grpc: TcpListener,
     cancel: CancellationToken,
 ) -> Result<(), ControllerError> {
-    ensure_tokens(&config.data_dir).map_err(|source| ControllerError::DataDir {
+    let data_err = |source| ControllerError::DataDir {
         path: config.data_dir.clone(),
         source,
-    })?;
-    let _ = (http, grpc);
+    };
+    let tokens = ensure_tokens(&config.data_dir).map_err(data_err)?;
+    let log_store = logs::LogStore::open(config.data_dir.join("logs")).map_err(data_err)?;
+    let store = store::open(&config.store, &config.data_dir).await?;
+    let jobs = jobs::Jobs::load(store.clone()).await?;
+    let agents = agents::Agents::load(store.clone(), Timestamp::now()).await?;
+    let ctl = Controller::new(jobs, agents, log_store, config.agent_ttl);
+    info!(
+        store = store.kind(),
+        jobs = ctl.jobs.all().len(),
+        http = %http.local_addr().map_err(ControllerError::Http)?,
+        grpc = %grpc.local_addr().map_err(ControllerError::Http)?,
+        "controller started"
+    );
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(
+        ctl.clone()
+            .run_loop(cancel.child_token())
+            .instrument(info_span!("reconcile_loop")),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<runyard_proto::v1::agent_service_server::AgentServiceServer<grpc::AgentService>>().await;
+    let agent_service =
+        grpc::AgentService::new(ctl.clone(), tokens.agent.clone(), cancel.child_token());
+    let grpc_cancel = cancel.child_token();
+    let grpc_task = tracker.spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(
+                runyard_proto::v1::agent_service_server::AgentServiceServer::new(agent_service)
+                    .max_decoding_message_size(16 << 20),
+            )
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc),
+                grpc_cancel.cancelled_owned(),
+            ),
+    );
+    let app = http::router(http::ApiState {
+        ctl: ctl.clone(),
+        admin_token: tokens.admin.clone(),
+        shutdown: cancel.child_token(),
+    });
+    let http_cancel = cancel.child_token();
+    let http_task = tracker.spawn(async move {
+        axum::serve(http, app)
+            .with_graceful_shutdown(http_cancel.cancelled_owned())
+            .await
+    });
+    tracker.close();
+
     cancel.cancelled().await;
+    info!("controller shutting down");
+    // Followers of logs keep HTTP connections open: bound the drain.
+    let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
+        let grpc = grpc_task.await;
+        let http = http_task.await;
+        (grpc, http)
+    })
+    .await;
+    match drained {
+        Ok((grpc, http)) => {
+            if let Ok(Err(e)) = grpc {
+                return Err(e.into());
+            }
+            if let Ok(Err(e)) = http {
+                return Err(ControllerError::Http(e));
+            }
+        }
+        Err(_) => tracing::warn!("connections did not drain in time; closing them"),
+    }
     Ok(())
 }
-
-pub mod reconcile;
-pub mod scheduler;
-pub mod logs;

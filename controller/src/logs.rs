@@ -72,7 +72,14 @@ impl LogStore {
     }
 
     /// Appends `count` lines (`data` = lines joined by `\n`) numbered from `first_seq`.
-    pub async fn append(&self, job: &str, attempt: u32, first_seq: u64, count: u32, data: bytes::Bytes) -> io::Result<Appended> {
+    pub async fn append(
+        &self,
+        job: &str,
+        attempt: u32,
+        first_seq: u64,
+        count: u32,
+        data: bytes::Bytes,
+    ) -> io::Result<Appended> {
         let _w = self.inner.write.lock().await;
         let have = self.lines(job, attempt).await?;
         if first_seq > have {
@@ -84,7 +91,10 @@ impl LogStore {
         }
         let skip = (have - first_seq) as usize;
         let start = nth_line_start(&data, skip).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("log chunk has fewer than {count} lines"))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("log chunk has fewer than {count} lines"),
+            )
         })?;
         let path = self.path(job, attempt);
         tokio::task::spawn_blocking(move || -> io::Result<()> {
@@ -100,7 +110,11 @@ impl LogStore {
         })
         .await
         .map_err(io::Error::other)??;
-        self.inner.lines.lock().unwrap().insert((job.to_string(), attempt), end);
+        self.inner
+            .lines
+            .lock()
+            .unwrap()
+            .insert((job.to_string(), attempt), end);
         let notify = self.inner.notify.lock().unwrap();
         if let Some(tx) = notify.get(job) {
             tx.send_modify(|v| *v += 1);
@@ -112,11 +126,20 @@ impl LogStore {
     pub fn subscribe(&self, job: &str) -> watch::Receiver<u64> {
         let mut notify = self.inner.notify.lock().unwrap();
         notify.retain(|_, tx| tx.receiver_count() > 0);
-        notify.entry(job.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
+        notify
+            .entry(job.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     /// Reads complete lines from byte `offset` on; returns them and the new offset.
-    pub async fn read_from(&self, job: &str, attempt: u32, offset: u64, max: usize) -> io::Result<(Vec<u8>, u64)> {
+    pub async fn read_from(
+        &self,
+        job: &str,
+        attempt: u32,
+        offset: u64,
+        max: usize,
+    ) -> io::Result<(Vec<u8>, u64)> {
         let path = self.path(job, attempt);
         tokio::task::spawn_blocking(move || read_complete_lines(&path, offset, max))
             .await
@@ -148,7 +171,11 @@ fn nth_line_start(data: &[u8], n: usize) -> Option<usize> {
     if n == 0 {
         return Some(0);
     }
-    data.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(n - 1).map(|(i, _)| i + 1)
+    data.iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(n - 1)
+        .map(|(i, _)| i + 1)
 }
 
 fn read_complete_lines(path: &Path, offset: u64, max: usize) -> io::Result<(Vec<u8>, u64)> {
@@ -181,15 +208,34 @@ mod tests {
     async fn appends_are_idempotent_and_gapless() {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::open(dir.path()).unwrap();
-        assert_eq!(logs.append("j", 1, 0, 2, Bytes::from("a\nb")).await.unwrap(), Appended::Through(2));
+        assert_eq!(
+            logs.append("j", 1, 0, 2, Bytes::from("a\nb"))
+                .await
+                .unwrap(),
+            Appended::Through(2)
+        );
         // Resent overlapping chunk adds only the tail.
-        assert_eq!(logs.append("j", 1, 1, 3, Bytes::from("b\nc\nd")).await.unwrap(), Appended::Through(4));
+        assert_eq!(
+            logs.append("j", 1, 1, 3, Bytes::from("b\nc\nd"))
+                .await
+                .unwrap(),
+            Appended::Through(4)
+        );
         // Full duplicate: nothing.
-        assert_eq!(logs.append("j", 1, 0, 1, Bytes::from("a")).await.unwrap(), Appended::Through(4));
+        assert_eq!(
+            logs.append("j", 1, 0, 1, Bytes::from("a")).await.unwrap(),
+            Appended::Through(4)
+        );
         // Gap: refused.
-        assert_eq!(logs.append("j", 1, 9, 1, Bytes::from("z")).await.unwrap(), Appended::Gap(4));
+        assert_eq!(
+            logs.append("j", 1, 9, 1, Bytes::from("z")).await.unwrap(),
+            Appended::Gap(4)
+        );
         // Empty lines are lines.
-        assert_eq!(logs.append("j", 1, 4, 2, Bytes::from("\n")).await.unwrap(), Appended::Through(6));
+        assert_eq!(
+            logs.append("j", 1, 4, 2, Bytes::from("\n")).await.unwrap(),
+            Appended::Through(6)
+        );
         let (text, off) = logs.read_from("j", 1, 0, 1 << 20).await.unwrap();
         assert_eq!(text, b"a\nb\nc\nd\n\n\n");
         assert_eq!(off, text.len() as u64);
@@ -205,7 +251,10 @@ mod tests {
         let logs = LogStore::open(dir.path()).unwrap();
         let mut rx = logs.subscribe("j");
         logs.append("j", 1, 0, 1, Bytes::from("x")).await.unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(1), rx.changed()).await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]
@@ -213,7 +262,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("l");
         fs::write(&p, "one\ntw").unwrap();
-        assert_eq!(read_complete_lines(&p, 0, 100).unwrap(), (b"one\n".to_vec(), 4));
+        assert_eq!(
+            read_complete_lines(&p, 0, 100).unwrap(),
+            (b"one\n".to_vec(), 4)
+        );
         assert_eq!(read_complete_lines(&p, 4, 100).unwrap(), (Vec::new(), 4));
     }
 }

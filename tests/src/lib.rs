@@ -1,1 +1,47 @@
-//! placeholder
+//! Harness for cluster-level tests: a real controller and real agents in this process, talking
+//! over real gRPC and HTTP on loopback, each with its own temp dir.
+//!
+//! - `cluster`: `TestCluster` — start, restart the controller, kill and add agents, HTTP client.
+//! - `fixture`: git repositories made at test time.
+//! - `proxy`: a loopback TCP proxy that can cut and restore connections (network partitions).
+//! - `etcd`: a real etcd server on free loopback ports.
+//! - `fake_nvml`: builds a fake `libnvidia-ml.so` so the real NVML code path runs without a GPU.
+
+pub mod cluster;
+pub mod etcd;
+pub mod fake_nvml;
+pub mod fixture;
+pub mod proxy;
+
+/// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(
+    timeout: std::time::Duration,
+    what: &str,
+    mut f: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Logs of the code under test, shown for failing tests (`RUST_LOG` to change the level).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,291 @@
+//! Runs one attempt: checkout, environment, process, and the report of how it ended.
+//!
+//! ```text
+//!  preparing (checkout → script check → environment) ──▶ running ──▶ succeeded | failed
+//!        │                                                  │
+//!        └──────────── stop request / timeout ──────────────┴──▶ stopped | failed (timeout)
+//! ```
+//! Invariant: the terminal status is set only after the process and everything it started are
+//! gone and every line it printed is in the spool, with the final line count in the status.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use runyard_model::{FailureKind, JobSpec};
+use runyard_proto::v1::AttemptState;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::attempts::{Attempt, Attempts, StopRequest};
+use crate::checkout::{CheckoutCache, CheckoutError, resolve_script_at};
+use crate::process::{ExitOutcome, JobProcess, ProcessSpec};
+use crate::pyenv::EnvBuilder;
+
+/// Environment variables passed from the agent to jobs; everything else (tokens included) stays out.
+const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "USER",
+    "LOGNAME",
+    "TMPDIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
+/// Shared services every runner uses.
+pub struct Services {
+    pub agent_name: String,
+    pub jobs_dir: PathBuf,
+    pub checkouts: CheckoutCache,
+    pub envs: EnvBuilder,
+    pub attempts: Attempts,
+}
+
+/// How an attempt ended, before it is turned into a status.
+struct End {
+    state: AttemptState,
+    failure: Option<FailureKind>,
+    exit_code: Option<i32>,
+    reason: String,
+}
+
+impl End {
+    fn failed(failure: FailureKind, reason: impl Into<String>) -> End {
+        End {
+            state: AttemptState::Failed,
+            failure: Some(failure),
+            exit_code: None,
+            reason: reason.into(),
+        }
+    }
+
+    fn stopped(req: &StopRequest) -> End {
+        End {
+            state: AttemptState::Stopped,
+            failure: None,
+            exit_code: None,
+            reason: req.reason.clone(),
+        }
+    }
+}
+
+pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
+    let dir = svc.jobs_dir.join(format!("{}-{}", a.job_id, a.attempt));
+    let end = execute(&svc, &a, &spec, &dir).await;
+    let lines = a.spool.lines();
+    info!(job = %a.job_id, attempt = a.attempt, state = ?end.state, exit_code = ?end.exit_code, reason = %end.reason, lines, "attempt ended");
+    svc.attempts.set_status(&a, |s| {
+        s.state = end.state as i32;
+        s.exit_code = end.exit_code;
+        s.reason = end.reason;
+        s.failure = end
+            .failure
+            .map(|f| f.as_str().to_string())
+            .unwrap_or_default();
+        s.log_lines = lines;
+    });
+    if let Err(error) = tokio::fs::remove_dir_all(&dir).await
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(job = %a.job_id, %error, dir = %dir.display(), "cannot remove the job's working dir");
+    }
+}
+
+async fn wait_stop(rx: &mut tokio::sync::watch::Receiver<Option<StopRequest>>) -> StopRequest {
+    loop {
+        if let Some(req) = rx.borrow_and_update().clone() {
+            return req;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -> End {
+    let mut stop_rx = a.stop.subscribe();
+    let src = dir.join("src");
+    // A stop while preparing cancels the fetch (token) and the installer (dropped future).
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let prepared = tokio::select! {
+        p = prepare(svc, a, spec, dir, &src, &cancel) => p,
+        req = wait_stop(&mut stop_rx) => {
+            cancel.cancel();
+            return End::stopped(&req);
+        }
+    };
+    let (python, script) = match prepared {
+        Ok(p) => p,
+        Err(end) => return end,
+    };
+
+    let mut env: Vec<(String, String)> = PASSED_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    if let Some(venv_bin) = python.parent().filter(|_| python.starts_with(dir)) {
+        let path = std::env::var("PATH").unwrap_or_default();
+        env.retain(|(k, _)| k != "PATH");
+        env.push(("PATH".into(), format!("{}:{path}", venv_bin.display())));
+        if let Some(venv) = venv_bin.parent() {
+            env.push(("VIRTUAL_ENV".into(), venv.display().to_string()));
+        }
+    }
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let visible: Vec<String> = a.gpus.iter().map(u32::to_string).collect();
+    env.push(("CUDA_VISIBLE_DEVICES".into(), visible.join(",")));
+    env.push(("RUNYARD_JOB_ID".into(), a.job_id.clone()));
+    env.push(("RUNYARD_ATTEMPT_NUMBER".into(), a.attempt.to_string()));
+
+    let mut args = vec![script.display().to_string()];
+    args.extend(spec.args.iter().cloned());
+    let (tx, rx) = mpsc::channel::<Vec<String>>(256);
+    let writer = tokio::spawn(write_lines(svc.attempts.clone(), a.clone(), rx));
+    let spawned = JobProcess::spawn(
+        ProcessSpec {
+            program: python.clone(),
+            args,
+            cwd: src.clone(),
+            env,
+            marker: format!("{}/{}", a.job_id, a.attempt),
+            agent_name: svc.agent_name.clone(),
+        },
+        tx,
+    );
+    let mut proc = match spawned {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writer.await;
+            return End::failed(
+                FailureKind::Agent,
+                format!("cannot start {}: {e}", python.display()),
+            );
+        }
+    };
+    info!(job = %a.job_id, attempt = a.attempt, pid = proc.pid(), "process started");
+    svc.attempts
+        .set_status(a, |s| s.state = AttemptState::Running as i32);
+
+    let timeout = spec.timeout.unwrap_or(Duration::MAX);
+    let end = tokio::select! {
+        outcome = proc.wait() => exit_end(outcome),
+        req = wait_stop(&mut stop_rx) => {
+            let outcome = proc.stop(req.grace).await;
+            End { exit_code: exit_code(outcome), ..End::stopped(&req) }
+        }
+        _ = sleep_max(timeout) => {
+            let outcome = proc.stop(spec.stop_grace).await;
+            End {
+                exit_code: exit_code(outcome),
+                ..End::failed(FailureKind::Timeout, format!("timed out after {}", runyard_model::spec::format_duration(timeout)))
+            }
+        }
+    };
+    drop(proc);
+    // Every line is in the spool once the writer has drained the closed channel.
+    if let Err(e) = writer.await {
+        warn!(job = %a.job_id, error = %e, "log writer failed");
+    }
+    end
+}
+
+async fn sleep_max(d: Duration) {
+    match tokio::time::Instant::now().checked_add(d) {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn prepare(
+    svc: &Services,
+    a: &Attempt,
+    spec: &JobSpec,
+    dir: &Path,
+    src: &Path,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(PathBuf, PathBuf), End> {
+    if let Err(e) = tokio::fs::create_dir_all(dir).await {
+        return Err(End::failed(
+            FailureKind::Agent,
+            format!("cannot create {}: {e}", dir.display()),
+        ));
+    }
+    let commit = svc
+        .checkouts
+        .checkout(&spec.repo, &spec.revision, src, cancel)
+        .await
+        .map_err(|e| match e {
+            CheckoutError::Revision(m) => End::failed(FailureKind::Revision, m),
+            CheckoutError::Clone(m) => End::failed(FailureKind::Clone, m),
+            other => End::failed(FailureKind::Agent, other.to_string()),
+        })?;
+    info!(job = %a.job_id, attempt = a.attempt, %commit, "checked out");
+    svc.attempts.set_status(a, |s| s.commit = commit.clone());
+    let script = resolve_script_at(src, &spec.script, &commit)
+        .map_err(|m| End::failed(FailureKind::Script, m))?;
+    let req_file = match &spec.requirements_file {
+        Some(f) => Some(
+            resolve_script_at(src, f, &commit)
+                .map_err(|m| End::failed(FailureKind::Env, format!("requirements_file: {m}")))?,
+        ),
+        None => None,
+    };
+    let python = svc
+        .envs
+        .prepare(dir, &spec.requirements, req_file.as_deref())
+        .await
+        .map_err(|e| {
+            End::failed(
+                FailureKind::Env,
+                format!("environment build failed ({}): {e}", svc.envs.installer()),
+            )
+        })?;
+    Ok((python, script))
+}
+
+fn exit_code(o: ExitOutcome) -> Option<i32> {
+    match o {
+        ExitOutcome::Exited(c) => Some(c),
+        ExitOutcome::Signaled(s) => Some(128 + s),
+        ExitOutcome::Lost => None,
+    }
+}
+
+fn exit_end(o: ExitOutcome) -> End {
+    match o {
+        ExitOutcome::Exited(0) => End {
+            state: AttemptState::Succeeded,
+            failure: None,
+            exit_code: Some(0),
+            reason: String::new(),
+        },
+        other => End {
+            state: AttemptState::Failed,
+            failure: Some(FailureKind::Exit),
+            exit_code: exit_code(other),
+            reason: format!("script {other}"),
+        },
+    }
+}
+
+/// Drains captured lines into the spool and wakes the session pump.
+async fn write_lines(attempts: Attempts, a: Arc<Attempt>, mut rx: mpsc::Receiver<Vec<String>>) {
+    while let Some(mut batch) = rx.recv().await {
+        // Coalesce what is already queued into one write.
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        if let Err(error) = a.spool.append(&batch) {
+            warn!(job = %a.job_id, %error, "cannot spool log lines");
+        }
+        attempts.wake();
+    }
+}

@@ -1,0 +1,425 @@
+//! The agent's side of the `Session` stream: dial, register, then pump log chunks and statuses
+//! out and handle assignments, stops, acks and releases coming in. Reconnects with backoff and
+//! jitter; jobs keep running while the controller is away.
+//!
+//! Per session, the pump starts each attempt's log at its last acknowledged line and sends every
+//! attempt's status once per change, always after the lines that precede it: the controller
+//! deduplicates lines by number, so a reconnect neither loses nor repeats a line.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngExt;
+use runyard_proto::v1::{self, agent_message::Msg as Out, controller_message::Msg as In};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::attempts::StopRequest;
+use crate::gpu::GpuProbe;
+use crate::runner::{Services, run_attempt};
+
+/// First reconnect delay; doubles up to `BACKOFF_MAX`, with ±25 % jitter.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A session that lasted this long resets the backoff.
+const HEALTHY: Duration = Duration::from_secs(30);
+const OUT_BUFFER: usize = 16;
+
+pub struct Offer {
+    pub cpu_small_slots: u32,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
+pub struct SessionLoop {
+    pub controller: String,
+    pub token: String,
+    pub svc: Arc<Services>,
+    pub gpus: Arc<GpuProbe>,
+    pub offer: Offer,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot reach the controller at {url}: {source}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("the controller refused the session: {0}")]
+    Refused(tonic::Status),
+    #[error("session broke: {0}")]
+    Broken(tonic::Status),
+    #[error("the controller closed the session")]
+    Closed,
+    #[error("invalid controller URL `{url}`: {source}")]
+    Url {
+        url: String,
+        source: tonic::transport::Error,
+    },
+}
+
+impl SessionLoop {
+    /// Runs sessions until cancelled.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = tokio::select! {
+                r = self.session(&cancel).instrument(info_span!("session", controller = %self.controller)) => r,
+                _ = cancel.cancelled() => return,
+            };
+            if cancel.is_cancelled() {
+                return;
+            }
+            if started.elapsed() > HEALTHY {
+                backoff = BACKOFF_MIN;
+            }
+            match result {
+                Ok(()) | Err(SessionError::Closed) => info!("session ended; reconnecting"),
+                Err(error) => warn!(%error, retry_in = ?backoff, "session failed"),
+            }
+            let jitter = rand::rng().random_range(0.75..1.25);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = cancel.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn connect(&self) -> Result<Channel, SessionError> {
+        Endpoint::from_shared(self.controller.clone())
+            .map_err(|source| SessionError::Url {
+                url: self.controller.clone(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await
+            .map_err(|source| SessionError::Connect {
+                url: self.controller.clone(),
+                source,
+            })
+    }
+
+    async fn session(&self, cancel: &CancellationToken) -> Result<(), SessionError> {
+        let channel = self.connect().await?;
+        let auth: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", self.token).parse().map_err(|_| {
+                SessionError::Refused(tonic::Status::unauthenticated("token is not valid ASCII"))
+            })?;
+        let mut client = v1::agent_service_client::AgentServiceClient::with_interceptor(
+            channel,
+            move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", auth.clone());
+                Ok(req)
+            },
+        )
+        .max_decoding_message_size(16 << 20);
+
+        let (tx, rx) = mpsc::channel::<v1::AgentMessage>(OUT_BUFFER);
+        tx.send(msg(Out::Register(self.register().await)))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(SessionError::Refused)?
+            .into_inner();
+
+        let heartbeat = match inbound.message().await.map_err(SessionError::Broken)? {
+            Some(v1::ControllerMessage {
+                msg: Some(In::Registered(r)),
+            }) => Duration::from_millis(r.heartbeat_interval_ms.max(100)),
+            Some(v1::ControllerMessage {
+                msg: Some(In::Reject(r)),
+            }) => {
+                return Err(SessionError::Refused(tonic::Status::permission_denied(
+                    r.reason,
+                )));
+            }
+            _ => return Err(SessionError::Closed),
+        };
+        info!(?heartbeat, "registered with the controller");
+
+        let session_cancel = cancel.child_token();
+        let pump = tokio::spawn(pump(
+            self.svc.clone(),
+            self.gpus.clone(),
+            tx.clone(),
+            heartbeat,
+            session_cancel.clone(),
+        ));
+        let result = loop {
+            match inbound.message().await {
+                Ok(Some(m)) => self.handle(m, &tx).await,
+                Ok(None) => break Err(SessionError::Closed),
+                Err(status) => break Err(SessionError::Broken(status)),
+            }
+        };
+        session_cancel.cancel();
+        let _ = pump.await;
+        result
+    }
+
+    async fn register(&self) -> v1::Register {
+        let attempts = self
+            .svc
+            .attempts
+            .all()
+            .into_iter()
+            .map(|a| {
+                let (status, _) = a.status();
+                v1::AttemptReport {
+                    job_id: a.job_id.clone(),
+                    attempt: a.attempt,
+                    log_lines: a.spool.lines(),
+                    status: Some(status),
+                }
+            })
+            .collect();
+        let gpus = self.gpus.clone();
+        let gpus = tokio::task::spawn_blocking(move || gpus.sample())
+            .await
+            .unwrap_or_default();
+        v1::Register {
+            name: self.svc.agent_name.clone(),
+            cpu_small_slots: self.offer.cpu_small_slots,
+            gpus: gpus.iter().map(v1::Gpu::from).collect(),
+            cpus: self.offer.cpus,
+            memory_bytes: self.offer.memory_bytes,
+            attempts,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    async fn handle(&self, m: v1::ControllerMessage, tx: &mpsc::Sender<v1::AgentMessage>) {
+        let attempts = &self.svc.attempts;
+        match m.msg {
+            Some(In::Assign(a)) => self.assign(a, tx).await,
+            Some(In::Stop(s)) => {
+                let req = StopRequest {
+                    grace: Duration::from_millis(s.grace_ms),
+                    reason: if s.reason.is_empty() {
+                        "stopped".into()
+                    } else {
+                        s.reason
+                    },
+                };
+                match attempts.get(&s.job_id, s.attempt) {
+                    Some(a) => {
+                        info!(job = %s.job_id, attempt = s.attempt, grace = ?req.grace, "stop requested");
+                        a.stop.send_if_modified(|cur| {
+                            if cur.is_none() {
+                                *cur = Some(req);
+                                true
+                            } else {
+                                false
+                            }
+                        });
+                    }
+                    None => {
+                        // Never started here (or long gone): confirm it is stopped.
+                        let st = v1::StatusUpdate {
+                            job_id: s.job_id,
+                            attempt: s.attempt,
+                            state: v1::AttemptState::Stopped as i32,
+                            reason: req.reason,
+                            ..Default::default()
+                        };
+                        let _ = tx.send(msg(Out::Status(st))).await;
+                    }
+                }
+            }
+            Some(In::LogAck(ack)) => {
+                if let Some(a) = attempts.get(&ack.job_id, ack.attempt) {
+                    a.spool.ack(ack.next_seq);
+                    attempts.wake();
+                }
+            }
+            Some(In::Release(r)) => {
+                if attempts.release(&r.job_id, r.attempt) {
+                    debug!(job = %r.job_id, attempt = r.attempt, "attempt released");
+                }
+            }
+            Some(In::Registered(_)) | Some(In::Reject(_)) | None => {}
+        }
+    }
+
+    async fn assign(&self, a: v1::Assign, tx: &mpsc::Sender<v1::AgentMessage>) {
+        let spec = match a.spec.map(runyard_proto::spec_from_wire) {
+            Some(Ok(spec)) => spec,
+            Some(Err(e)) => {
+                return self
+                    .refuse(&a.job_id, a.attempt, format!("invalid assignment: {e}"), tx)
+                    .await;
+            }
+            None => {
+                return self
+                    .refuse(&a.job_id, a.attempt, "assignment without a spec".into(), tx)
+                    .await;
+            }
+        };
+        let busy: Vec<u32> = self.svc.attempts.gpus_in_use();
+        if let Some(g) = a.gpus.iter().find(|g| busy.contains(g)) {
+            return self
+                .refuse(
+                    &a.job_id,
+                    a.attempt,
+                    format!(
+                        "GPU {g} is still held by another job on agent {}",
+                        self.svc.agent_name
+                    ),
+                    tx,
+                )
+                .await;
+        }
+        let spool_path = self
+            .svc
+            .jobs_dir
+            .join("spool")
+            .join(&a.job_id)
+            .join(format!("{}.log", a.attempt));
+        let spool = match crate::spool::Spool::create(spool_path) {
+            Ok(s) => s,
+            Err(e) => {
+                return self
+                    .refuse(
+                        &a.job_id,
+                        a.attempt,
+                        format!("cannot create the log spool: {e}"),
+                        tx,
+                    )
+                    .await;
+            }
+        };
+        let Some(attempt) = self
+            .svc
+            .attempts
+            .insert(&a.job_id, a.attempt, spool, a.gpus.clone())
+        else {
+            return; // already held: assignments are idempotent
+        };
+        info!(job = %a.job_id, attempt = a.attempt, repo = %spec.repo, script = %spec.script, gpus = ?a.gpus, "assignment accepted");
+        let span = info_span!("job", job = %a.job_id, attempt = a.attempt);
+        tokio::spawn(run_attempt(self.svc.clone(), attempt, spec).instrument(span));
+    }
+
+    async fn refuse(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        reason: String,
+        tx: &mpsc::Sender<v1::AgentMessage>,
+    ) {
+        warn!(job = %job_id, attempt, %reason, "assignment refused");
+        let st = v1::StatusUpdate {
+            job_id: job_id.into(),
+            attempt,
+            state: v1::AttemptState::Failed as i32,
+            reason,
+            failure: "agent".into(),
+            ..Default::default()
+        };
+        let _ = tx.send(msg(Out::Status(st))).await;
+    }
+}
+
+fn msg(m: Out) -> v1::AgentMessage {
+    v1::AgentMessage { msg: Some(m) }
+}
+
+/// Sends log chunks, statuses and heartbeats for one session.
+async fn pump(
+    svc: Arc<Services>,
+    gpus: Arc<GpuProbe>,
+    tx: mpsc::Sender<v1::AgentMessage>,
+    heartbeat: Duration,
+    cancel: CancellationToken,
+) {
+    // Per attempt: next line to send, and the status version sent.
+    let mut sent: HashMap<(String, u32), (u64, u64)> = HashMap::new();
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let changed = svc.attempts.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+
+        let mut progressed = false;
+        for a in svc.attempts.all() {
+            let key = (a.job_id.clone(), a.attempt);
+            let entry = sent.entry(key).or_insert((a.spool.acked(), 0));
+            // A few chunks per attempt per round, so one chatty job cannot starve the others;
+            // the bounded channel limits what is in flight.
+            entry.0 = entry.0.max(a.spool.acked());
+            let mut chunks = 0;
+            while chunks < 4 {
+                match a.spool.read(entry.0) {
+                    Ok(Some(c)) => {
+                        let next = c.first_seq + c.count as u64;
+                        let m = v1::LogChunk {
+                            job_id: a.job_id.clone(),
+                            attempt: a.attempt,
+                            first_seq: c.first_seq,
+                            count: c.count,
+                            data: c.data.into(),
+                        };
+                        if tx.send(msg(Out::Logs(m))).await.is_err() {
+                            return;
+                        }
+                        entry.0 = next;
+                        chunks += 1;
+                        progressed = true;
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        warn!(job = %a.job_id, %error, "cannot read the log spool");
+                        break;
+                    }
+                }
+            }
+            let (status, version) = a.status();
+            let lines_sent = entry.0 >= a.spool.lines();
+            if version > entry.1 && (!a.is_terminal() || lines_sent) {
+                if tx.send(msg(Out::Status(status))).await.is_err() {
+                    return;
+                }
+                entry.1 = version;
+            }
+        }
+        sent.retain(|(j, n), _| svc.attempts.get(j, *n).is_some());
+        if progressed {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tick.tick() => {
+                let gpus = gpus.clone();
+                let sample = tokio::task::spawn_blocking(move || gpus.sample()).await.unwrap_or_default();
+                if tx.send(msg(Out::Heartbeat(v1::Heartbeat { gpus: sample.iter().map(v1::Gpu::from).collect() }))).await.is_err() {
+                    return;
+                }
+                // Terminal statuses not yet released are resent now and then.
+                for a in svc.attempts.all() {
+                    if a.is_terminal() && a.spool.acked() >= a.spool.lines()
+                        && let Some(e) = sent.get_mut(&(a.job_id.clone(), a.attempt))
+                    {
+                        e.1 = 0;
+                    }
+                }
+            }
+            _ = cancel.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The log spool of one attempt: every line the process printed, on disk, numbered from 0,
+//! until the controller acknowledges it.
+//!
+//! Invariants: lines are appended in order and never rewritten; `acked <= lines`; a chunk read
+//! from sequence number S holds lines S, S+1, ... exactly as appended, so resending after a
+//! reconnect repeats lines the controller may have (it deduplicates by number) and never skips
+//! one. Memory is bounded by one mark per unacknowledged append batch, not by log size.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Largest chunk sent in one message.
+pub const MAX_CHUNK: usize = 1 << 20;
+/// Lines longer than this are split by the capture; a chunk always holds at least one line.
+const READ_SLACK: usize = 128 << 10;
+
+pub struct Spool {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+struct State {
+    file: File,
+    lines: u64,
+    bytes: u64,
+    acked: u64,
+    /// (first sequence number of a batch, its byte offset), oldest first, covering every
+    /// unacknowledged line.
+    marks: VecDeque<(u64, u64)>,
+}
+
+/// A run of consecutive lines ready to send.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub first_seq: u64,
+    pub count: u32,
+    /// The lines joined by `\n`, without a trailing newline.
+    pub data: Vec<u8>,
+}
+
+impl Spool {
+    pub fn create(path: impl Into<PathBuf>) -> io::Result<Spool> {
+        let path = path.into();
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        Ok(Spool {
+            path,
+            state: Mutex::new(State {
+                file,
+                lines: 0,
+                bytes: 0,
+                acked: 0,
+                marks: VecDeque::from([(0, 0)]),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a batch of lines (none may contain `\n`).
+    pub fn append(&self, lines: &[String]) -> io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        for l in lines {
+            buf.extend_from_slice(l.as_bytes());
+            buf.push(b'\n');
+        }
+        let mut st = self.state.lock().unwrap();
+        st.file.write_all(&buf)?;
+        let mark = (st.lines, st.bytes);
+        if st.marks.back() != Some(&mark) {
+            st.marks.push_back(mark);
+        }
+        st.lines += lines.len() as u64;
+        st.bytes += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Number of lines appended so far.
+    pub fn lines(&self) -> u64 {
+        self.state.lock().unwrap().lines
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.state.lock().unwrap().acked
+    }
+
+    /// The controller has persisted every line below `next_seq`.
+    pub fn ack(&self, next_seq: u64) {
+        let mut st = self.state.lock().unwrap();
+        let next = next_seq.min(st.lines);
+        if next <= st.acked {
+            return;
+        }
+        st.acked = next;
+        // Keep the last mark at or below the acknowledged position.
+        while st.marks.len() > 1 && st.marks[1].0 <= next {
+            st.marks.pop_front();
+        }
+    }
+
+    /// Reads up to about `MAX_CHUNK` bytes of lines from `from_seq` on; `None` when there are none.
+    pub fn read(&self, from_seq: u64) -> io::Result<Option<Chunk>> {
+        let (mut file, mark, end_seq, end_byte) = {
+            let st = self.state.lock().unwrap();
+            if from_seq >= st.lines {
+                return Ok(None);
+            }
+            let mark = st
+                .marks
+                .iter()
+                .rev()
+                .find(|(s, _)| *s <= from_seq)
+                .copied()
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("line {from_seq} was acknowledged and dropped"),
+                    )
+                })?;
+            (st.file.try_clone()?, mark, st.lines, st.bytes)
+        };
+        file.seek(SeekFrom::Start(mark.1))?;
+        let want = (end_byte - mark.1).min((MAX_CHUNK + READ_SLACK) as u64) as usize;
+        let mut buf = vec![0u8; want];
+        file.read_exact(&mut buf)?;
+        // Skip the lines of the batch before `from_seq`.
+        let mut start = 0usize;
+        let mut seq = mark.0;
+        while seq < from_seq {
+            match buf[start..].iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    start += i + 1;
+                    seq += 1;
+                }
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "spool shorter than its line count",
+                    ));
+                }
+            }
+        }
+        // Take whole lines up to MAX_CHUNK bytes (at least one).
+        let mut end = start;
+        let mut count = 0u32;
+        while seq + (count as u64) < end_seq {
+            match buf[end..].iter().position(|&b| b == b'\n') {
+                Some(i) if count == 0 || end + i + 1 - start <= MAX_CHUNK => {
+                    end += i + 1;
+                    count += 1;
+                }
+                _ => break,
+            }
+        }
+        if count == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "spool line longer than a chunk",
+            ));
+        }
+        let mut data = buf[start..end].to_vec();
+        data.pop();
+        Ok(Some(Chunk {
+            first_seq: from_seq,
+            count,
+            data,
+        }))
+    }
+
+    /// Deletes the spool file.
+    pub fn remove(&self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(r: std::ops::Range<u32>) -> Vec<String> {
+        r.map(|i| format!("line {i}")).collect()
+    }
+
+    fn read_all(s: &Spool, mut from: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(c) = s.read(from).unwrap() {
+            assert_eq!(c.first_seq, from);
+            let text = String::from_utf8(c.data).unwrap();
+            let got: Vec<String> = text.split('\n').map(str::to_string).collect();
+            assert_eq!(got.len(), c.count as usize);
+            from += c.count as u64;
+            out.extend(got);
+        }
+        out
+    }
+
+    #[test]
+    fn reads_from_any_line_and_after_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::create(dir.path().join("a/1.log")).unwrap();
+        s.append(&lines(0..10)).unwrap();
+        s.append(&lines(10..20)).unwrap();
+        s.append(&[String::new(), "x".into()]).unwrap();
+        assert_eq!(s.lines(), 22);
+        assert_eq!(read_all(&s, 0).len(), 22);
+        assert_eq!(read_all(&s, 13)[0], "line 13");
+        assert_eq!(read_all(&s, 20), vec!["".to_string(), "x".to_string()]);
+        s.ack(15);
+        assert_eq!(s.acked(), 15);
+        assert_eq!(read_all(&s, 15)[0], "line 15");
+        assert_eq!(read_all(&s, 16).len(), 6);
+        s.ack(3); // never goes back
+        assert_eq!(s.acked(), 15);
+        assert!(s.read(22).unwrap().is_none());
+    }
+
+    #[test]
+    fn chunks_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::create(dir.path().join("b.log")).unwrap();
+        let big: Vec<String> = (0..5000).map(|i| format!("{i:0>500}")).collect();
+        s.append(&big).unwrap();
+        let c = s.read(0).unwrap().unwrap();
+        assert!(c.data.len() <= MAX_CHUNK);
+        assert!(c.count > 1000);
+        assert_eq!(read_all(&s, 0), big);
+    }
+}

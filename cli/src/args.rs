@@ -1,0 +1,314 @@
+//! Command-line surface of `runyard`: clap derive types whose doc comments are the `--help`.
+//!
+//! Invariant: every flag can also come from a `RUNYARD_...` environment variable; parsing does
+//! no I/O (defaults that need the environment, such as the data dir, are resolved by commands).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use runyard_model::JobStatus;
+
+/// Default HTTP base URL of the controller for client commands.
+pub const DEFAULT_CONTROLLER_URL: &str = "http://127.0.0.1:7900";
+/// Default gRPC URL of the controller for agents.
+pub const DEFAULT_AGENT_CONTROLLER_URL: &str = "http://127.0.0.1:7901";
+/// Default Python interpreter for jobs.
+pub const DEFAULT_PYTHON: &str = "python3";
+/// Default embedded store of the controller.
+pub const DEFAULT_STORE: &str = "file:";
+
+/// Runyard runs Python scripts from git repositories on CPU and GPU machines.
+#[derive(Debug, Parser)]
+#[command(name = "runyard", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a controller and one local agent in this process (try Runyard on one machine).
+    Up(UpArgs),
+    /// Run the controller: job store, scheduler, HTTP API and the agents' gRPC endpoint.
+    Controller(ControllerArgs),
+    /// Run an agent: it dials the controller and runs the jobs placed on this machine.
+    Agent(AgentArgs),
+    /// Submit a job; prints its id.
+    Submit(SubmitArgs),
+    /// List jobs, newest first.
+    Ls(LsArgs),
+    /// Show one job.
+    Status(JobArgs),
+    /// Print a job's output.
+    Logs(LogsArgs),
+    /// Stop a job (SIGTERM, then SIGKILL after its stop grace).
+    Stop(JobArgs),
+    /// List the agents the controller knows.
+    Agents(ClientArgs),
+}
+
+/// Where the client commands find the controller.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// HTTP base URL of the controller.
+    #[arg(long, env = "RUNYARD_CONTROLLER", default_value = DEFAULT_CONTROLLER_URL, value_name = "URL")]
+    pub controller: String,
+    /// Admin API token (printed by `runyard up`; stored in `<data-dir>/admin.token`). When unset,
+    /// the token in the default data dir is used if there is one.
+    #[arg(
+        long,
+        env = "RUNYARD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of text.
+    #[arg(long, env = "RUNYARD_JSON")]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Data directory (store, logs, tokens; the agent uses `<DIR>/agent`). Default:
+    /// `$HOME/.runyard`.
+    #[arg(long, env = "RUNYARD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the HTTP API and web UI.
+    #[arg(long, env = "RUNYARD_HTTP", default_value = runyard_controller::DEFAULT_HTTP_ADDR, value_name = "ADDR")]
+    pub http: String,
+    /// Address of the agents' gRPC endpoint.
+    #[arg(long, env = "RUNYARD_GRPC", default_value = runyard_controller::DEFAULT_GRPC_ADDR, value_name = "ADDR")]
+    pub grpc: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Data directory (embedded store, logs, artifacts, tokens). Default: `$HOME/.runyard`.
+    #[arg(long, env = "RUNYARD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Job store: `file:` (embedded, in the data dir) or `etcd://host:port[,host:port...]`.
+    #[arg(long, env = "RUNYARD_STORE", default_value = DEFAULT_STORE, value_name = "URL")]
+    pub store: String,
+    /// Address of the HTTP API and web UI.
+    #[arg(long, env = "RUNYARD_HTTP", default_value = runyard_controller::DEFAULT_HTTP_ADDR, value_name = "ADDR")]
+    pub http: String,
+    /// Address of the agents' gRPC endpoint.
+    #[arg(long, env = "RUNYARD_GRPC", default_value = runyard_controller::DEFAULT_GRPC_ADDR, value_name = "ADDR")]
+    pub grpc: String,
+    /// An agent silent for this long is lost, and so are its jobs (e.g. `30s`, `2m`).
+    #[arg(long, env = "RUNYARD_AGENT_TTL", value_parser = parse_positive_duration, value_name = "DURATION")]
+    pub agent_ttl: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// gRPC URL of the controller.
+    #[arg(long, env = "RUNYARD_AGENT_CONTROLLER", default_value = DEFAULT_AGENT_CONTROLLER_URL, value_name = "URL")]
+    pub controller: String,
+    /// File holding the controller's agent join token (`<controller data dir>/agent.token`).
+    #[arg(
+        long,
+        env = "RUNYARD_AGENT_TOKEN_FILE",
+        value_name = "FILE",
+        required_unless_present = "token",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<PathBuf>,
+    /// The agent join token itself, instead of --token-file.
+    #[arg(
+        long,
+        env = "RUNYARD_AGENT_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Data directory (git mirrors, Python env cache, job trees, log spools). Default:
+    /// `$HOME/.runyard/agent`.
+    #[arg(long, env = "RUNYARD_AGENT_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Agent name, stable across restarts. Default: the host name.
+    #[arg(long, env = "RUNYARD_AGENT_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+    /// What this agent offers, comma-separated: `cpu-small[:N]` (N concurrent small CPU jobs,
+    /// default the number of CPUs) and `gpu` (the GPUs NVML finds). Default:
+    /// `cpu-small:<CPUs>,gpu`; a list without `gpu` offers no GPUs.
+    #[arg(long, env = "RUNYARD_AGENT_COMPUTE", value_name = "LIST")]
+    pub compute: Option<String>,
+    /// Load NVML from this library instead of the system's `libnvidia-ml.so.1`.
+    #[arg(long, env = "RUNYARD_NVML_LIBRARY", value_name = "PATH")]
+    pub nvml_library: Option<PathBuf>,
+    /// Python interpreter used to build job environments.
+    #[arg(long, env = "RUNYARD_PYTHON", default_value = DEFAULT_PYTHON, value_name = "PATH")]
+    pub python: PathBuf,
+    /// uv binary; default: `uv` on PATH, else pip.
+    #[arg(long, env = "RUNYARD_UV", value_name = "PATH")]
+    pub uv: Option<PathBuf>,
+}
+
+/// `runyard submit`. Flags override the fields of the `-f` file: scalar fields and lists are
+/// replaced, `--env` entries are added to (or replace keys of) the file's `env`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Job spec file (YAML, or JSON if it ends in `.json`) with the API's field names. Flags
+    /// given replace its fields (lists too); `--env` adds to its `env`.
+    #[arg(
+        short = 'f',
+        long = "file",
+        env = "RUNYARD_SUBMIT_FILE",
+        value_name = "FILE"
+    )]
+    pub file: Option<PathBuf>,
+    /// Git repository: https://, ssh://, git@host:path, git:// or file:// URL.
+    #[arg(long, env = "RUNYARD_SUBMIT_REPO", value_name = "URL")]
+    pub repo: Option<String>,
+    /// Branch, tag or commit (default: the repository's default branch).
+    #[arg(long, env = "RUNYARD_SUBMIT_REVISION", value_name = "REV")]
+    pub revision: Option<String>,
+    /// Path of the Python script inside the repository.
+    #[arg(long, env = "RUNYARD_SUBMIT_SCRIPT", value_name = "PATH")]
+    pub script: Option<String>,
+    /// A pip requirement, e.g. `numpy>=2` (repeatable).
+    // Hyphen values (here and in the durations) reach the spec check, which explains them.
+    #[arg(
+        long = "req",
+        env = "RUNYARD_SUBMIT_REQ",
+        value_name = "SPEC",
+        allow_hyphen_values = true
+    )]
+    pub requirements: Vec<String>,
+    /// A requirements file inside the repository.
+    #[arg(long, env = "RUNYARD_SUBMIT_REQUIREMENTS_FILE", value_name = "PATH")]
+    pub requirements_file: Option<String>,
+    /// An environment variable for the script, KEY=VALUE (repeatable).
+    #[arg(long = "env", env = "RUNYARD_SUBMIT_ENV", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Compute: `cpu-small`, `gpu` or `gpu:N`.
+    #[arg(long, env = "RUNYARD_SUBMIT_COMPUTE", value_name = "COMPUTE")]
+    pub compute: Option<String>,
+    /// Display name (default: the script's file stem).
+    #[arg(long, env = "RUNYARD_SUBMIT_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+    /// How many times a failing script is run again.
+    #[arg(long, env = "RUNYARD_SUBMIT_RETRIES", value_name = "N")]
+    pub retries: Option<u32>,
+    /// Wall-clock limit of one attempt, e.g. `2h` or `90m` (default: none).
+    #[arg(
+        long,
+        env = "RUNYARD_SUBMIT_TIMEOUT",
+        value_name = "DURATION",
+        allow_hyphen_values = true
+    )]
+    pub timeout: Option<String>,
+    /// Grace between SIGTERM and SIGKILL when the job is stopped, e.g. `10s`.
+    #[arg(
+        long,
+        env = "RUNYARD_SUBMIT_STOP_GRACE",
+        value_name = "DURATION",
+        allow_hyphen_values = true
+    )]
+    pub stop_grace: Option<String>,
+    /// Then stream the logs until the job ends; exit 0 if it succeeded, the script's exit code
+    /// if it failed with one, 1 otherwise.
+    #[arg(long, env = "RUNYARD_SUBMIT_FOLLOW")]
+    pub follow: bool,
+    /// Arguments for the script, after `--`, passed verbatim (never through a shell).
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only jobs in this status.
+    #[arg(long, env = "RUNYARD_LS_STATUS", value_parser = parse_status, value_name = "STATUS")]
+    pub status: Option<JobStatus>,
+    /// At most this many jobs (per page with --all).
+    #[arg(long, env = "RUNYARD_LS_LIMIT", value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    pub limit: Option<u32>,
+    /// Fetch every page, not only the first.
+    #[arg(long, env = "RUNYARD_LS_ALL")]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Job id.
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Job id.
+    pub id: String,
+    /// Keep streaming until the job ends.
+    #[arg(short = 'f', long, env = "RUNYARD_LOGS_FOLLOW")]
+    pub follow: bool,
+}
+
+fn parse_status(s: &str) -> Result<JobStatus, String> {
+    s.parse()
+}
+
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = runyard_model::spec::parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be positive".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn agent_needs_a_token_source() {
+        assert!(Cli::try_parse_from(["runyard", "agent"]).is_err());
+        assert!(Cli::try_parse_from(["runyard", "agent", "--token", "t"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["runyard", "agent", "--token", "t", "--token-file", "f"]).is_err()
+        );
+    }
+
+    #[test]
+    fn ls_checks_status_and_limit() {
+        let Command::Ls(ls) =
+            Cli::try_parse_from(["runyard", "ls", "--status", "running", "--limit", "5"])
+                .unwrap()
+                .command
+        else {
+            panic!("not ls");
+        };
+        assert_eq!(ls.status, Some(JobStatus::Running));
+        assert_eq!(ls.limit, Some(5));
+        assert!(Cli::try_parse_from(["runyard", "ls", "--status", "done"]).is_err());
+        assert!(Cli::try_parse_from(["runyard", "ls", "--limit", "0"]).is_err());
+    }
+
+    #[test]
+    fn agent_ttl_is_a_human_duration() {
+        let Command::Controller(c) =
+            Cli::try_parse_from(["runyard", "controller", "--agent-ttl", "2m"])
+                .unwrap()
+                .command
+        else {
+            panic!("not controller");
+        };
+        assert_eq!(c.agent_ttl, Some(std::time::Duration::from_secs(120)));
+        assert!(Cli::try_parse_from(["runyard", "controller", "--agent-ttl", "0s"]).is_err());
+        assert!(Cli::try_parse_from(["runyard", "controller", "--agent-ttl", "soon"]).is_err());
+    }
+}

@@ -1,0 +1,391 @@
+//! HTTP client for the controller's `/api/v1` API, used by the client commands.
+//!
+//! Invariants: every request carries the bearer token when one is known; every failure becomes a
+//! `ClientError` whose message is one line a user can act on (an API error shows the API's own
+//! message, which names the field at fault); replies keep the raw body so `--json` prints exactly
+//! what the API sent.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use reqwest::{Method, StatusCode, Url};
+use runyard_model::{AgentInfo, Job, JobSpec, JobStatus};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use runyard_controller::tokens::ADMIN_TOKEN_FILE;
+
+/// Connect timeout for every request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Whole-request timeout for requests that are not streams.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A failed exchange with the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "`{url}` is not a controller URL ({reason}): give an http:// or https:// base URL with --controller or RUNYARD_CONTROLLER"
+    )]
+    InvalidUrl { url: String, reason: String },
+    #[error(
+        "cannot connect to the controller at {url} ({cause}): start it with `runyard up` or `runyard controller`, or set RUNYARD_CONTROLLER (or --controller) to its URL"
+    )]
+    Connect { url: String, cause: String },
+    #[error("request to {url} failed: {cause}")]
+    Request { url: String, cause: String },
+    #[error(
+        "{message}: pass the admin token with --token or RUNYARD_TOKEN (`runyard up` prints it; it is in <data-dir>/{ADMIN_TOKEN_FILE})"
+    )]
+    Unauthorized { message: String },
+    /// The API refused the request; `message` is the API's, naming the field at fault.
+    #[error("{message}")]
+    Api {
+        status: u16,
+        message: String,
+        field: Option<String>,
+    },
+    #[error("unexpected reply from {url}: {cause}")]
+    Decode { url: String, cause: String },
+    #[error("reading the reply from {url} failed: {cause}")]
+    Body { url: String, cause: String },
+}
+
+/// A decoded reply and the body it came from.
+#[derive(Debug)]
+pub struct Reply<T> {
+    pub value: T,
+    pub raw: Vec<u8>,
+}
+
+/// One page of `GET /api/v1/jobs`.
+#[derive(Debug, Deserialize)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AgentList {
+    agents: Vec<AgentInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiErrorBody {
+    error: String,
+    #[serde(default)]
+    field: Option<String>,
+}
+
+/// A client of one controller.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+}
+
+impl ApiClient {
+    /// Checks the base URL; does no I/O.
+    pub fn new(base: &str, token: Option<String>) -> Result<ApiClient, ClientError> {
+        let invalid = |reason: &str| ClientError::InvalidUrl {
+            url: base.to_string(),
+            reason: reason.to_string(),
+        };
+        let url = Url::parse(base).map_err(|e| invalid(&e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid("the scheme must be http or https"));
+        }
+        if url.cannot_be_a_base() || url.host().is_none() {
+            return Err(invalid("no host"));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| ClientError::Request {
+                url: base.to_string(),
+                cause: one_line(&cause_of(&e)),
+            })?;
+        Ok(ApiClient {
+            http,
+            base: url,
+            token: token.filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// `base` + path segments, each segment escaped (a job id cannot change the route).
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.set_query(None);
+        url.set_fragment(None);
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// Sends one request and turns transport failures and non-2xx replies into errors.
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        query: &[(&str, String)],
+        body: Option<&JobSpec>,
+        stream: bool,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut req = self.http.request(method, url.clone());
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        if !stream {
+            req = req.timeout(REQUEST_TIMEOUT);
+        }
+        let resp = req.send().await.map_err(|e| self.transport(&url, &e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let raw = resp.bytes().await.unwrap_or_default();
+        Err(self.api_error(&url, status, &raw))
+    }
+
+    fn transport(&self, url: &Url, e: &reqwest::Error) -> ClientError {
+        let cause = one_line(&cause_of(e));
+        if e.is_connect() {
+            ClientError::Connect {
+                url: self.base.to_string(),
+                cause,
+            }
+        } else {
+            ClientError::Request {
+                url: url.to_string(),
+                cause,
+            }
+        }
+    }
+
+    fn api_error(&self, url: &Url, status: StatusCode, raw: &[u8]) -> ClientError {
+        let (message, field) = match serde_json::from_slice::<ApiErrorBody>(raw) {
+            Ok(b) => (one_line(&b.error), b.field),
+            Err(_) => {
+                let text = String::from_utf8_lossy(raw);
+                let text: String = one_line(text.trim()).chars().take(200).collect();
+                let message = if text.is_empty() {
+                    format!("HTTP {status} from {url}")
+                } else {
+                    format!("HTTP {status} from {url}: {text}")
+                };
+                (message, None)
+            }
+        };
+        if status == StatusCode::UNAUTHORIZED {
+            let message = if self.token.is_none() {
+                format!("{message} (no token given)")
+            } else {
+                message
+            };
+            return ClientError::Unauthorized { message };
+        }
+        ClientError::Api {
+            status: status.as_u16(),
+            message,
+            field,
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        query: &[(&str, String)],
+        body: Option<&JobSpec>,
+    ) -> Result<Reply<T>, ClientError> {
+        let resp = self.send(method, url.clone(), query, body, false).await?;
+        let raw = resp.bytes().await.map_err(|e| ClientError::Body {
+            url: url.to_string(),
+            cause: one_line(&cause_of(&e)),
+        })?;
+        let value = serde_json::from_slice(&raw).map_err(|e| ClientError::Decode {
+            url: url.to_string(),
+            cause: one_line(&e.to_string()),
+        })?;
+        Ok(Reply {
+            value,
+            raw: raw.to_vec(),
+        })
+    }
+
+    /// `POST /api/v1/jobs`.
+    pub async fn submit(&self, spec: &JobSpec) -> Result<Reply<Job>, ClientError> {
+        let url = self.url(&["api", "v1", "jobs"]);
+        self.json(Method::POST, url, &[], Some(spec)).await
+    }
+
+    /// `GET /api/v1/jobs`, one page.
+    pub async fn list_jobs(
+        &self,
+        status: Option<JobStatus>,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<Reply<JobPage>, ClientError> {
+        let mut query = Vec::new();
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        if let Some(cursor) = cursor {
+            query.push(("cursor", cursor.to_string()));
+        }
+        if let Some(status) = status {
+            query.push(("status", status.as_str().to_string()));
+        }
+        let url = self.url(&["api", "v1", "jobs"]);
+        self.json(Method::GET, url, &query, None).await
+    }
+
+    /// `GET /api/v1/jobs/{id}`.
+    pub async fn job(&self, id: &str) -> Result<Reply<Job>, ClientError> {
+        let url = self.url(&["api", "v1", "jobs", id]);
+        self.json(Method::GET, url, &[], None).await
+    }
+
+    /// `POST /api/v1/jobs/{id}/stop`.
+    pub async fn stop(&self, id: &str) -> Result<Reply<Job>, ClientError> {
+        let url = self.url(&["api", "v1", "jobs", id, "stop"]);
+        self.json(Method::POST, url, &[], None).await
+    }
+
+    /// `GET /api/v1/agents`.
+    pub async fn agents(&self) -> Result<Reply<Vec<AgentInfo>>, ClientError> {
+        let url = self.url(&["api", "v1", "agents"]);
+        let reply: Reply<AgentList> = self.json(Method::GET, url, &[], None).await?;
+        Ok(Reply {
+            value: reply.value.agents,
+            raw: reply.raw,
+        })
+    }
+
+    /// `GET /api/v1/jobs/{id}/logs`: the body's chunks as they arrive. With `follow` the body
+    /// lasts until the job is terminal (or the connection breaks).
+    pub async fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
+        let url = self.url(&["api", "v1", "jobs", id, "logs"]);
+        let query = if follow {
+            vec![("follow", "true".to_string())]
+        } else {
+            Vec::new()
+        };
+        let resp = self
+            .send(Method::GET, url.clone(), &query, None, true)
+            .await?;
+        let url = url.to_string();
+        Ok(resp.bytes_stream().map(move |chunk| {
+            chunk.map(|b| b.to_vec()).map_err(|e| ClientError::Body {
+                url: url.clone(),
+                cause: one_line(&cause_of(&e)),
+            })
+        }))
+    }
+}
+
+/// The token to use: the given one, else the admin token stored in `data_dir` if readable.
+pub fn resolve_token(given: Option<String>, data_dir: Option<&Path>) -> Option<String> {
+    if let Some(t) = given.filter(|t| !t.trim().is_empty()) {
+        return Some(t.trim().to_string());
+    }
+    let path = data_dir?.join(ADMIN_TOKEN_FILE);
+    let t = std::fs::read_to_string(path).ok()?;
+    let t = t.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+/// The innermost cause of an error chain: for a refused connection this is the OS's words.
+fn cause_of(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    inner.to_string()
+}
+
+/// Collapses line breaks so an error stays one line.
+pub fn one_line(s: &str) -> String {
+    s.split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_escape_ids_and_keep_a_prefix() {
+        let c = ApiClient::new("http://h:1/prefix/", None).unwrap();
+        assert_eq!(
+            c.url(&["api", "v1", "jobs", "a/b?c"]).as_str(),
+            "http://h:1/prefix/api/v1/jobs/a%2Fb%3Fc"
+        );
+        let c = ApiClient::new("http://h:1", None).unwrap();
+        assert_eq!(
+            c.url(&["api", "v1", "agents"]).as_str(),
+            "http://h:1/api/v1/agents"
+        );
+    }
+
+    #[test]
+    fn rejects_non_http_urls() {
+        for bad in ["127.0.0.1:7900", "ftp://h/", "nonsense", "mailto:x@y"] {
+            let e = ApiClient::new(bad, None).unwrap_err();
+            assert!(matches!(e, ClientError::InvalidUrl { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn api_errors_show_the_api_message() {
+        let c = ApiClient::new("http://h:1", Some("t".into())).unwrap();
+        let url = c.url(&["api", "v1", "jobs"]);
+        let e = c.api_error(
+            &url,
+            StatusCode::BAD_REQUEST,
+            br#"{"error":"repo: must not be empty","field":"repo"}"#,
+        );
+        assert_eq!(e.to_string(), "repo: must not be empty");
+        assert!(
+            matches!(e, ClientError::Api { status: 400, field: Some(ref f), .. } if f == "repo")
+        );
+        let e = c.api_error(&url, StatusCode::BAD_GATEWAY, b"upstream\ndown");
+        assert_eq!(
+            e.to_string(),
+            "HTTP 502 Bad Gateway from http://h:1/api/v1/jobs: upstream down"
+        );
+        let e = c.api_error(&url, StatusCode::UNAUTHORIZED, br#"{"error":"bad token"}"#);
+        assert!(e.to_string().starts_with("bad token: pass the admin token"));
+    }
+
+    #[test]
+    fn token_falls_back_to_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(resolve_token(None, Some(dir.path())), None);
+        std::fs::write(dir.path().join(ADMIN_TOKEN_FILE), "rya_x\n").unwrap();
+        assert_eq!(
+            resolve_token(None, Some(dir.path())).as_deref(),
+            Some("rya_x")
+        );
+        assert_eq!(
+            resolve_token(Some("given".into()), Some(dir.path())).as_deref(),
+            Some("given")
+        );
+    }
+}

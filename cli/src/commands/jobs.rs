@@ -1,0 +1,207 @@
+//! `runyard ls | status | logs | stop | agents`: read and act on jobs through the HTTP API.
+//!
+//! Log following survives a broken connection: logs are append-only, so after reconnecting the
+//! bytes already written are skipped and nothing is printed twice or lost. Following ends only
+//! when the stream ends cleanly *and* the job is terminal (the controller makes a job's logs
+//! complete before its terminal state is visible).
+
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use runyard_model::{Job, Timestamp};
+
+use super::{CommandError, client_for};
+use crate::args::{ClientArgs, JobArgs, LogsArgs, LsArgs};
+use crate::client::{ApiClient, ClientError};
+use crate::output;
+
+/// First wait before reconnecting a log stream; doubles up to `RECONNECT_MAX`.
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Give up following when the controller stays unreachable this long.
+const RECONNECT_WINDOW: Duration = Duration::from_secs(60);
+
+/// `runyard ls`.
+pub async fn ls(args: LsArgs) -> Result<u8, CommandError> {
+    let client = client_for(&args.client)?;
+    let first = client.list_jobs(args.status, args.limit, None).await?;
+    if !args.all {
+        if args.client.json {
+            output::write_json(&first.raw).map_err(CommandError::Stdout)?;
+        } else {
+            let table = output::jobs_table(&first.value.jobs, Timestamp::now());
+            output::write_stdout(table.as_bytes()).map_err(CommandError::Stdout)?;
+            if first.value.next.is_some() {
+                eprintln!("more jobs: use --all, or a larger --limit");
+            }
+        }
+        return Ok(0);
+    }
+    let mut jobs = first.value.jobs;
+    let mut cursor = first.value.next;
+    while let Some(c) = cursor {
+        let page = client.list_jobs(args.status, args.limit, Some(&c)).await?;
+        jobs.extend(page.value.jobs);
+        if page.value.next.as_deref() == Some(c.as_str()) {
+            return Err(CommandError::CursorLoop(c));
+        }
+        cursor = page.value.next;
+    }
+    if args.client.json {
+        let body = serde_json::json!({ "jobs": jobs, "next": null });
+        output::write_json(body.to_string().as_bytes()).map_err(CommandError::Stdout)?;
+    } else {
+        let table = output::jobs_table(&jobs, Timestamp::now());
+        output::write_stdout(table.as_bytes()).map_err(CommandError::Stdout)?;
+    }
+    Ok(0)
+}
+
+/// `runyard status ID`.
+pub async fn status(args: JobArgs) -> Result<u8, CommandError> {
+    let client = client_for(&args.client)?;
+    let reply = client.job(&args.id).await?;
+    if args.client.json {
+        output::write_json(&reply.raw).map_err(CommandError::Stdout)?;
+    } else {
+        let text = output::job_details(&reply.value, Timestamp::now());
+        output::write_stdout(text.as_bytes()).map_err(CommandError::Stdout)?;
+    }
+    Ok(0)
+}
+
+/// `runyard stop ID`.
+pub async fn stop(args: JobArgs) -> Result<u8, CommandError> {
+    let client = client_for(&args.client)?;
+    let reply = client.stop(&args.id).await?;
+    if args.client.json {
+        output::write_json(&reply.raw).map_err(CommandError::Stdout)?;
+    } else {
+        let job = &reply.value;
+        output::write_stdout(format!("{} {}\n", job.id, job.status).as_bytes())
+            .map_err(CommandError::Stdout)?;
+    }
+    Ok(0)
+}
+
+/// `runyard agents`.
+pub async fn agents(args: ClientArgs) -> Result<u8, CommandError> {
+    let client = client_for(&args)?;
+    let reply = client.agents().await?;
+    if args.json {
+        output::write_json(&reply.raw).map_err(CommandError::Stdout)?;
+    } else {
+        let table = output::agents_table(&reply.value, Timestamp::now());
+        output::write_stdout(table.as_bytes()).map_err(CommandError::Stdout)?;
+    }
+    Ok(0)
+}
+
+/// `runyard logs ID [-f]`: the body bytes go to stdout as they arrive.
+pub async fn logs(args: LogsArgs) -> Result<u8, CommandError> {
+    let client = client_for(&args.client)?;
+    if args.follow {
+        follow_logs(&client, &args.id).await?;
+        return Ok(0);
+    }
+    let mut stream = pin!(client.logs(&args.id, false).await?);
+    while let Some(chunk) = stream.next().await {
+        output::write_stdout(&chunk?).map_err(CommandError::Stdout)?;
+    }
+    Ok(0)
+}
+
+/// Streams the job's logs to stdout until the job is terminal; returns the terminal job.
+pub async fn follow_logs(client: &ApiClient, id: &str) -> Result<Job, CommandError> {
+    let mut written: usize = 0;
+    let mut backoff = RECONNECT_MIN;
+    let mut last_contact = Instant::now();
+    let mut ever_connected = false;
+    loop {
+        match follow_once(client, id, &mut written).await {
+            Ok(()) => {
+                last_contact = Instant::now();
+                ever_connected = true;
+                // The stream ended cleanly: done if the job is, else the stream was cut short.
+                match client.job(id).await {
+                    Ok(reply) if reply.value.status.is_terminal() => return Ok(reply.value),
+                    Ok(_) => backoff = RECONNECT_MIN,
+                    Err(e) if is_transient(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(FollowError::Fatal(e)) => return Err(e),
+            Err(FollowError::Transient { cause, progressed }) => {
+                if progressed {
+                    last_contact = Instant::now();
+                    backoff = RECONNECT_MIN;
+                    ever_connected = true;
+                }
+                if !ever_connected && matches!(cause, ClientError::Connect { .. }) {
+                    // Nothing listens there: say so now rather than retry against nothing.
+                    return Err(cause.into());
+                }
+                if last_contact.elapsed() > RECONNECT_WINDOW {
+                    return Err(CommandError::LogStream {
+                        id: id.to_string(),
+                        cause: cause.to_string(),
+                    });
+                }
+                tracing::debug!(job = %id, error = %cause, "log stream broke; reconnecting");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
+enum FollowError {
+    /// Worth reconnecting; `progressed` if the connection was made before it broke.
+    Transient {
+        cause: ClientError,
+        progressed: bool,
+    },
+    Fatal(CommandError),
+}
+
+/// One `?follow=true` request; skips the first `written` bytes (already printed).
+async fn follow_once(client: &ApiClient, id: &str, written: &mut usize) -> Result<(), FollowError> {
+    let stream = client.logs(id, true).await.map_err(|e| {
+        if is_transient(&e) {
+            FollowError::Transient {
+                cause: e,
+                progressed: false,
+            }
+        } else {
+            FollowError::Fatal(e.into())
+        }
+    })?;
+    let mut stream = pin!(stream);
+    let mut seen: usize = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|cause| FollowError::Transient {
+            cause,
+            progressed: true,
+        })?;
+        let start = (*written).saturating_sub(seen).min(chunk.len());
+        seen += chunk.len();
+        if start < chunk.len() {
+            output::write_stdout(&chunk[start..])
+                .map_err(|e| FollowError::Fatal(CommandError::Stdout(e)))?;
+            *written += chunk.len() - start;
+        }
+    }
+    Ok(())
+}
+
+/// Transport trouble and server-side (5xx) errors may pass; refusals (4xx) will not.
+fn is_transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Connect { .. } | ClientError::Request { .. } | ClientError::Body { .. } => {
+            true
+        }
+        ClientError::Api { status, .. } => *status >= 500,
+        _ => false,
+    }
+}

@@ -1,0 +1,382 @@
+//! `runyard submit`: flags and an optional `-f` file become one job spec, checked with the same
+//! rules as the API (`JobSpec::from_value`) before any request is sent.
+//!
+//! Merge rule: start from the file's mapping; each flag given replaces that field (lists such as
+//! `--req` and the args after `--` replace the file's list), except `--env`, whose entries are
+//! added to the file's `env`, replacing equal keys.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use runyard_model::{Job, JobSpec, JobStatus, ValidationError};
+
+use super::{CommandError, client_for, jobs};
+use crate::args::SubmitArgs;
+use crate::output;
+
+/// Submits the job; with `--follow`, streams its logs and returns the exit code the job earned.
+pub async fn submit(args: SubmitArgs) -> Result<u8, CommandError> {
+    let spec = build_spec(&args)?;
+    let client = client_for(&args.client)?;
+    let reply = client.submit(&spec).await?;
+    let job = reply.value;
+    if args.client.json {
+        output::write_json(&reply.raw).map_err(CommandError::Stdout)?;
+    } else {
+        output::write_stdout(format!("{}\n", job.id).as_bytes()).map_err(CommandError::Stdout)?;
+    }
+    if !args.follow {
+        return Ok(0);
+    }
+    let done = jobs::follow_logs(&client, &job.id).await?;
+    eprintln!("{}", output::final_status(&done));
+    Ok(exit_code_of(&done))
+}
+
+/// The spec from the `-f` file (if any) and the flags, validated.
+pub fn build_spec(args: &SubmitArgs) -> Result<JobSpec, CommandError> {
+    let base = match &args.file {
+        Some(path) => load_file(path)?,
+        None => Map::new(),
+    };
+    let merged = merge_flags(base, args)?;
+    JobSpec::from_value(Value::Object(merged)).map_err(|e| CommandError::Spec(with_flag_hint(e)))
+}
+
+/// Reads a YAML (or, for `.json`, JSON) file holding a mapping of spec fields.
+fn load_file(path: &Path) -> Result<Map<String, Value>, CommandError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CommandError::ReadSpecFile {
+        path: path.to_path_buf(),
+        cause: e.to_string(),
+    })?;
+    parse_file(path, &text)
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<Map<String, Value>, CommandError> {
+    let parse_error = |cause: String| CommandError::ParseSpecFile {
+        path: path.to_path_buf(),
+        cause: crate::client::one_line(&cause),
+    };
+    let value: Value = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(text).map_err(|e| parse_error(e.to_string()))?
+    } else {
+        serde_yaml::from_str(text).map_err(|e| parse_error(e.to_string()))?
+    };
+    match value {
+        Value::Object(map) => Ok(map),
+        Value::Null => Ok(Map::new()),
+        _ => Err(parse_error(
+            "expected a mapping of job spec fields (repo, script, ...)".into(),
+        )),
+    }
+}
+
+/// Lays the flags given over `base`.
+fn merge_flags(
+    mut base: Map<String, Value>,
+    args: &SubmitArgs,
+) -> Result<Map<String, Value>, CommandError> {
+    let mut set = |key: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            base.insert(key.to_string(), v);
+        }
+    };
+    let string = |s: &Option<String>| s.clone().map(Value::String);
+    let list = |v: &[String]| {
+        (!v.is_empty()).then(|| Value::Array(v.iter().cloned().map(Value::String).collect()))
+    };
+    set("name", string(&args.name));
+    set("repo", string(&args.repo));
+    set("revision", string(&args.revision));
+    set("script", string(&args.script));
+    set("args", list(&args.args));
+    set("requirements", list(&args.requirements));
+    set("requirements_file", string(&args.requirements_file));
+    set("compute", string(&args.compute));
+    set("retries", args.retries.map(Value::from));
+    set("timeout", string(&args.timeout));
+    set("stop_grace", string(&args.stop_grace));
+    if !args.env.is_empty() {
+        let mut env = match base.remove("env") {
+            Some(Value::Object(m)) => m,
+            // Not a mapping (or null): let the flags replace it; the spec check names `env` if
+            // anything is still wrong.
+            _ => Map::new(),
+        };
+        for pair in &args.env {
+            let (k, v) = parse_env_pair(pair)?;
+            env.insert(k.to_string(), Value::String(v.to_string()));
+        }
+        base.insert("env".into(), Value::Object(env));
+    }
+    Ok(base)
+}
+
+/// `KEY=VALUE`; the value may contain `=` and may be empty, the key may not.
+fn parse_env_pair(pair: &str) -> Result<(&str, &str), CommandError> {
+    match pair.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k, v)),
+        _ => Err(CommandError::EnvPair(pair.to_string())),
+    }
+}
+
+/// A missing required field names the flag that provides it.
+fn with_flag_hint(e: ValidationError) -> ValidationError {
+    if e.message.starts_with("missing field") {
+        let flag = e.field.replace('_', "-");
+        return ValidationError::new(
+            e.field.clone(),
+            format!("required: give --{flag} (or `{}` in the -f file)", e.field),
+        );
+    }
+    e
+}
+
+/// 0 if the job succeeded, the script's exit code if it failed with one, 1 otherwise.
+fn exit_code_of(job: &Job) -> u8 {
+    match (job.status, job.exit_code) {
+        (JobStatus::Succeeded, _) => 0,
+        (JobStatus::Failed, Some(code)) if (1..=255).contains(&code) => code as u8,
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use clap::Parser;
+    use runyard_model::{Compute, Timestamp};
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn parse(argv: &[&str]) -> SubmitArgs {
+        let mut full = vec!["runyard", "submit"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full).unwrap().command {
+            Command::Submit(a) => a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn spec_of(argv: &[&str]) -> Result<JobSpec, CommandError> {
+        build_spec(&parse(argv))
+    }
+
+    #[test]
+    fn flags_become_the_spec() {
+        let spec = spec_of(&[
+            "--repo",
+            "https://example.com/a/b.git",
+            "--script",
+            "src/train.py",
+            "--revision",
+            "v1.2",
+            "--req",
+            "numpy>=2",
+            "--req",
+            "torch",
+            "--requirements-file",
+            "requirements.txt",
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--env",
+            "EMPTY=",
+            "--compute",
+            "gpu:2",
+            "--name",
+            "my run",
+            "--retries",
+            "3",
+            "--timeout",
+            "2h",
+            "--stop-grace",
+            "30s",
+        ])
+        .unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "name": "my run",
+                "repo": "https://example.com/a/b.git",
+                "revision": "v1.2",
+                "script": "src/train.py",
+                "args": [],
+                "requirements": ["numpy>=2", "torch"],
+                "requirements_file": "requirements.txt",
+                "env": {"A": "1", "B": "x=y", "EMPTY": ""},
+                "compute": "gpu:2",
+                "timeout": "2h",
+                "retries": 3,
+                "stop_grace": "30s",
+            })
+        );
+    }
+
+    #[test]
+    fn args_after_double_dash_are_verbatim() {
+        let spec = spec_of(&[
+            "--repo",
+            "https://example.com/a/b.git",
+            "--script",
+            "t.py",
+            "--",
+            "--lr",
+            "0.1",
+            "two words",
+            "it's \"quoted\"",
+            "$HOME;rm -rf /",
+            "--repo",
+            "",
+        ])
+        .unwrap();
+        assert_eq!(
+            spec.args,
+            vec![
+                "--lr",
+                "0.1",
+                "two words",
+                "it's \"quoted\"",
+                "$HOME;rm -rf /",
+                "--repo",
+                ""
+            ]
+        );
+        assert_eq!(spec.repo, "https://example.com/a/b.git");
+        assert_eq!(spec.name, "t");
+    }
+
+    #[test]
+    fn yaml_file_is_merged_with_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.yaml");
+        std::fs::write(
+            &file,
+            "repo: https://example.com/a/b.git\nscript: train.py\ncompute: gpu\n\
+             args: [--epochs, '3']\nrequirements: [numpy]\nenv: {A: from-file, B: kept}\n\
+             timeout: 90\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let spec = spec_of(&["-f", f, "--compute", "cpu-small", "--env", "A=flag"]).unwrap();
+        assert_eq!(spec.repo, "https://example.com/a/b.git");
+        assert_eq!(spec.compute, Compute::CpuSmall);
+        assert_eq!(spec.args, vec!["--epochs", "3"]);
+        assert_eq!(spec.requirements, vec!["numpy"]);
+        assert_eq!(spec.env["A"], "flag");
+        assert_eq!(spec.env["B"], "kept");
+        assert_eq!(spec.timeout, Some(Duration::from_secs(90)));
+        // Lists given as flags replace the file's.
+        let spec = spec_of(&["-f", f, "--req", "torch", "--", "--epochs", "9"]).unwrap();
+        assert_eq!(spec.requirements, vec!["torch"]);
+        assert_eq!(spec.args, vec!["--epochs", "9"]);
+    }
+
+    #[test]
+    fn json_file_is_read_as_json() {
+        let m = parse_file(
+            &PathBuf::from("job.json"),
+            r#"{"repo": "file:///srv/r", "script": "a.py"}"#,
+        )
+        .unwrap();
+        assert_eq!(m["repo"], "file:///srv/r");
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let p = PathBuf::from("job.yaml");
+        let e = parse_file(&p, "- a\n- b\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "job file job.yaml: expected a mapping of job spec fields (repo, script, ...)"
+        );
+        assert!(matches!(
+            parse_file(&p, "repo: [unclosed\n"),
+            Err(CommandError::ParseSpecFile { .. })
+        ));
+        let e = spec_of(&["-f", "/nonexistent/job.yaml"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read job file /nonexistent/job.yaml:")
+        );
+    }
+
+    #[test]
+    fn unknown_file_fields_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.yaml");
+        std::fs::write(&file, "repo: file:///r\nscript: a.py\ncolour: red\n").unwrap();
+        let e = spec_of(&["-f", file.to_str().unwrap()]).unwrap_err();
+        assert!(
+            matches!(&e, CommandError::Spec(v) if v.field == "colour"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_env_is_refused_locally() {
+        let base = ["--repo", "file:///r", "--script", "a.py"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            spec_of(&v)
+        };
+        let e = with(&["--env", "NOEQUALS"]).unwrap_err();
+        assert_eq!(e.to_string(), "--env `NOEQUALS`: expected KEY=VALUE");
+        let e = with(&["--env", "=v"]).unwrap_err();
+        assert_eq!(e.to_string(), "--env `=v`: expected KEY=VALUE");
+        let e = with(&["--env", "1X=v"]).unwrap_err();
+        assert!(
+            matches!(&e, CommandError::Spec(v) if v.field == "env.1X"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn other_bad_values_name_the_field() {
+        let e = spec_of(&["--script", "a.py"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "repo: required: give --repo (or `repo` in the -f file)"
+        );
+        let cases = [
+            (vec!["--compute", "tpu"], "compute"),
+            (vec!["--timeout", "soon"], "timeout"),
+            (vec!["--stop-grace", "-1s"], "stop_grace"),
+            (vec!["--req", "-e ."], "requirements[0]"),
+        ];
+        for (extra, field) in cases {
+            let mut argv = vec!["--repo", "file:///r", "--script", "a.py"];
+            argv.extend(extra);
+            let e = spec_of(&argv).unwrap_err();
+            assert!(
+                matches!(&e, CommandError::Spec(v) if v.field == field),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn follow_exit_codes() {
+        let spec = spec_of(&["--repo", "file:///r", "--script", "a.py"]).unwrap();
+        let mut job = Job::new("j".into(), spec, Timestamp(0));
+        let code = |job: &Job| exit_code_of(job);
+        job.status = JobStatus::Succeeded;
+        assert_eq!(code(&job), 0);
+        job.status = JobStatus::Failed;
+        job.exit_code = Some(3);
+        assert_eq!(code(&job), 3);
+        job.exit_code = None;
+        assert_eq!(code(&job), 1);
+        job.exit_code = Some(-9);
+        assert_eq!(code(&job), 1);
+        job.status = JobStatus::Stopped;
+        assert_eq!(code(&job), 1);
+    }
+}

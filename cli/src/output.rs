@@ -1,0 +1,345 @@
+//! Text output of the client commands: tables, `key: value` blocks and ages.
+//!
+//! Invariant: rendering is pure (the current time is passed in); writing goes through
+//! `write_stdout`, which reports a closed stdout as an error instead of panicking.
+
+use std::io::Write;
+use std::time::Duration;
+
+use runyard_model::{AgentInfo, Job, Timestamp};
+
+/// Shown for an absent value.
+const NONE: &str = "-";
+
+/// Columns left-aligned, two spaces apart, no trailing spaces.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            if i + 1 < row.len() {
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Compact age: `42s`, `5m`, `3h`, `12d`.
+pub fn age(now: Timestamp, then: Timestamp) -> String {
+    let secs = now.saturating_since(then).as_secs();
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..172_800 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+/// The `runyard ls` table.
+pub fn jobs_table(jobs: &[Job], now: Timestamp) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.name.clone(),
+                j.status.to_string(),
+                j.spec.compute.to_string(),
+                j.agent.clone().unwrap_or_else(|| NONE.into()),
+                age(now, j.created_at),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "STATUS", "COMPUTE", "AGENT", "AGE"], &rows)
+}
+
+/// The `runyard agents` table.
+pub fn agents_table(agents: &[AgentInfo], now: Timestamp) -> String {
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                if a.connected { "yes" } else { "no" }.to_string(),
+                a.cpu_small_slots.to_string(),
+                a.gpus.len().to_string(),
+                a.jobs.len().to_string(),
+                format!("{} ago", age(now, a.last_seen)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "CONNECTED",
+            "CPU-SMALL",
+            "GPUS",
+            "JOBS",
+            "LAST SEEN",
+        ],
+        &rows,
+    )
+}
+
+/// The `runyard status` block: one `key: value` line per field, `-` when absent.
+pub fn job_details(job: &Job, now: Timestamp) -> String {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| NONE.into());
+    let time = |t: Option<Timestamp>| {
+        t.map(|t| format!("{t} ({} ago)", age(now, t)))
+            .unwrap_or_else(|| NONE.into())
+    };
+    let spec = &job.spec;
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            NONE.to_string()
+        } else {
+            v.iter()
+                .map(|s| shell_quote(s))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    };
+    let fields: Vec<(&str, String)> = vec![
+        ("id", job.id.clone()),
+        ("name", job.name.clone()),
+        ("status", job.status.to_string()),
+        (
+            "desired",
+            serde_json::to_value(job.desired)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        ),
+        ("reason", opt(job.reason.clone())),
+        ("failure", opt(job.failure.map(|f| f.as_str().to_string()))),
+        ("exit code", opt(job.exit_code.map(|c| c.to_string()))),
+        ("attempt", job.attempt.to_string()),
+        ("agent", opt(job.agent.clone())),
+        (
+            "gpus",
+            if job.gpus.is_empty() {
+                NONE.into()
+            } else {
+                job.gpus
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+        ),
+        ("lost", job.lost_count.to_string()),
+        (
+            "failures",
+            format!("{} (retries {})", job.failures, spec.retries),
+        ),
+        ("repo", spec.repo.clone()),
+        (
+            "revision",
+            if spec.revision.is_empty() {
+                "(default branch)".into()
+            } else {
+                spec.revision.clone()
+            },
+        ),
+        ("commit", opt(job.commit.clone())),
+        ("script", spec.script.clone()),
+        ("args", list(&spec.args)),
+        ("requirements", list(&spec.requirements)),
+        ("requirements file", opt(spec.requirements_file.clone())),
+        ("compute", spec.compute.to_string()),
+        ("timeout", opt(spec.timeout.map(human_duration))),
+        ("stop grace", human_duration(spec.stop_grace)),
+        ("created", time(Some(job.created_at))),
+        ("scheduled", time(job.scheduled_at)),
+        ("started", time(job.started_at)),
+        ("finished", time(job.finished_at)),
+        ("updated", time(Some(job.updated_at))),
+    ];
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (k, v) in fields {
+        out.push_str(&format!("{:<width$} {v}\n", format!("{k}:")));
+    }
+    out
+}
+
+/// The final line `submit --follow` writes to stderr.
+pub fn final_status(job: &Job) -> String {
+    match &job.reason {
+        Some(reason) if !reason.is_empty() => {
+            format!("job {} {}: {reason}", job.id, job.status)
+        }
+        _ => format!("job {} {}", job.id, job.status),
+    }
+}
+
+fn human_duration(d: Duration) -> String {
+    runyard_model::spec::format_duration(d)
+}
+
+/// Quotes an argument only when a shell would split or expand it, for display.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Writes to stdout and flushes (so streamed logs show at once).
+pub fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()
+}
+
+/// Writes a JSON body as received, ending it with a newline.
+pub fn write_json(raw: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(raw)?;
+    if !raw.ends_with(b"\n") {
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runyard_model::{Compute, GpuInfo, JobSpec, JobStatus};
+
+    const NOW: Timestamp = Timestamp(1_700_000_000_000);
+
+    fn job(id: &str, name: &str) -> Job {
+        let spec = JobSpec::from_value(serde_json::json!({
+            "repo": "https://example.com/a/b.git",
+            "script": "train.py",
+            "name": name,
+        }))
+        .unwrap();
+        Job::new(id.into(), spec, NOW.plus(Duration::from_secs(0)))
+    }
+
+    #[test]
+    fn table_aligns_columns_without_trailing_spaces() {
+        let t = table(
+            &["ID", "NAME", "X"],
+            &[
+                vec!["1".into(), "long-name".into(), "".into()],
+                vec!["22".into(), "n".into(), "v".into()],
+            ],
+        );
+        assert_eq!(t, "ID  NAME       X\n1   long-name\n22  n          v\n");
+    }
+
+    #[test]
+    fn jobs_table_shows_every_column() {
+        let mut a = job("01A", "train");
+        a.created_at = Timestamp(NOW.0 - 90_000);
+        let mut b = job("01B", "a much longer name");
+        b.status = JobStatus::Running;
+        b.agent = Some("gpu-box-1".into());
+        b.spec.compute = Compute::Gpu(2);
+        b.created_at = Timestamp(NOW.0 - 3 * 86_400_000);
+        let t = jobs_table(&[a, b], NOW);
+        let expected = "\
+ID   NAME                STATUS   COMPUTE    AGENT      AGE
+01A  train               pending  cpu-small  -          1m
+01B  a much longer name  running  gpu:2      gpu-box-1  3d
+";
+        assert_eq!(t, expected);
+    }
+
+    #[test]
+    fn agents_table_counts_gpus_and_jobs() {
+        let gpu = GpuInfo {
+            index: 0,
+            uuid: "GPU-1".into(),
+            name: "Fake".into(),
+            memory_total_bytes: 1,
+            memory_used_bytes: 0,
+            utilization_percent: 0,
+        };
+        let a = AgentInfo {
+            name: "box".into(),
+            connected: true,
+            cpu_small_slots: 4,
+            gpus: vec![gpu.clone(), GpuInfo { index: 1, ..gpu }],
+            cpus: 8,
+            memory_bytes: 1 << 30,
+            version: "0.1.0".into(),
+            last_seen: Timestamp(NOW.0 - 5_000),
+            jobs: vec!["01A".into()],
+        };
+        let t = agents_table(&[a], NOW);
+        assert_eq!(
+            t,
+            "NAME  CONNECTED  CPU-SMALL  GPUS  JOBS  LAST SEEN\nbox   yes        4          2     1     5s ago\n"
+        );
+    }
+
+    #[test]
+    fn ages() {
+        let at = |s: u64| age(Timestamp(NOW.0 + s * 1000), NOW);
+        assert_eq!(at(0), "0s");
+        assert_eq!(at(59), "59s");
+        assert_eq!(at(60), "1m");
+        assert_eq!(at(3599), "59m");
+        assert_eq!(at(3600), "1h");
+        assert_eq!(at(47 * 3600), "47h");
+        assert_eq!(at(48 * 3600), "2d");
+        // A clock behind the server's shows 0s, not a panic.
+        assert_eq!(age(NOW, Timestamp(NOW.0 + 10_000)), "0s");
+    }
+
+    #[test]
+    fn details_name_reason_commit_exit_code_and_times() {
+        let mut j = job("01A", "train");
+        j.status = JobStatus::Failed;
+        j.reason = Some("script exited 3".into());
+        j.exit_code = Some(3);
+        j.commit = Some("abc123".into());
+        j.attempt = 2;
+        j.agent = Some("box".into());
+        j.spec.args = vec!["--lr".into(), "0.1 0.2".into()];
+        j.finished_at = Some(Timestamp(NOW.0 + 60_000));
+        let d = job_details(&j, Timestamp(NOW.0 + 120_000));
+        for line in [
+            "status:            failed",
+            "reason:            script exited 3",
+            "exit code:         3",
+            "attempt:           2",
+            "agent:             box",
+            "commit:            abc123",
+            "args:              --lr '0.1 0.2'",
+            "scheduled:         -",
+            "finished:          2023-11-14T22:14:20.000Z (1m ago)",
+        ] {
+            assert!(d.lines().any(|l| l == line), "missing {line:?} in\n{d}");
+        }
+        assert_eq!(
+            final_status(&j),
+            "job 01A failed: script exited 3".to_string()
+        );
+    }
+}

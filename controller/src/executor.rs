@@ -1,0 +1,175 @@
+//! The executor: owns the shared handles (jobs, agents, logs), runs the level-triggered reconcile
+//! loop, and applies plans. Reconcile itself is pure (`reconcile.rs`); this is where its actions
+//! meet the store and the agents.
+//!
+//! The loop wakes on any job or agent change (`kick`) and on a periodic resync, so a missed event
+//! only delays work by one resync period. Every action is idempotent (`reconcile::apply` returns
+//! `None` for a job that moved on), so running a pass twice is harmless.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runyard_model::{Desired, Job, JobSpec, JobStatus, Timestamp};
+use runyard_proto::v1::{self, controller_message::Msg};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::agents::Agents;
+use crate::jobs::{Jobs, JobsError};
+use crate::logs::LogStore;
+use crate::reconcile::{self, Action};
+
+/// Periodic resync of the reconcile loop.
+pub const RESYNC: Duration = Duration::from_millis(1000);
+
+#[derive(Clone)]
+pub struct Controller {
+    pub jobs: Jobs,
+    pub agents: Agents,
+    pub logs: LogStore,
+    pub agent_ttl: Duration,
+    kick: Arc<Notify>,
+}
+
+impl Controller {
+    pub fn new(jobs: Jobs, agents: Agents, logs: LogStore, agent_ttl: Duration) -> Controller {
+        Controller {
+            jobs,
+            agents,
+            logs,
+            agent_ttl,
+            kick: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Asks the loop for a pass soon.
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    pub async fn submit(&self, spec: JobSpec) -> Result<Job, JobsError> {
+        let id = ulid::Ulid::new().to_string().to_lowercase();
+        let job = self
+            .jobs
+            .create(Job::new(id, spec, Timestamp::now()))
+            .await?;
+        info!(job = %job.id, name = %job.name, compute = %job.spec.compute, "job submitted");
+        self.kick();
+        Ok(job)
+    }
+
+    /// Stops a job. `Ok(None)`: unknown job; `Err(msg)` inside: the job is already finished.
+    pub async fn stop(&self, id: &str) -> Result<Option<Result<Job, String>>, JobsError> {
+        let mut refused = None;
+        let updated = self
+            .jobs
+            .update(id, |j| match reconcile::request_stop(j, Timestamp::now()) {
+                Ok(n) => Some((n, ())),
+                Err(msg) => {
+                    refused = Some(msg);
+                    None
+                }
+            })
+            .await?;
+        if let Some(msg) = refused {
+            return Ok(Some(Err(msg)));
+        }
+        let Some((job, ())) = updated else {
+            return Ok(None);
+        };
+        info!(job = %job.id, status = %job.status, "stop requested");
+        self.send_stop(&job);
+        self.kick();
+        Ok(Some(Ok(job)))
+    }
+
+    /// Tells the job's agent to stop its current attempt (idempotent on the agent).
+    pub fn send_stop(&self, job: &Job) {
+        if let Some(agent) = &job.agent
+            && job.status == JobStatus::Stopping
+        {
+            self.agents.send(agent, stop_message(job));
+        }
+    }
+
+    /// One reconcile pass: plan, apply, notify agents.
+    pub async fn reconcile_once(&self) -> Result<(), JobsError> {
+        let jobs = self.jobs.all();
+        let refs: Vec<&Job> = jobs.iter().filter(|j| !j.status.is_terminal()).collect();
+        let agents = self.agents.views();
+        let now = Timestamp::now();
+        let plan = reconcile::reconcile(&refs, &agents, now, self.agent_ttl);
+        for action in plan {
+            let applied = self
+                .jobs
+                .update(action.job(), |j| {
+                    reconcile::apply(j, &action, now).map(|n| (n, ()))
+                })
+                .await?;
+            let Some((job, ())) = applied else { continue };
+            match &action {
+                Action::Place { agent, .. } => {
+                    info!(job = %job.id, attempt = job.attempt, %agent, gpus = ?job.gpus, "job placed");
+                    self.agents.send(agent, assign_message(&job));
+                }
+                Action::Lose { .. } => {
+                    warn!(job = %job.id, attempt = job.attempt, status = %job.status, reason = ?job.reason, "attempt lost")
+                }
+                Action::Requeue { .. } => {
+                    info!(job = %job.id, status = %job.status, "lost attempt requeued")
+                }
+                Action::Cancel { .. } => info!(job = %job.id, "pending job stopped"),
+                Action::Wait { reason, .. } => debug!(job = %job.id, %reason, "job waits"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The level-triggered loop; returns when cancelled.
+    pub async fn run_loop(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(RESYNC);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.kick.notified() => {}
+                _ = tick.tick() => {}
+            }
+            if let Err(error) = self
+                .reconcile_once()
+                .instrument(info_span!("reconcile"))
+                .await
+            {
+                warn!(%error, "reconcile pass failed; retrying on the next resync");
+            }
+        }
+    }
+}
+
+pub fn assign_message(job: &Job) -> v1::ControllerMessage {
+    v1::ControllerMessage {
+        msg: Some(Msg::Assign(v1::Assign {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            spec: Some(runyard_proto::spec_to_wire(&job.spec)),
+            gpus: job.gpus.clone(),
+        })),
+    }
+}
+
+pub fn stop_message(job: &Job) -> v1::ControllerMessage {
+    let reason = if job.desired == Desired::Stop {
+        "stopped by user"
+    } else {
+        "attempt replaced"
+    };
+    v1::ControllerMessage {
+        msg: Some(Msg::Stop(v1::Stop {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            grace_ms: job.spec.stop_grace.as_millis() as u64,
+            reason: reason.into(),
+        })),
+    }
+}

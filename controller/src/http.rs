@@ -1,0 +1,371 @@
+//! The HTTP API (JSON, bearer token) for the CLI, the web page and scripts.
+//!
+//! Errors map to responses in exactly one place (`ApiError`): `{"error": message, "field":
+//! field-or-null}` with a 4xx for bad input, never internals; the detail of a 5xx is logged here.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use runyard_model::{JobSpec, JobStatus, ValidationError};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::executor::Controller;
+use crate::jobs::JobsError;
+use crate::tokens::token_eq;
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 1 << 20;
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 1000;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub ctl: Controller,
+    pub admin_token: String,
+    /// Ends long-lived responses (log follows) at shutdown.
+    pub shutdown: CancellationToken,
+}
+
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/jobs", post(submit).get(list))
+        .route("/api/v1/jobs/{id}", get(show))
+        .route("/api/v1/jobs/{id}/stop", post(stop))
+        .route("/api/v1/jobs/{id}/logs", get(logs))
+        .route("/api/v1/agents", get(agents))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(api)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", None) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let path = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or(req.uri().path(), |p| p.as_str());
+            tracing::debug_span!("http", method = %req.method(), path = %path)
+        }))
+        .with_state(state)
+}
+
+/// One error type for every handler.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            field: field.map(str::to_string),
+        }
+    }
+
+    fn not_found(id: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no job with id `{id}`"),
+            None,
+        )
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: e.to_string(),
+            field: Some(e.field),
+        }
+    }
+}
+
+impl From<JobsError> for ApiError {
+    fn from(e: JobsError) -> ApiError {
+        tracing::error!(error = %e, "job store error");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the job store is unavailable; retry shortly",
+            None,
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.message, "field": self.field})),
+        )
+            .into_response()
+    }
+}
+
+async fn auth(
+    State(state): State<ApiState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if token_eq(t.trim(), &state.admin_token) => Ok(next.run(req).await),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid token: use the controller's admin token (RUNYARD_TOKEN)",
+            None,
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing token: send `Authorization: Bearer <token>` (the CLI reads RUNYARD_TOKEN)",
+            None,
+        )),
+    }
+}
+
+async fn submit(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is larger than {} KiB", MAX_BODY / 1024)
+        } else {
+            format!("cannot read the request body: {e}")
+        };
+        ApiError::new(status, msg, Some("body"))
+    })?;
+    let spec = JobSpec::from_json(&body)?;
+    let job = state.ctl.submit(spec).await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+async fn list(
+    State(state): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let limit = match q.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit: `{l}` is not a number from 1 to {MAX_PAGE}"),
+                    Some("limit"),
+                ));
+            }
+        },
+    };
+    let status = match q.get("status").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => {
+            let mut wanted = Vec::new();
+            for part in s.split(',') {
+                wanted.push(part.parse::<JobStatus>().map_err(|m| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("status: {m}"),
+                        Some("status"),
+                    )
+                })?);
+            }
+            Some(wanted)
+        }
+    };
+    let cursor = q
+        .get("cursor")
+        .filter(|c| !c.is_empty())
+        .map(String::as_str);
+    let (jobs, more) = state.ctl.jobs.page(cursor, limit, |j| {
+        status.as_ref().is_none_or(|w| w.contains(&j.status))
+    });
+    let next = if more {
+        jobs.last().map(|j| j.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(json!({"jobs": jobs, "next": next})))
+}
+
+async fn show(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    state
+        .ctl
+        .jobs
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(&id))
+}
+
+async fn stop(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    match state.ctl.stop(&id).await? {
+        None => Err(ApiError::not_found(&id)),
+        Some(Err(msg)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{msg}: nothing to stop"),
+            None,
+        )),
+        Some(Ok(job)) => Ok(Json(job)),
+    }
+}
+
+async fn agents(State(state): State<ApiState>) -> impl IntoResponse {
+    let jobs = state.ctl.jobs.all();
+    let mut agents = state.ctl.agents.list();
+    for a in &mut agents {
+        a.jobs = jobs
+            .iter()
+            .filter(|j| j.status.is_on_agent() && j.agent.as_deref() == Some(a.name.as_str()))
+            .map(|j| j.id.clone())
+            .collect();
+    }
+    Json(json!({"agents": agents}))
+}
+
+/// Plain text, exactly the script's lines. With `follow=true` the body streams until the job is
+/// terminal and every line of it has been sent.
+async fn logs(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let job = state
+        .ctl
+        .jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    let follow = match q.get("follow").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("follow: `{other}` is not true or false"),
+                Some("follow"),
+            ));
+        }
+    };
+    let fixed_attempt = match q.get("attempt") {
+        None => None,
+        Some(a) => match a.parse::<u32>() {
+            Ok(n) if n >= 1 && n <= job.attempt => Some(n),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "attempt: `{a}` is not an attempt of this job (1 to {})",
+                        job.attempt
+                    ),
+                    Some("attempt"),
+                ));
+            }
+        },
+    };
+    let start_offset = match q.get("offset") {
+        None => 0,
+        Some(o) => match (o.parse::<u64>(), fixed_attempt) {
+            (Ok(n), Some(_)) => n,
+            (Ok(_), None) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "offset: only valid together with attempt",
+                    Some("offset"),
+                ));
+            }
+            (Err(_), _) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("offset: `{o}` is not a byte offset"),
+                    Some("offset"),
+                ));
+            }
+        },
+    };
+    let ctl = state.ctl.clone();
+    let shutdown = state.shutdown.clone();
+    let first_attempt = fixed_attempt.unwrap_or(job.attempt);
+    let stream = async_stream::stream! {
+        let mut log_rx = ctl.logs.subscribe(&id);
+        let mut job_rx = ctl.jobs.subscribe();
+        let mut attempt = first_attempt;
+        let mut offset = start_offset;
+        while let Some(job) = ctl.jobs.get(&id) {
+            // Read the state before the lines: a terminal state is only visible once every
+            // line is persisted, so lines read after seeing it are complete.
+            let over = job.status.is_terminal() || job.attempt != attempt;
+            loop {
+                match ctl.logs.read_from(&id, attempt, offset, 4 << 20).await {
+                    Ok((bytes, next)) if !bytes.is_empty() => {
+                        offset = next;
+                        yield Ok::<_, std::io::Error>(Bytes::from(bytes));
+                    }
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::warn!(job = %id, %error, "cannot read log");
+                        yield Err(error);
+                        return;
+                    }
+                }
+            }
+            if !follow {
+                break;
+            }
+            if job.attempt != attempt && fixed_attempt.is_none() {
+                // The job moved on to a new attempt: continue with its log.
+                attempt = job.attempt;
+                offset = 0;
+                continue;
+            }
+            if over {
+                break;
+            }
+            tokio::select! {
+                _ = log_rx.changed() => {}
+                _ = job_rx.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = shutdown.cancelled() => {
+                    // Cut the response (no final chunk) so clients know to reconnect.
+                    yield Err(std::io::Error::other("controller shutting down"));
+                    return;
+                }
+            }
+        }
+    };
+    let mut resp = Body::from_stream(stream).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    resp.headers_mut()
+        .insert("x-runyard-attempt", HeaderValue::from(first_attempt));
+    Ok(resp)
+}
