@@ -77,8 +77,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
     if let Err(error) = process::become_subreaper() {
         warn!(%error, "cannot become a child subreaper; processes that leave their group may escape stops");
     }
-    let name = config.name.clone();
-    let swept = tokio::task::spawn_blocking(move || process::sweep_agent(&name))
+    // Job processes carry this identity in their environment. The data dir makes it unique per
+    // installation, so two agents on one host (or in one test run) never sweep each other's jobs.
+    let data_dir = std::fs::canonicalize(&config.data_dir).map_err(data_err)?;
+    let identity = format!("{}@{}", config.name, data_dir.display());
+    let sweep_identity = identity.clone();
+    let swept = tokio::task::spawn_blocking(move || process::sweep_agent(&sweep_identity))
         .await
         .unwrap_or(0);
     if swept > 0 {
@@ -99,6 +103,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
     let gpus = Arc::new(gpus);
     let svc = Arc::new(runner::Services {
         agent_name: config.name.clone(),
+        identity,
         jobs_dir,
         checkouts: checkout::CheckoutCache::new(config.data_dir.join("mirrors")),
         envs: pyenv::EnvBuilder::new(

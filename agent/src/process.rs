@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::reaper::{AGENT_VAR, ATTEMPT_VAR, Tracker};
 
@@ -221,12 +221,10 @@ impl JobProcess {
 
         let output_closed = CancellationToken::new();
         let stop_reading = CancellationToken::new();
-        let reader = tokio::spawn(read_output(
-            output,
-            lines,
-            output_closed.clone(),
-            stop_reading.clone(),
-        ));
+        let reader = tokio::spawn(
+            read_output(output, lines, output_closed.clone(), stop_reading.clone())
+                .instrument(info_span!("job_output", attempt = %spec.marker, pid)),
+        );
         info!(attempt = %spec.marker, pid, program = %spec.program.display(), "job process started");
         Ok(JobProcess {
             pid,
@@ -251,7 +249,7 @@ impl JobProcess {
     /// Waits for the main process to exit, then terminates what is left of the attempt
     /// (SIGTERM, 2 s, SIGKILL), reaps, and waits (at most 5 s) for the output pipe to close, so
     /// every line has been sent before this returns. Cancel-safe: after a drop midway, `stop`
-    /// or `wait` resumes. Returns at once once finished.
+    /// or `wait` resumes. Once finished, returns the same outcome at once.
     pub async fn wait(&mut self) -> ExitOutcome {
         if let Some(outcome) = self.outcome {
             return outcome;
@@ -294,7 +292,7 @@ impl JobProcess {
                 tokio::time::sleep(POLL_INTERVAL).await;
             }
             tokio::select! {
-                () = exit_signalled(&self.exit_watch) => woken = true,
+                pidfd_ready = exit_signalled(&self.exit_watch) => woken = pidfd_ready,
                 _ = self.record_tick.tick() => self.record().await,
             }
         }
@@ -448,16 +446,21 @@ fn watch_pidfd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
 }
 
-/// Resolves when the exit watch may have something to say.
-async fn exit_signalled(watch: &ExitWatch) {
+/// Resolves when the exit watch may have something to say; true if a pidfd reported an exit.
+async fn exit_signalled(watch: &ExitWatch) -> bool {
     match watch {
-        ExitWatch::Pidfd(fd) => {
-            // The guard is dropped without clearing readiness: an exit is forever.
-            if fd.readable().await.is_err() {
+        // The guard is dropped without clearing readiness: an exit is forever.
+        ExitWatch::Pidfd(fd) => match fd.readable().await {
+            Ok(_) => true,
+            Err(_) => {
                 tokio::time::sleep(POLL_INTERVAL).await;
+                false
             }
+        },
+        ExitWatch::Poll => {
+            tokio::time::sleep(POLL_INTERVAL).await;
+            false
         }
-        ExitWatch::Poll => tokio::time::sleep(POLL_INTERVAL).await,
     }
 }
 
@@ -557,30 +560,38 @@ struct LineSplitter {
 
 impl LineSplitter {
     /// Feeds bytes; returns the lines they complete.
-    fn push(&mut self, mut data: &[u8]) -> Vec<String> {
+    fn push(&mut self, data: &[u8]) -> Vec<String> {
+        // Validate the whole read once (the common case: all of it is UTF-8) instead of per
+        // line; lines inside the valid prefix are then copied without another check.
+        let text = match std::str::from_utf8(data) {
+            Ok(text) => text,
+            Err(error) => std::str::from_utf8(&data[..error.valid_up_to()]).unwrap_or(""),
+        };
+        // Sized up front: growing it would reallocate a large block several times per read.
         let mut out = Vec::new();
-        while let Some(i) = data.iter().position(|&b| b == b'\n' || b == b'\r') {
-            let (segment, is_cr) = (&data[..i], data[i] == b'\r');
-            data = &data[i + 1..];
+        let mut start = 0;
+        for end in memchr::memchr2_iter(b'\n', b'\r', data) {
+            let (segment, is_cr) = (start..end, data[end] == b'\r');
+            start = end + 1;
             let empty = segment.is_empty() && self.partial.is_empty();
             if is_cr {
                 if empty {
                     self.after_cr = Some(false);
                 } else {
-                    self.emit(segment, &mut out);
+                    self.emit(data, text, segment, &mut out);
                     self.after_cr = Some(true);
                 }
             } else {
                 let rest_of_crlf = empty && self.after_cr == Some(true);
                 if !rest_of_crlf {
-                    self.emit(segment, &mut out);
+                    self.emit(data, text, segment, &mut out);
                 }
                 self.after_cr = None;
             }
         }
-        if !data.is_empty() {
+        if start < data.len() {
             self.after_cr = None;
-            self.partial.extend_from_slice(data);
+            self.partial.extend_from_slice(&data[start..]);
             self.cut_long(&mut out);
         }
         out
@@ -596,13 +607,24 @@ impl LineSplitter {
         Some(line)
     }
 
-    /// Emits `partial + segment` as one line (or several, if too long).
-    fn emit(&mut self, segment: &[u8], out: &mut Vec<String>) {
+    /// Emits `partial + data[segment]` as one line (or several, if too long). `text` is the
+    /// valid UTF-8 prefix of `data`.
+    fn emit(
+        &mut self,
+        data: &[u8],
+        text: &str,
+        segment: std::ops::Range<usize>,
+        out: &mut Vec<String>,
+    ) {
         if self.partial.is_empty() && segment.len() <= MAX_LINE {
-            out.push(decode(segment));
+            // Breaks are ASCII, so a segment inside the valid prefix is on char boundaries.
+            out.push(match text.get(segment.clone()) {
+                Some(line) => line.to_owned(),
+                None => decode(&data[segment]),
+            });
             return;
         }
-        self.partial.extend_from_slice(segment);
+        self.partial.extend_from_slice(&data[segment]);
         self.cut_long(out);
         out.push(decode(&self.partial));
         self.partial.clear();
@@ -734,24 +756,4 @@ mod tests {
         assert!(ExitOutcome::Exited(0).success());
         assert!(!ExitOutcome::Signaled(15).success());
     }
-}
-
-pub fn bench_split() {
-    let chunk: Vec<u8> = (0..10000)
-        .flat_map(|i| format!("{i:08} some log text\n").into_bytes())
-        .collect();
-    let t = std::time::Instant::now();
-    let mut s = LineSplitter::default();
-    let mut n = 0;
-    for _ in 0..1000 {
-        for c in chunk.chunks(65536) {
-            let v = s.push(c);
-            n += v.len();
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    println!(
-        "split only: {n} lines {:.1} MB/s",
-        chunk.len() as f64 * 1000.0 / secs / 1e6
-    );
 }

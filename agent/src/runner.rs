@@ -40,6 +40,8 @@ const PASSED_ENV: &[&str] = &[
 /// Shared services every runner uses.
 pub struct Services {
     pub agent_name: String,
+    /// `name@data_dir`: marks this agent's job processes (see `process`).
+    pub identity: String,
     pub jobs_dir: PathBuf,
     pub checkouts: CheckoutCache,
     pub envs: EnvBuilder,
@@ -153,7 +155,7 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
             cwd: src.clone(),
             env,
             marker: format!("{}/{}", a.job_id, a.attempt),
-            agent_name: svc.agent_name.clone(),
+            agent_name: svc.identity.clone(),
         },
         tx,
     );

@@ -8,14 +8,12 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Largest chunk sent in one message.
 pub const MAX_CHUNK: usize = 1 << 20;
-/// Lines longer than this are split by the capture; a chunk always holds at least one line.
-const READ_SLACK: usize = 128 << 10;
 
 pub struct Spool {
     path: PathBuf,
@@ -115,6 +113,7 @@ impl Spool {
 
     /// Reads up to about `MAX_CHUNK` bytes of lines from `from_seq` on; `None` when there are none.
     pub fn read(&self, from_seq: u64) -> io::Result<Option<Chunk>> {
+        // The chunk is read outside the lock: lines below `end_byte` are never rewritten.
         let (mut file, mark, end_seq, end_byte) = {
             let st = self.state.lock().unwrap();
             if from_seq >= st.lines {
@@ -135,45 +134,47 @@ impl Spool {
             (st.file.try_clone()?, mark, st.lines, st.bytes)
         };
         file.seek(SeekFrom::Start(mark.1))?;
-        let want = (end_byte - mark.1).min((MAX_CHUNK + READ_SLACK) as u64) as usize;
-        let mut buf = vec![0u8; want];
-        file.read_exact(&mut buf)?;
+        let mut r = BufReader::with_capacity(256 << 10, file.take(end_byte - mark.1));
+        let mut line = Vec::new();
         // Skip the lines of the batch before `from_seq`.
-        let mut start = 0usize;
-        let mut seq = mark.0;
-        while seq < from_seq {
-            match buf[start..].iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    start += i + 1;
-                    seq += 1;
-                }
-                None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "spool shorter than its line count",
-                    ));
-                }
+        for _ in mark.0..from_seq {
+            line.clear();
+            if r.read_until(b'\n', &mut line)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "spool shorter than its line count",
+                ));
             }
         }
         // Take whole lines up to MAX_CHUNK bytes (at least one).
-        let mut end = start;
+        let mut data = Vec::with_capacity(MAX_CHUNK.min((end_byte - mark.1) as usize));
         let mut count = 0u32;
-        while seq + (count as u64) < end_seq {
-            match buf[end..].iter().position(|&b| b == b'\n') {
-                Some(i) if count == 0 || end + i + 1 - start <= MAX_CHUNK => {
-                    end += i + 1;
-                    count += 1;
+        while from_seq + (count as u64) < end_seq {
+            let buf = r.fill_buf()?;
+            let Some(i) = memchr::memchr(b'\n', buf) else {
+                // A line spanning the buffer: read it whole.
+                line.clear();
+                r.read_until(b'\n', &mut line)?;
+                if count > 0 && data.len() + line.len() > MAX_CHUNK {
+                    break;
                 }
-                _ => break,
+                data.extend_from_slice(&line);
+                count += 1;
+                continue;
+            };
+            if count > 0 && data.len() + i + 1 > MAX_CHUNK {
+                break;
             }
+            data.extend_from_slice(&buf[..=i]);
+            r.consume(i + 1);
+            count += 1;
         }
         if count == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "spool line longer than a chunk",
+                "spool has no line at the expected place",
             ));
         }
-        let mut data = buf[start..end].to_vec();
         data.pop();
         Ok(Some(Chunk {
             first_seq: from_seq,

@@ -225,7 +225,7 @@ impl Store for EtcdStore {
             Precondition::Version(v) => {
                 // No etcd revision is that large, so nothing can match it.
                 let v = i64::try_from(v).map_err(|_| conflict())?;
-                Compare::mod_revision(full.clone(), CompareOp::NotEqual, v)
+                Compare::mod_revision(full.clone(), CompareOp::Equal, v)
             }
         };
         let txn = Txn::new()
@@ -256,7 +256,7 @@ impl Store for EtcdStore {
     fn watch(&self, prefix: &str) -> WatchStream {
         // Start right after the last revision this handle saw: nothing later is missed, even
         // though the etcd watch itself is only created when the stream is first polled.
-        let start = 0u64;
+        let start = self.seen.load(Ordering::Relaxed) + 1;
         let mut client = self.client.clone();
         let full = self.full_key(prefix);
         let namespace = self.prefix.clone();

@@ -71,7 +71,10 @@ fn open_blocking(path: PathBuf, watch_buffer: usize) -> Result<FileStore, StoreE
     }
     let db = match Database::create(&path) {
         Ok(db) => db,
-        Err(DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse { path }),
+        // LockProtocolMismatch: open in another process running a different redb version.
+        Err(DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch) => {
+            return Err(StoreError::InUse { path });
+        }
         Err(e) => return Err(open_err(e.into())),
     };
     // Create both tables so that readers never meet a missing one.
