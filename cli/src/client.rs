@@ -273,17 +273,23 @@ impl ApiClient {
 
     /// `GET /api/v1/jobs/{id}/logs`: the body's chunks as they arrive. With `follow` the body
     /// lasts until the job is terminal (or the connection breaks).
+    /// The job's log. `from`: an attempt and a byte offset into its log; the stream then ends
+    /// when that attempt is over.
     pub async fn logs(
         &self,
         id: &str,
         follow: bool,
+        from: Option<(u32, u64)>,
     ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
         let url = self.url(&["api", "v1", "jobs", id, "logs"]);
-        let query = if follow {
-            vec![("follow", "true".to_string())]
-        } else {
-            Vec::new()
-        };
+        let mut query = Vec::new();
+        if follow {
+            query.push(("follow", "true".to_string()));
+        }
+        if let Some((attempt, offset)) = from {
+            query.push(("attempt", attempt.to_string()));
+            query.push(("offset", offset.to_string()));
+        }
         let resp = self
             .send(Method::GET, url.clone(), &query, None, true)
             .await?;

@@ -97,6 +97,9 @@ fn job(id: &str, status: JobStatus) -> Job {
     .unwrap();
     let mut j = Job::new(id.into(), spec, Timestamp::now());
     j.status = status;
+    if status != JobStatus::Pending {
+        j.attempt = 1;
+    }
     j
 }
 
@@ -385,10 +388,14 @@ async fn logs_follow_prints_chunks_as_they_arrive() {
     assert!(status.success());
     assert_eq!(text(&got), "epoch 1 loss 0.5\nepoch 2 \"loss\" 0.25\n");
     let seen = mock.seen();
-    assert_eq!(seen[0].path, "/api/v1/jobs/01LOGS/logs");
-    assert_eq!(seen[0].query.as_deref(), Some("follow=true"));
+    assert_eq!(seen[0].path, "/api/v1/jobs/01LOGS", "looks up the attempt");
+    assert_eq!(seen[1].path, "/api/v1/jobs/01LOGS/logs");
     assert_eq!(
-        seen[1].path, "/api/v1/jobs/01LOGS",
+        seen[1].query.as_deref(),
+        Some("follow=true&attempt=1&offset=0")
+    );
+    assert_eq!(
+        seen[2].path, "/api/v1/jobs/01LOGS",
         "checks the job is terminal"
     );
 }
@@ -599,43 +606,48 @@ async fn a_refused_connection_names_the_url_and_the_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_follow_resumes_without_duplicates_after_a_cut() {
+    use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let log_calls = Arc::new(AtomicUsize::new(0));
     let job_calls = Arc::new(AtomicUsize::new(0));
     let router = Router::new()
         .route(
             "/api/v1/jobs/{id}/logs",
-            get(move || {
-                let n = log_calls.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    let chunks: Vec<Result<Bytes, std::io::Error>> = match n {
-                        // Cut mid-stream: the body ends with an error (connection reset).
-                        0 => vec![
-                            Ok(Bytes::from("a\nb")),
-                            Ok(Bytes::from("\n")),
-                            Err(std::io::Error::other("cut")),
-                        ],
-                        // Ends cleanly while the job still runs.
-                        1 => vec![Ok(Bytes::from("a\nb\nc\n"))],
-                        _ => vec![Ok(Bytes::from("a\nb\nc\nd\n"))],
-                    };
-                    // Let the first chunks go out before the cut.
-                    let paced =
-                        futures::StreamExt::then(futures::stream::iter(chunks), |c| async {
-                            if c.is_err() {
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
-                            c
-                        });
-                    Body::from_stream(paced)
-                }
-            }),
+            get(
+                move |axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>| {
+                    let n = log_calls.fetch_add(1, Ordering::SeqCst);
+                    let offset: usize = q["offset"].parse().unwrap();
+                    async move {
+                        let full = "a\nb\nc\nd\n";
+                        let chunks: Vec<Result<Bytes, std::io::Error>> = match n {
+                            // Cut mid-stream: the body ends with an error (connection reset).
+                            0 => vec![
+                                Ok(Bytes::from("a\nb")),
+                                Ok(Bytes::from("\n")),
+                                Err(std::io::Error::other("cut")),
+                            ],
+                            // Ends cleanly while the job still runs.
+                            1 => vec![Ok(Bytes::from(&full[offset..6]))],
+                            _ => vec![Ok(Bytes::from(&full[offset..]))],
+                        };
+                        // Let the first chunks go out before the cut.
+                        let paced =
+                            futures::StreamExt::then(futures::stream::iter(chunks), |c| async {
+                                if c.is_err() {
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                                c
+                            });
+                        Body::from_stream(paced)
+                    }
+                },
+            ),
         )
         .route(
             "/api/v1/jobs/{id}",
             get(move || {
                 let n = job_calls.fetch_add(1, Ordering::SeqCst);
-                let status = if n == 0 {
+                let status = if n < 2 {
                     JobStatus::Running
                 } else {
                     JobStatus::Succeeded
@@ -657,15 +669,20 @@ async fn logs_follow_resumes_without_duplicates_after_a_cut() {
     .await;
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "a\nb\nc\nd\n");
-    let paths: Vec<String> = mock.seen().iter().map(|s| s.path.clone()).collect();
+    let requests: Vec<String> = mock
+        .seen()
+        .iter()
+        .map(|s| format!("{}?{}", s.path, s.query.clone().unwrap_or_default()))
+        .collect();
     assert_eq!(
-        paths,
+        requests,
         [
-            "/api/v1/jobs/01CUT/logs",
-            "/api/v1/jobs/01CUT/logs",
-            "/api/v1/jobs/01CUT",
-            "/api/v1/jobs/01CUT/logs",
-            "/api/v1/jobs/01CUT",
+            "/api/v1/jobs/01CUT?",
+            "/api/v1/jobs/01CUT/logs?follow=true&attempt=1&offset=0",
+            "/api/v1/jobs/01CUT/logs?follow=true&attempt=1&offset=4",
+            "/api/v1/jobs/01CUT?",
+            "/api/v1/jobs/01CUT/logs?follow=true&attempt=1&offset=6",
+            "/api/v1/jobs/01CUT?",
         ]
     );
 }

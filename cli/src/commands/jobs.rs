@@ -16,6 +16,8 @@ use crate::args::{ClientArgs, JobArgs, LogsArgs, LsArgs};
 use crate::client::{ApiClient, ClientError};
 use crate::output;
 
+/// How often a pending job is polled for its first attempt.
+const PENDING_POLL: Duration = Duration::from_millis(250);
 /// First wait before reconnecting a log stream; doubles up to `RECONNECT_MAX`.
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -105,7 +107,7 @@ pub async fn logs(args: LogsArgs) -> Result<u8, CommandError> {
         follow_logs(&client, &args.id).await?;
         return Ok(0);
     }
-    let mut stream = pin!(client.logs(&args.id, false).await?);
+    let mut stream = pin!(client.logs(&args.id, false, None).await?);
     while let Some(chunk) = stream.next().await {
         output::write_stdout(&chunk?).map_err(CommandError::Stdout)?;
     }
@@ -113,20 +115,63 @@ pub async fn logs(args: LogsArgs) -> Result<u8, CommandError> {
 }
 
 /// Streams the job's logs to stdout until the job is terminal; returns the terminal job.
+///
+/// Follows one attempt at a time by attempt number and byte offset, so a reconnect (controller
+/// restart, network cut) resumes exactly where it broke: no line lost, none printed twice. When
+/// the job moves on to a new attempt (its agent was lost, or a retry), a note goes to stderr and
+/// the new attempt's log follows.
 pub async fn follow_logs(client: &ApiClient, id: &str) -> Result<Job, CommandError> {
-    let mut written: usize = 0;
     let mut backoff = RECONNECT_MIN;
     let mut last_contact = Instant::now();
     let mut ever_connected = false;
+    // (attempt, bytes of its log already printed); None until the job has an attempt.
+    let mut pos: Option<(u32, u64)> = None;
     loop {
-        match follow_once(client, id, &mut written).await {
+        let step = match pos {
+            None => match client.job(id).await {
+                Ok(reply) if reply.value.attempt > 0 => {
+                    pos = Some((reply.value.attempt, 0));
+                    ever_connected = true;
+                    continue;
+                }
+                Ok(reply) if reply.value.status.is_terminal() => return Ok(reply.value),
+                Ok(_) => {
+                    ever_connected = true;
+                    last_contact = Instant::now();
+                    tokio::time::sleep(PENDING_POLL).await;
+                    continue;
+                }
+                Err(e) if is_transient(&e) => Err(FollowError::Transient {
+                    cause: e,
+                    progressed: false,
+                }),
+                Err(e) => return Err(e.into()),
+            },
+            Some((attempt, ref mut offset)) => follow_once(client, id, attempt, offset).await,
+        };
+        match step {
             Ok(()) => {
                 last_contact = Instant::now();
                 ever_connected = true;
-                // The stream ended cleanly: done if the job is, else the stream was cut short.
+                // The attempt's stream ended cleanly: done if the job is, else move on.
                 match client.job(id).await {
-                    Ok(reply) if reply.value.status.is_terminal() => return Ok(reply.value),
-                    Ok(_) => backoff = RECONNECT_MIN,
+                    Ok(reply) => {
+                        let job = reply.value;
+                        let current = pos.map_or(0, |p| p.0);
+                        if job.attempt > current {
+                            eprintln!(
+                                "── attempt {} of job {id} ({}) ──",
+                                job.attempt,
+                                job.reason.as_deref().unwrap_or("placed again")
+                            );
+                            pos = Some((job.attempt, 0));
+                            continue;
+                        }
+                        if job.status.is_terminal() {
+                            return Ok(job);
+                        }
+                        backoff = RECONNECT_MIN;
+                    }
                     Err(e) if is_transient(&e) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -165,32 +210,34 @@ enum FollowError {
     Fatal(CommandError),
 }
 
-/// One `?follow=true` request; skips the first `written` bytes (already printed).
-async fn follow_once(client: &ApiClient, id: &str, written: &mut usize) -> Result<(), FollowError> {
-    let stream = client.logs(id, true).await.map_err(|e| {
-        if is_transient(&e) {
-            FollowError::Transient {
-                cause: e,
-                progressed: false,
+/// One `?follow=true` request for one attempt from byte `offset`; advances `offset`.
+async fn follow_once(
+    client: &ApiClient,
+    id: &str,
+    attempt: u32,
+    offset: &mut u64,
+) -> Result<(), FollowError> {
+    let stream = client
+        .logs(id, true, Some((attempt, *offset)))
+        .await
+        .map_err(|e| {
+            if is_transient(&e) {
+                FollowError::Transient {
+                    cause: e,
+                    progressed: false,
+                }
+            } else {
+                FollowError::Fatal(e.into())
             }
-        } else {
-            FollowError::Fatal(e.into())
-        }
-    })?;
+        })?;
     let mut stream = pin!(stream);
-    let mut seen: usize = 0;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|cause| FollowError::Transient {
             cause,
             progressed: true,
         })?;
-        let start = (*written).saturating_sub(seen).min(chunk.len());
-        seen += chunk.len();
-        if start < chunk.len() {
-            output::write_stdout(&chunk[start..])
-                .map_err(|e| FollowError::Fatal(CommandError::Stdout(e)))?;
-            *written += chunk.len() - start;
-        }
+        output::write_stdout(&chunk).map_err(|e| FollowError::Fatal(CommandError::Stdout(e)))?;
+        *offset += chunk.len() as u64;
     }
     Ok(())
 }
