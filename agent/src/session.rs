@@ -310,7 +310,7 @@ impl SessionLoop {
             return; // already held: assignments are idempotent
         };
         info!(job = %a.job_id, attempt = a.attempt, repo = %spec.repo, script = %spec.script, gpus = ?a.gpus, "assignment accepted");
-        let span = info_span!("job", job = %a.job_id, attempt = a.attempt);
+        let span = info_span!(parent: None, "job", job = %a.job_id, attempt = a.attempt);
         tokio::spawn(run_attempt(self.svc.clone(), attempt, spec).instrument(span));
     }
 
