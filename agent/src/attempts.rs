@@ -1,6 +1,6 @@
 //! The attempts this agent holds: running, or finished and not yet released by the controller.
 //!
-//! Each attempt has its log spool, its latest status (with a version so sessions know what they
+//! Each attempt has its log and report spools, its latest status (with a version so sessions know what they
 //! have sent), and a stop channel to its runner. A change to any attempt wakes the session pump.
 
 use std::collections::BTreeMap;
@@ -24,7 +24,10 @@ pub type Key = (String, u32);
 pub struct Attempt {
     pub job_id: String,
     pub attempt: u32,
+    /// What the script printed.
     pub spool: Spool,
+    /// Report lines (progress, metrics, checkpoints, environment) as JSON.
+    pub reports: Spool,
     status: Mutex<(v1::StatusUpdate, u64)>,
     pub stop: watch::Sender<Option<StopRequest>>,
     /// GPU indices the attempt holds.
@@ -32,6 +35,19 @@ pub struct Attempt {
 }
 
 impl Attempt {
+    /// The spool of a stream.
+    pub fn stream(&self, stream: v1::Stream) -> &Spool {
+        match stream {
+            v1::Stream::Log => &self.spool,
+            v1::Stream::Report => &self.reports,
+        }
+    }
+
+    /// Every line of both streams has been acknowledged.
+    pub fn all_acked(&self) -> bool {
+        self.spool.acked() >= self.spool.lines() && self.reports.acked() >= self.reports.lines()
+    }
+
     pub fn status(&self) -> (v1::StatusUpdate, u64) {
         self.status.lock().unwrap().clone()
     }
@@ -63,6 +79,7 @@ impl Attempts {
         job_id: &str,
         attempt: u32,
         spool: Spool,
+        reports: Spool,
         gpus: Vec<u32>,
     ) -> Option<Arc<Attempt>> {
         let mut map = self.inner.map.lock().unwrap();
@@ -80,6 +97,7 @@ impl Attempts {
             job_id: job_id.to_string(),
             attempt,
             spool,
+            reports,
             status: Mutex::new((status, 1)),
             stop: watch::channel(None).0,
             gpus,
@@ -129,6 +147,7 @@ impl Attempts {
         match map.get(&key) {
             Some(a) if a.is_terminal() => {
                 a.spool.remove();
+                a.reports.remove();
                 map.remove(&key);
                 true
             }

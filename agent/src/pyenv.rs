@@ -239,6 +239,41 @@ impl EnvBuilder {
         Ok(venv_python)
     }
 
+    /// The pinned package set of an environment `prepare` returned (`name==version` lines).
+    pub async fn freeze(&self, python: &Path, job_dir: &Path) -> Result<Vec<String>, EnvError> {
+        let mut cmd = match &self.uv {
+            Some(uv) => {
+                let mut c = self.uv_command(uv, job_dir);
+                c.args(["pip", "freeze", "--python"]).arg(python);
+                c
+            }
+            None => {
+                let mut c = Command::new(python);
+                c.args(["-m", "pip", "freeze", "--all"]).current_dir(job_dir);
+                c
+            }
+        };
+        let program = cmd.as_std().get_program().into();
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|source| EnvError::Spawn { program, source })?;
+        if !out.status.success() {
+            return Err(EnvError::Install {
+                installer: self.installer(),
+                status: out.status.to_string(),
+                output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect())
+    }
+
     fn uv_command(&self, uv: &Path, job_dir: &Path) -> Command {
         let mut cmd = Command::new(uv);
         cmd.current_dir(job_dir)

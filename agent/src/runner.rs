@@ -22,6 +22,11 @@ use crate::checkout::{CheckoutCache, CheckoutError, resolve_script_at};
 use crate::process::{ExitOutcome, JobProcess, ProcessSpec};
 use crate::pyenv::EnvBuilder;
 
+/// How often the job's report file is read.
+const REPORT_POLL: Duration = Duration::from_millis(100);
+/// Longer report lines are dropped (a report is a small JSON object).
+const MAX_REPORT_LINE: usize = 64 << 10;
+
 /// Environment variables passed from the agent to jobs; everything else (tokens included) stays out.
 const PASSED_ENV: &[&str] = &[
     "PATH",
@@ -80,6 +85,7 @@ pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
     let dir = svc.jobs_dir.join(format!("{}-{}", a.job_id, a.attempt));
     let end = execute(&svc, &a, &spec, &dir).await;
     let lines = a.spool.lines();
+    let report_lines = a.reports.lines();
     info!(job = %a.job_id, attempt = a.attempt, state = ?end.state, exit_code = ?end.exit_code, reason = %end.reason, lines, "attempt ended");
     svc.attempts.set_status(&a, |s| {
         s.state = end.state as i32;
@@ -90,6 +96,7 @@ pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
             .map(|f| f.as_str().to_string())
             .unwrap_or_default();
         s.log_lines = lines;
+        s.report_lines = report_lines;
     });
     if let Err(error) = tokio::fs::remove_dir_all(&dir).await
         && error.kind() != std::io::ErrorKind::NotFound
@@ -125,6 +132,7 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
         Ok(p) => p,
         Err(end) => return end,
     };
+    let report_file = dir.join("report.jsonl");
 
     let mut env: Vec<(String, String)> = PASSED_ENV
         .iter()
@@ -141,6 +149,7 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     let visible: Vec<String> = a.gpus.iter().map(u32::to_string).collect();
     env.push(("CUDA_VISIBLE_DEVICES".into(), visible.join(",")));
+    env.push(("RUNYARD_REPORT_FILE".into(), report_file.display().to_string()));
     env.push(("RUNYARD_JOB_ID".into(), a.job_id.clone()));
     env.push(("RUNYARD_ATTEMPT_NUMBER".into(), a.attempt.to_string()));
 
@@ -148,6 +157,8 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
     args.extend(spec.args.iter().cloned());
     let (tx, rx) = mpsc::channel::<Vec<String>>(256);
     let writer = tokio::spawn(write_lines(svc.attempts.clone(), a.clone(), rx));
+    let tail_done = tokio_util::sync::CancellationToken::new();
+    let tailer = tokio::spawn(tail_reports(report_file, svc.attempts.clone(), a.clone(), tail_done.clone()));
     let spawned = JobProcess::spawn(
         ProcessSpec {
             program: python.clone(),
@@ -193,7 +204,48 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
     if let Err(e) = writer.await {
         warn!(job = %a.job_id, error = %e, "log writer failed");
     }
+    tail_done.cancel();
+    let _ = tailer.await;
     end
+}
+
+/// Copies complete JSON lines the job appends to its report file into the report spool, until
+/// `done`, then once more to the end of the file.
+async fn tail_reports(path: PathBuf, attempts: Attempts, a: Arc<Attempt>, done: tokio_util::sync::CancellationToken) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut offset = 0u64;
+    let mut partial: Vec<u8> = Vec::new();
+    loop {
+        let last = done.is_cancelled();
+        if let Ok(mut f) = tokio::fs::File::open(&path).await
+            && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok()
+        {
+            let mut buf = Vec::new();
+            if let Ok(n) = f.read_to_end(&mut buf).await {
+                offset += n as u64;
+                partial.extend_from_slice(&buf);
+                if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
+                    let lines: Vec<String> = partial[..end]
+                        .split(|&b| b == b'\n')
+                        .map(|l| String::from_utf8_lossy(l).trim().to_string())
+                        .filter(|l| !l.is_empty() && l.len() <= MAX_REPORT_LINE)
+                        .collect();
+                    partial.drain(..=end);
+                    if let Err(error) = a.reports.append(&lines) {
+                        warn!(job = %a.job_id, %error, "cannot spool report lines");
+                    }
+                    attempts.wake();
+                }
+            }
+        }
+        if last {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REPORT_POLL) => {}
+            _ = done.cancelled() => {}
+        }
+    }
 }
 
 async fn sleep_max(d: Duration) {

@@ -183,6 +183,7 @@ impl SessionLoop {
                     job_id: a.job_id.clone(),
                     attempt: a.attempt,
                     log_lines: a.spool.lines(),
+                    report_lines: a.reports.lines(),
                     status: Some(status),
                 }
             })
@@ -242,7 +243,7 @@ impl SessionLoop {
             }
             Some(In::LogAck(ack)) => {
                 if let Some(a) = attempts.get(&ack.job_id, ack.attempt) {
-                    a.spool.ack(ack.next_seq);
+                    a.stream(ack.stream()).ack(ack.next_seq);
                     attempts.wake();
                 }
             }
@@ -289,7 +290,9 @@ impl SessionLoop {
             .join("spool")
             .join(&a.job_id)
             .join(format!("{}.log", a.attempt));
-        let spool = match crate::spool::Spool::create(spool_path) {
+        let spools = crate::spool::Spool::create(&spool_path)
+            .and_then(|log| Ok((log, crate::spool::Spool::create(spool_path.with_extension("reports"))?)));
+        let (spool, reports) = match spools {
             Ok(s) => s,
             Err(e) => {
                 return self
@@ -305,7 +308,7 @@ impl SessionLoop {
         let Some(attempt) = self
             .svc
             .attempts
-            .insert(&a.job_id, a.attempt, spool, a.gpus.clone())
+            .insert(&a.job_id, a.attempt, spool, reports, a.gpus.clone())
         else {
             return; // already held: assignments are idempotent
         };
@@ -346,8 +349,8 @@ async fn pump(
     heartbeat: Duration,
     cancel: CancellationToken,
 ) {
-    // Per attempt: next line to send, and the status version sent.
-    let mut sent: HashMap<(String, u32), (u64, u64)> = HashMap::new();
+    // Per attempt: next line to send of each stream, and the status version sent.
+    let mut sent: HashMap<(String, u32), ([u64; 2], u64)> = HashMap::new();
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -358,39 +361,42 @@ async fn pump(
         let mut progressed = false;
         for a in svc.attempts.all() {
             let key = (a.job_id.clone(), a.attempt);
-            let entry = sent.entry(key).or_insert((a.spool.acked(), 0));
-            // A few chunks per attempt per round, so one chatty job cannot starve the others;
-            // the bounded channel limits what is in flight.
-            entry.0 = entry.0.max(a.spool.acked());
-            let mut chunks = 0;
-            while chunks < 4 {
-                match a.spool.read(entry.0) {
-                    Ok(Some(c)) => {
-                        let next = c.first_seq + c.count as u64;
-                        let m = v1::LogChunk {
-                            job_id: a.job_id.clone(),
-                            attempt: a.attempt,
-                            first_seq: c.first_seq,
-                            count: c.count,
-                            data: c.data.into(),
-                        };
-                        if tx.send(msg(Out::Logs(m))).await.is_err() {
-                            return;
+            let entry = sent.entry(key).or_insert(([0, 0], 0));
+            let mut all_sent = true;
+            for (i, stream) in [v1::Stream::Log, v1::Stream::Report].into_iter().enumerate() {
+                let spool = a.stream(stream);
+                let next = &mut entry.0[i];
+                *next = (*next).max(spool.acked());
+                // A few chunks per attempt per round, so one chatty job cannot starve the
+                // others; the bounded channel limits what is in flight.
+                for _ in 0..4 {
+                    match spool.read(*next) {
+                        Ok(Some(c)) => {
+                            let m = v1::LogChunk {
+                                job_id: a.job_id.clone(),
+                                attempt: a.attempt,
+                                first_seq: c.first_seq,
+                                count: c.count,
+                                data: c.data.into(),
+                                stream: stream as i32,
+                            };
+                            if tx.send(msg(Out::Logs(m))).await.is_err() {
+                                return;
+                            }
+                            *next = c.first_seq + c.count as u64;
+                            progressed = true;
                         }
-                        entry.0 = next;
-                        chunks += 1;
-                        progressed = true;
-                    }
-                    Ok(None) => break,
-                    Err(error) => {
-                        warn!(job = %a.job_id, %error, "cannot read the log spool");
-                        break;
+                        Ok(None) => break,
+                        Err(error) => {
+                            warn!(job = %a.job_id, %error, ?stream, "cannot read the spool");
+                            break;
+                        }
                     }
                 }
+                all_sent &= *next >= spool.lines();
             }
             let (status, version) = a.status();
-            let lines_sent = entry.0 >= a.spool.lines();
-            if version > entry.1 && (!a.is_terminal() || lines_sent) {
+            if version > entry.1 && (!a.is_terminal() || all_sent) {
                 if tx.send(msg(Out::Status(status))).await.is_err() {
                     return;
                 }
@@ -412,7 +418,7 @@ async fn pump(
                 }
                 // Terminal statuses not yet released are resent now and then.
                 for a in svc.attempts.all() {
-                    if a.is_terminal() && a.spool.acked() >= a.spool.lines()
+                    if a.is_terminal() && a.all_acked()
                         && let Some(e) = sent.get_mut(&(a.job_id.clone(), a.attempt))
                     {
                         e.1 = 0;

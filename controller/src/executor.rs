@@ -28,18 +28,29 @@ pub struct Controller {
     pub jobs: Jobs,
     pub agents: Agents,
     pub logs: LogStore,
+    /// Report lines (progress, metrics, checkpoints), stored like logs.
+    pub reports: LogStore,
     pub agent_ttl: Duration,
     kick: Arc<Notify>,
 }
 
 impl Controller {
-    pub fn new(jobs: Jobs, agents: Agents, logs: LogStore, agent_ttl: Duration) -> Controller {
+    pub fn new(jobs: Jobs, agents: Agents, logs: LogStore, reports: LogStore, agent_ttl: Duration) -> Controller {
         Controller {
+            reports,
             jobs,
             agents,
             logs,
             agent_ttl,
             kick: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The store of a line stream.
+    pub fn stream(&self, stream: v1::Stream) -> &LogStore {
+        match stream {
+            v1::Stream::Log => &self.logs,
+            v1::Stream::Report => &self.reports,
         }
     }
 

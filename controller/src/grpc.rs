@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
+use runyard_model::report::{self, Report};
 use runyard_model::{AgentInfo, FailureKind, GpuInfo, JobStatus, Timestamp};
 use runyard_proto::v1::{self, agent_message, controller_message::Msg};
 use tokio::sync::mpsc;
@@ -163,13 +164,16 @@ impl Session {
         let mut held = HashSet::new();
         for a in attempts {
             held.insert((a.job_id.clone(), a.attempt));
-            let next = self.ctl.logs.lines(&a.job_id, a.attempt).await.unwrap_or(0);
-            self.send(Msg::LogAck(v1::LogAck {
-                job_id: a.job_id.clone(),
-                attempt: a.attempt,
-                next_seq: next,
-            }))
-            .await;
+            for stream in [v1::Stream::Log, v1::Stream::Report] {
+                let next = self.ctl.stream(stream).lines(&a.job_id, a.attempt).await.unwrap_or(0);
+                self.send(Msg::LogAck(v1::LogAck {
+                    job_id: a.job_id.clone(),
+                    attempt: a.attempt,
+                    next_seq: next,
+                    stream: stream as i32,
+                }))
+                .await;
+            }
             match a.status {
                 Some(st) => self.status(st).await,
                 None => self.fence_unknown(&a.job_id, a.attempt).await,
@@ -257,26 +261,59 @@ impl Session {
     }
 
     async fn logs(&self, c: v1::LogChunk) -> Result<(), Status> {
-        let appended = self
-            .ctl
-            .logs
-            .append(&c.job_id, c.attempt, c.first_seq, c.count, c.data)
+        let stream = c.stream();
+        let store = self.ctl.stream(stream);
+        let before = store.lines(&c.job_id, c.attempt).await.unwrap_or(0);
+        let appended = store
+            .append(&c.job_id, c.attempt, c.first_seq, c.count, c.data.clone())
             .await
             .map_err(|e| {
-                warn!(job = %c.job_id, attempt = c.attempt, error = %e, "cannot persist log lines");
+                warn!(job = %c.job_id, attempt = c.attempt, error = %e, ?stream, "cannot persist lines");
                 Status::unavailable("controller cannot persist log lines; retry")
             })?;
         let next_seq = match appended {
             Appended::Through(n) => n,
             Appended::Gap(n) => {
-                warn!(job = %c.job_id, attempt = c.attempt, have = n, got = c.first_seq, "log gap; asking the agent to resend");
+                warn!(job = %c.job_id, attempt = c.attempt, have = n, got = c.first_seq, ?stream, "gap; asking the agent to resend");
                 n
             }
         };
+        if stream == v1::Stream::Report && next_seq > before {
+            // Fold the new report lines into the job's summary.
+            let skip = (before - c.first_seq) as usize;
+            let reports: Vec<Report> = c
+                .data
+                .split(|&b| b == b'\n')
+                .skip(skip)
+                .filter_map(|l| Report::parse(&String::from_utf8_lossy(l)))
+                .collect();
+            if !reports.is_empty() {
+                let attempt = c.attempt;
+                let updated = self
+                    .ctl
+                    .jobs
+                    .update(&c.job_id, |j| {
+                        if j.attempt != attempt {
+                            return None;
+                        }
+                        let mut n = j.clone();
+                        for r in &reports {
+                            report::apply(&mut n, r);
+                        }
+                        n.updated_at = Timestamp::now();
+                        Some((n, ()))
+                    })
+                    .await;
+                if let Err(error) = updated {
+                    warn!(job = %c.job_id, %error, "cannot record reports");
+                }
+            }
+        }
         self.send(Msg::LogAck(v1::LogAck {
             job_id: c.job_id,
             attempt: c.attempt,
             next_seq,
+            stream: stream as i32,
         }))
         .await;
         Ok(())
@@ -294,9 +331,10 @@ impl Session {
                 .lines(&st.job_id, st.attempt)
                 .await
                 .unwrap_or(0);
-            if have < st.log_lines {
+            let reports = self.ctl.reports.lines(&st.job_id, st.attempt).await.unwrap_or(0);
+            if have < st.log_lines || reports < st.report_lines {
                 // Not all lines are here yet: the agent resends the status after the lines.
-                warn!(job = %st.job_id, attempt = st.attempt, have, want = st.log_lines, "terminal status before its logs; waiting");
+                warn!(job = %st.job_id, attempt = st.attempt, have, want = st.log_lines, reports, "terminal status before its lines; waiting");
                 return;
             }
         }

@@ -94,10 +94,11 @@ pub async fn run(
     };
     let tokens = ensure_tokens(&config.data_dir).map_err(data_err)?;
     let log_store = logs::LogStore::open(config.data_dir.join("logs")).map_err(data_err)?;
+    let report_store = logs::LogStore::open(config.data_dir.join("reports")).map_err(data_err)?;
     let store = store::open(&config.store, &config.data_dir).await?;
     let jobs = jobs::Jobs::load(store.clone()).await?;
     let agents = agents::Agents::load(store.clone(), Timestamp::now()).await?;
-    let ctl = Controller::new(jobs, agents, log_store, config.agent_ttl);
+    let ctl = Controller::new(jobs, agents, log_store, report_store, config.agent_ttl);
     info!(
         store = store.kind(),
         jobs = ctl.jobs.all().len(),

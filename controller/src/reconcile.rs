@@ -176,6 +176,12 @@ pub fn apply(job: &Job, action: &Action, now: Timestamp) -> Option<Job> {
             j.scheduled_at = Some(now);
             j.started_at = None;
             j.finished_at = None;
+            // A new attempt reports afresh.
+            j.progress = None;
+            j.metrics.clear();
+            j.best = None;
+            j.best_callback = None;
+            j.environment = None;
         }
         Action::Wait { reason, .. } => {
             if job.status != JobStatus::Pending {

@@ -10,10 +10,12 @@
 //! Each placement is an *attempt* with a number; an agent holding an older attempt is told to
 //! stop it (fencing).
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::report::{Best, Environment, Progress};
 use crate::spec::JobSpec;
 use crate::time::Timestamp;
 
@@ -180,6 +182,21 @@ pub struct Job {
     pub scheduled_at: Option<Timestamp>,
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
+    /// Training progress of the current attempt, when the script reports it.
+    #[serde(default)]
+    pub progress: Option<Progress>,
+    /// Latest value of every reported metric.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    /// The best checkpoint (first `ModelCheckpoint` with a monitor), uploaded at the end.
+    #[serde(default)]
+    pub best: Option<Best>,
+    /// Which checkpoint callback `best` follows.
+    #[serde(default)]
+    pub best_callback: Option<u32>,
+    /// The environment the current attempt runs with (pinned packages, build time).
+    #[serde(default)]
+    pub environment: Option<Environment>,
 }
 
 impl Job {
@@ -204,6 +221,11 @@ impl Job {
             scheduled_at: None,
             started_at: None,
             finished_at: None,
+            progress: None,
+            metrics: BTreeMap::new(),
+            best: None,
+            best_callback: None,
+            environment: None,
         }
     }
 }

@@ -3,17 +3,20 @@
 //! - `compute`: what a job asks for (`cpu-small`, `gpu`, `gpu:N`).
 //! - `spec`: the job spec users submit, its parsing and validation.
 //! - `job`: a job as the controller records it, and its lifecycle states.
+//! - `report`: progress, metrics, checkpoints and environment reported by a running job.
 //! - `agent`: what an agent offers and how the controller sees it.
 //! - `time`: wall-clock timestamps as stored and shown (RFC 3339 in JSON).
 
 pub mod agent;
 pub mod compute;
 pub mod job;
+pub mod report;
 pub mod spec;
 pub mod time;
 
 pub use agent::{AgentInfo, GpuInfo};
 pub use compute::Compute;
 pub use job::{Desired, FailureKind, Job, JobStatus};
+pub use report::{Best, Environment, MetricPoint, Progress, Report};
 pub use spec::{JobSpec, ValidationError};
 pub use time::Timestamp;
