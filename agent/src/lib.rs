@@ -8,6 +8,7 @@
 //! - `checkout`: bare mirror cache and per-job working trees (git2).
 //! - `pyenv`: per-job Python environments (uv, or venv + pip).
 //! - `process`: the job's process group, line capture, stop and sweep (child subreaper).
+//! - `upload`: streams the best checkpoint to the controller's artifact store.
 //! - `gpu`: GPU detection and sampling through NVML.
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ pub mod reaper;
 pub mod runner;
 pub mod session;
 pub mod spool;
+pub mod upload;
 
 /// Validated agent configuration.
 #[derive(Clone, Debug)]
@@ -103,6 +105,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
     let gpus = Arc::new(gpus);
     let svc = Arc::new(runner::Services {
         agent_name: config.name.clone(),
+        controller: config.controller.clone(),
+        token: config.token.clone(),
         identity,
         jobs_dir,
         checkouts: checkout::CheckoutCache::new(config.data_dir.join("mirrors")),

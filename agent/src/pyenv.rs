@@ -249,7 +249,8 @@ impl EnvBuilder {
             }
             None => {
                 let mut c = Command::new(python);
-                c.args(["-m", "pip", "freeze", "--all"]).current_dir(job_dir);
+                c.args(["-m", "pip", "freeze", "--all"])
+                    .current_dir(job_dir);
                 c
             }
         };

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use runyard_model::report::{self, Best, Report};
 use runyard_model::{FailureKind, JobSpec};
 use runyard_proto::v1::AttemptState;
 use tokio::sync::mpsc;
@@ -45,6 +46,9 @@ const PASSED_ENV: &[&str] = &[
 /// Shared services every runner uses.
 pub struct Services {
     pub agent_name: String,
+    /// Controller gRPC URL and join token, for checkpoint uploads.
+    pub controller: String,
+    pub token: String,
     /// `name@data_dir`: marks this agent's job processes (see `process`).
     pub identity: String,
     pub jobs_dir: PathBuf,
@@ -83,7 +87,10 @@ impl End {
 
 pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
     let dir = svc.jobs_dir.join(format!("{}-{}", a.job_id, a.attempt));
-    let end = execute(&svc, &a, &spec, &dir).await;
+    let (end, best) = execute(&svc, &a, &spec, &dir).await;
+    if let Some(best) = best {
+        upload_best(&svc, &a, &dir, &best).await;
+    }
     let lines = a.spool.lines();
     let report_lines = a.reports.lines();
     info!(job = %a.job_id, attempt = a.attempt, state = ?end.state, exit_code = ?end.exit_code, reason = %end.reason, lines, "attempt ended");
@@ -116,7 +123,12 @@ async fn wait_stop(rx: &mut tokio::sync::watch::Receiver<Option<StopRequest>>) -
     }
 }
 
-async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -> End {
+async fn execute(
+    svc: &Services,
+    a: &Arc<Attempt>,
+    spec: &JobSpec,
+    dir: &Path,
+) -> (End, Option<Best>) {
     let mut stop_rx = a.stop.subscribe();
     let src = dir.join("src");
     // A stop while preparing cancels the fetch (token) and the installer (dropped future).
@@ -125,12 +137,12 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
         p = prepare(svc, a, spec, dir, &src, &cancel) => p,
         req = wait_stop(&mut stop_rx) => {
             cancel.cancel();
-            return End::stopped(&req);
+            return (End::stopped(&req), None);
         }
     };
     let (python, script) = match prepared {
         Ok(p) => p,
-        Err(end) => return end,
+        Err(end) => return (end, None),
     };
     let report_file = dir.join("report.jsonl");
 
@@ -149,7 +161,10 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     let visible: Vec<String> = a.gpus.iter().map(u32::to_string).collect();
     env.push(("CUDA_VISIBLE_DEVICES".into(), visible.join(",")));
-    env.push(("RUNYARD_REPORT_FILE".into(), report_file.display().to_string()));
+    env.push((
+        "RUNYARD_REPORT_FILE".into(),
+        report_file.display().to_string(),
+    ));
     env.push(("RUNYARD_JOB_ID".into(), a.job_id.clone()));
     env.push(("RUNYARD_ATTEMPT_NUMBER".into(), a.attempt.to_string()));
 
@@ -158,7 +173,13 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
     let (tx, rx) = mpsc::channel::<Vec<String>>(256);
     let writer = tokio::spawn(write_lines(svc.attempts.clone(), a.clone(), rx));
     let tail_done = tokio_util::sync::CancellationToken::new();
-    let tailer = tokio::spawn(tail_reports(report_file, svc.attempts.clone(), a.clone(), tail_done.clone()));
+    let tailer = tokio::spawn(tail_reports(
+        report_file,
+        svc.attempts.clone(),
+        a.clone(),
+        spec.clone(),
+        tail_done.clone(),
+    ));
     let spawned = JobProcess::spawn(
         ProcessSpec {
             program: python.clone(),
@@ -174,9 +195,14 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
         Ok(p) => p,
         Err(e) => {
             let _ = writer.await;
-            return End::failed(
-                FailureKind::Agent,
-                format!("cannot start {}: {e}", python.display()),
+            tail_done.cancel();
+            let _ = tailer.await;
+            return (
+                End::failed(
+                    FailureKind::Agent,
+                    format!("cannot start {}: {e}", python.display()),
+                ),
+                None,
             );
         }
     };
@@ -205,14 +231,22 @@ async fn execute(svc: &Services, a: &Arc<Attempt>, spec: &JobSpec, dir: &Path) -
         warn!(job = %a.job_id, error = %e, "log writer failed");
     }
     tail_done.cancel();
-    let _ = tailer.await;
-    end
+    let best = tailer.await.ok().flatten();
+    (end, best)
 }
 
 /// Copies complete JSON lines the job appends to its report file into the report spool, until
 /// `done`, then once more to the end of the file.
-async fn tail_reports(path: PathBuf, attempts: Attempts, a: Arc<Attempt>, done: tokio_util::sync::CancellationToken) {
+async fn tail_reports(
+    path: PathBuf,
+    attempts: Attempts,
+    a: Arc<Attempt>,
+    spec: JobSpec,
+    done: tokio_util::sync::CancellationToken,
+) -> Option<Best> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    // The same fold as the controller's, to know which checkpoint is the best one to upload.
+    let mut summary = runyard_model::Job::new(a.job_id.clone(), spec, runyard_model::Timestamp(0));
     let mut offset = 0u64;
     let mut partial: Vec<u8> = Vec::new();
     loop {
@@ -231,6 +265,11 @@ async fn tail_reports(path: PathBuf, attempts: Attempts, a: Arc<Attempt>, done: 
                         .filter(|l| !l.is_empty() && l.len() <= MAX_REPORT_LINE)
                         .collect();
                     partial.drain(..=end);
+                    for l in &lines {
+                        if let Some(r) = Report::parse(l) {
+                            report::apply(&mut summary, &r);
+                        }
+                    }
                     if let Err(error) = a.reports.append(&lines) {
                         warn!(job = %a.job_id, %error, "cannot spool report lines");
                     }
@@ -239,13 +278,53 @@ async fn tail_reports(path: PathBuf, attempts: Attempts, a: Arc<Attempt>, done: 
             }
         }
         if last {
-            return;
+            return summary.best;
         }
         tokio::select! {
             _ = tokio::time::sleep(REPORT_POLL) => {}
             _ = done.cancelled() => {}
         }
     }
+}
+
+/// Uploads the best checkpoint and reports the result; a missing file or a failed upload is
+/// reported, never fatal to the job.
+async fn upload_best(svc: &Services, a: &Attempt, dir: &Path, best: &Best) {
+    let path = Path::new(&best.path);
+    let path = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        dir.join("src").join(path)
+    };
+    let started = std::time::Instant::now();
+    let result =
+        crate::upload::upload_checkpoint(&svc.controller, &svc.token, &a.job_id, a.attempt, &path)
+            .await;
+    let report = match result {
+        Ok((size, sha256)) => {
+            info!(job = %a.job_id, path = %path.display(), size, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint uploaded");
+            Report::Artifact {
+                path: best.path.clone(),
+                size: Some(size),
+                sha256: Some(sha256),
+                error: None,
+            }
+        }
+        Err(e) => {
+            warn!(job = %a.job_id, path = %path.display(), error = %e, "checkpoint not uploaded");
+            Report::Artifact {
+                path: best.path.clone(),
+                size: None,
+                sha256: None,
+                error: Some(e.to_string()),
+            }
+        }
+    };
+    let line = serde_json::to_string(&report).expect("a report serializes");
+    if let Err(error) = a.reports.append(&[line]) {
+        warn!(job = %a.job_id, %error, "cannot spool the artifact report");
+    }
+    svc.attempts.wake();
 }
 
 async fn sleep_max(d: Duration) {
@@ -289,6 +368,7 @@ async fn prepare(
         ),
         None => None,
     };
+    let started = std::time::Instant::now();
     let python = svc
         .envs
         .prepare(dir, &spec.requirements, req_file.as_deref())
@@ -299,6 +379,36 @@ async fn prepare(
                 format!("environment build failed ({}): {e}", svc.envs.installer()),
             )
         })?;
+    let environment = if python.starts_with(dir) {
+        let packages = svc.envs.freeze(&python, dir).await.unwrap_or_else(|e| {
+            warn!(job = %a.job_id, error = %e, "cannot list the environment's packages");
+            Vec::new()
+        });
+        runyard_model::Environment {
+            installer: svc.envs.installer().into(),
+            packages,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    } else {
+        runyard_model::Environment {
+            installer: "system".into(),
+            packages: Vec::new(),
+            seconds: 0.0,
+        }
+    };
+    info!(
+        job = %a.job_id,
+        installer = %environment.installer,
+        packages = environment.packages.len(),
+        seconds = environment.seconds,
+        "environment ready"
+    );
+    let line =
+        serde_json::to_string(&Report::Environment(environment)).expect("a report serializes");
+    if let Err(error) = a.reports.append(&[line]) {
+        warn!(job = %a.job_id, %error, "cannot spool the environment report");
+    }
+    svc.attempts.wake();
     Ok((python, script))
 }
 

@@ -290,8 +290,12 @@ impl SessionLoop {
             .join("spool")
             .join(&a.job_id)
             .join(format!("{}.log", a.attempt));
-        let spools = crate::spool::Spool::create(&spool_path)
-            .and_then(|log| Ok((log, crate::spool::Spool::create(spool_path.with_extension("reports"))?)));
+        let spools = crate::spool::Spool::create(&spool_path).and_then(|log| {
+            Ok((
+                log,
+                crate::spool::Spool::create(spool_path.with_extension("reports"))?,
+            ))
+        });
         let (spool, reports) = match spools {
             Ok(s) => s,
             Err(e) => {
@@ -305,10 +309,10 @@ impl SessionLoop {
                     .await;
             }
         };
-        let Some(attempt) = self
-            .svc
-            .attempts
-            .insert(&a.job_id, a.attempt, spool, reports, a.gpus.clone())
+        let Some(attempt) =
+            self.svc
+                .attempts
+                .insert(&a.job_id, a.attempt, spool, reports, a.gpus.clone())
         else {
             return; // already held: assignments are idempotent
         };
@@ -363,7 +367,10 @@ async fn pump(
             let key = (a.job_id.clone(), a.attempt);
             let entry = sent.entry(key).or_insert(([0, 0], 0));
             let mut all_sent = true;
-            for (i, stream) in [v1::Stream::Log, v1::Stream::Report].into_iter().enumerate() {
+            for (i, stream) in [v1::Stream::Log, v1::Stream::Report]
+                .into_iter()
+                .enumerate()
+            {
                 let spool = a.stream(stream);
                 let next = &mut entry.0[i];
                 *next = (*next).max(spool.acked());

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::agents::Agents;
+use crate::artifacts::DirStore;
 use crate::jobs::{Jobs, JobsError};
 use crate::logs::LogStore;
 use crate::reconcile::{self, Action};
@@ -30,14 +31,24 @@ pub struct Controller {
     pub logs: LogStore,
     /// Report lines (progress, metrics, checkpoints), stored like logs.
     pub reports: LogStore,
+    /// Best checkpoints uploaded by agents.
+    pub artifacts: DirStore,
     pub agent_ttl: Duration,
     kick: Arc<Notify>,
 }
 
 impl Controller {
-    pub fn new(jobs: Jobs, agents: Agents, logs: LogStore, reports: LogStore, agent_ttl: Duration) -> Controller {
+    pub fn new(
+        jobs: Jobs,
+        agents: Agents,
+        logs: LogStore,
+        reports: LogStore,
+        artifacts: DirStore,
+        agent_ttl: Duration,
+    ) -> Controller {
         Controller {
             reports,
+            artifacts,
             jobs,
             agents,
             logs,

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::artifacts::ArtifactError;
 use crate::executor::{Controller, assign_message};
 use crate::logs::Appended;
 use crate::reconcile::{self, Action, AttemptState, AttemptStatus, Reply};
@@ -47,6 +48,24 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    fn check_token<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if token_eq(presented, &self.join_token) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "invalid agent join token: pass the controller's agent.token with --token-file",
+            ))
+        }
+    }
+}
+
 type Outbound =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::ControllerMessage, Status>> + Send>>;
 
@@ -54,21 +73,74 @@ type Outbound =
 impl v1::agent_service_server::AgentService for AgentService {
     type SessionStream = Outbound;
 
+    async fn upload_checkpoint(
+        &self,
+        req: Request<Streaming<v1::CheckpointChunk>>,
+    ) -> Result<Response<v1::CheckpointReceipt>, Status> {
+        self.check_token(&req)?;
+        let mut chunks = req.into_inner();
+        let header = match chunks.message().await? {
+            Some(v1::CheckpointChunk {
+                part: Some(v1::checkpoint_chunk::Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of an upload must be its header",
+                ));
+            }
+        };
+        match self.ctl.jobs.get(&header.job_id) {
+            Some(j) if header.attempt >= 1 && header.attempt <= j.attempt => {}
+            Some(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "job {} has no attempt {}",
+                    header.job_id, header.attempt
+                )));
+            }
+            None => return Err(Status::not_found(format!("no job {}", header.job_id))),
+        }
+        let to_status = |e: ArtifactError| match e {
+            ArtifactError::Io(e) => {
+                warn!(error = %e, "artifact store error");
+                Status::unavailable("the controller cannot store the artifact; retry")
+            }
+            other => Status::invalid_argument(other.to_string()),
+        };
+        let mut upload = self
+            .ctl
+            .artifacts
+            .begin(
+                &header.job_id,
+                header.attempt,
+                &header.file_name,
+                header.size,
+            )
+            .await
+            .map_err(to_status)?;
+        while let Some(chunk) = chunks.message().await? {
+            match chunk.part {
+                Some(v1::checkpoint_chunk::Part::Data(d)) => {
+                    upload.write(&d).await.map_err(to_status)?
+                }
+                Some(v1::checkpoint_chunk::Part::Sha256(sum)) => {
+                    let meta = upload.finish(&sum).await.map_err(to_status)?;
+                    info!(job = %header.job_id, attempt = header.attempt, file = %meta.file_name, size = meta.size, "checkpoint stored");
+                    return Ok(Response::new(v1::CheckpointReceipt {
+                        size: meta.size,
+                        sha256: meta.sha256,
+                    }));
+                }
+                _ => return Err(Status::invalid_argument("unexpected message in an upload")),
+            }
+        }
+        Err(Status::invalid_argument("upload ended before its sha256"))
+    }
+
     async fn session(
         &self,
         req: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Outbound>, Status> {
-        let presented = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !token_eq(presented, &self.join_token) {
-            return Err(Status::unauthenticated(
-                "invalid agent join token: pass the controller's agent.token with --token-file",
-            ));
-        }
+        self.check_token(&req)?;
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = req.into_inner();
         let first = match inbound.message().await? {
@@ -165,7 +237,12 @@ impl Session {
         for a in attempts {
             held.insert((a.job_id.clone(), a.attempt));
             for stream in [v1::Stream::Log, v1::Stream::Report] {
-                let next = self.ctl.stream(stream).lines(&a.job_id, a.attempt).await.unwrap_or(0);
+                let next = self
+                    .ctl
+                    .stream(stream)
+                    .lines(&a.job_id, a.attempt)
+                    .await
+                    .unwrap_or(0);
                 self.send(Msg::LogAck(v1::LogAck {
                     job_id: a.job_id.clone(),
                     attempt: a.attempt,
@@ -331,7 +408,12 @@ impl Session {
                 .lines(&st.job_id, st.attempt)
                 .await
                 .unwrap_or(0);
-            let reports = self.ctl.reports.lines(&st.job_id, st.attempt).await.unwrap_or(0);
+            let reports = self
+                .ctl
+                .reports
+                .lines(&st.job_id, st.attempt)
+                .await
+                .unwrap_or(0);
             if have < st.log_lines || reports < st.report_lines {
                 // Not all lines are here yet: the agent resends the status after the lines.
                 warn!(job = %st.job_id, attempt = st.attempt, have, want = st.log_lines, reports, "terminal status before its lines; waiting");

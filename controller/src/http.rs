@@ -42,6 +42,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs/{id}", get(show))
         .route("/api/v1/jobs/{id}/stop", post(stop))
         .route("/api/v1/jobs/{id}/logs", get(logs))
+        .route("/api/v1/jobs/{id}/metrics", get(metrics))
+        .route("/api/v1/jobs/{id}/checkpoint", get(checkpoint))
         .route("/api/v1/agents", get(agents))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -232,6 +234,104 @@ async fn stop(
         )),
         Some(Ok(job)) => Ok(Json(job)),
     }
+}
+
+/// The metric history of the job's current attempt, for plots.
+async fn metrics(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let job = state
+        .ctl
+        .jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    let mut text = Vec::new();
+    if job.attempt > 0 {
+        let mut offset = 0;
+        loop {
+            let (bytes, next) = state
+                .ctl
+                .reports
+                .read_from(&id, job.attempt, offset, 4 << 20)
+                .await
+                .map_err(|e| {
+                    tracing::error!(job = %id, error = %e, "cannot read reports");
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "cannot read the job's reports; retry",
+                        None,
+                    )
+                })?;
+            if bytes.is_empty() {
+                break;
+            }
+            text.extend_from_slice(&bytes);
+            offset = next;
+        }
+    }
+    let text = String::from_utf8_lossy(&text);
+    let series = runyard_model::report::series(text.lines());
+    Ok(Json(json!({"attempt": job.attempt, "series": series})))
+}
+
+/// The best checkpoint of the job's latest attempt that uploaded one, byte for byte.
+async fn checkpoint(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = state
+        .ctl
+        .jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    let mut found = None;
+    for attempt in (1..=job.attempt).rev() {
+        if let Some(f) = state.ctl.artifacts.find(&id, attempt).await {
+            found = Some(f);
+            break;
+        }
+    }
+    let Some((path, meta)) = found else {
+        let why = match &job.best {
+            Some(b) if b.upload_error.is_some() => format!(
+                "job `{id}` has no checkpoint: its upload failed ({})",
+                b.upload_error.as_deref().unwrap_or("")
+            ),
+            Some(_) if !job.status.is_terminal() => {
+                format!("job `{id}` has no checkpoint yet: it is uploaded when the job ends")
+            }
+            _ => format!("job `{id}` has no checkpoint: the script reported none"),
+        };
+        return Err(ApiError::new(StatusCode::NOT_FOUND, why, None));
+    };
+    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+        tracing::error!(job = %id, error = %e, "cannot open checkpoint");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cannot read the checkpoint; retry",
+            None,
+        )
+    })?;
+    let mut resp = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20))
+        .into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.size));
+    let disposition = format!(
+        "attachment; filename=\"{}\"",
+        meta.file_name.replace(['"', '\\'], "_")
+    );
+    if let Ok(v) = HeaderValue::from_str(&disposition) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&meta.sha256) {
+        h.insert("x-checksum-sha256", v);
+    }
+    Ok(resp)
 }
 
 async fn agents(State(state): State<ApiState>) -> impl IntoResponse {

@@ -3,6 +3,7 @@
 //! - `store`: the narrow state-store interface, with an embedded (redb) and an etcd backend.
 //! - `jobs`: the job table, cached in memory and written through to the store.
 //! - `agents`: the registry of agents and their live sessions.
+//! - `artifacts`: the best checkpoint of each attempt, verified by size and sha256.
 //! - `logs`: per-attempt log files with sequence-numbered, idempotent appends.
 //! - `scheduler`: pure placement of one job onto the fleet's free capacity.
 //! - `reconcile`: the pure job state machine (plan, apply, agent reports).
@@ -22,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span};
 
 pub mod agents;
+pub mod artifacts;
 pub mod executor;
 pub mod grpc;
 pub mod http;
@@ -95,10 +97,19 @@ pub async fn run(
     let tokens = ensure_tokens(&config.data_dir).map_err(data_err)?;
     let log_store = logs::LogStore::open(config.data_dir.join("logs")).map_err(data_err)?;
     let report_store = logs::LogStore::open(config.data_dir.join("reports")).map_err(data_err)?;
+    let artifact_store =
+        artifacts::DirStore::open(config.data_dir.join("artifacts")).map_err(data_err)?;
     let store = store::open(&config.store, &config.data_dir).await?;
     let jobs = jobs::Jobs::load(store.clone()).await?;
     let agents = agents::Agents::load(store.clone(), Timestamp::now()).await?;
-    let ctl = Controller::new(jobs, agents, log_store, report_store, config.agent_ttl);
+    let ctl = Controller::new(
+        jobs,
+        agents,
+        log_store,
+        report_store,
+        artifact_store,
+        config.agent_ttl,
+    );
     info!(
         store = store.kind(),
         jobs = ctl.jobs.all().len(),

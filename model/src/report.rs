@@ -134,14 +134,24 @@ impl Report {
 /// Folds a report into the job's summary fields (`progress`, `metrics`, `best`, `environment`).
 pub fn apply(job: &mut Job, report: &Report) {
     match report {
-        Report::Started { max_epochs, max_steps, .. } => {
+        Report::Started {
+            max_epochs,
+            max_steps,
+            ..
+        } => {
             job.progress = Some(Progress {
                 max_epochs: *max_epochs,
                 max_steps: max_steps.filter(|s| *s > 0),
                 ..Progress::default()
             });
         }
-        Report::Progress { epoch, max_epochs, step, max_steps, fraction } => {
+        Report::Progress {
+            epoch,
+            max_epochs,
+            step,
+            max_steps,
+            fraction,
+        } => {
             let prev = job.progress.clone().unwrap_or_default();
             let max_epochs = max_epochs.or(prev.max_epochs);
             let max_steps = max_steps.filter(|s| *s > 0).or(prev.max_steps);
@@ -150,8 +160,17 @@ pub fn apply(job: &mut Job, report: &Report) {
                 (None, Some(me)) if me > 0 => *epoch as f64 / me as f64,
                 _ => prev.fraction,
             };
-            let fraction = fraction.filter(|f| f.is_finite()).unwrap_or(derived).clamp(0.0, 1.0);
-            job.progress = Some(Progress { epoch: *epoch, max_epochs, step: *step, max_steps, fraction });
+            let fraction = fraction
+                .filter(|f| f.is_finite())
+                .unwrap_or(derived)
+                .clamp(0.0, 1.0);
+            job.progress = Some(Progress {
+                epoch: *epoch,
+                max_epochs,
+                step: *step,
+                max_steps,
+                fraction,
+            });
         }
         Report::Metrics { values, .. } => {
             for (k, v) in values {
@@ -160,7 +179,15 @@ pub fn apply(job: &mut Job, report: &Report) {
                 }
             }
         }
-        Report::Checkpoint { callback, monitor, mode, score, path, epoch, step } => {
+        Report::Checkpoint {
+            callback,
+            monitor,
+            mode,
+            score,
+            path,
+            epoch,
+            step,
+        } => {
             // The job's best is the first checkpoint callback that monitors something (else the
             // first one); reports of other callbacks don't replace it.
             let mine = job.best_callback.is_none_or(|c| c == *callback)
@@ -180,7 +207,12 @@ pub fn apply(job: &mut Job, report: &Report) {
                 });
             }
         }
-        Report::Artifact { path, size, sha256, error } => {
+        Report::Artifact {
+            path,
+            size,
+            sha256,
+            error,
+        } => {
             if let Some(b) = job.best.as_mut().filter(|b| &b.path == path) {
                 b.size = *size;
                 b.sha256 = sha256.clone();
@@ -195,10 +227,21 @@ pub fn apply(job: &mut Job, report: &Report) {
 pub fn series<'a>(lines: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, Vec<MetricPoint>> {
     let mut out: BTreeMap<String, Vec<MetricPoint>> = BTreeMap::new();
     for line in lines {
-        if let Some(Report::Metrics { epoch, step, values, time }) = Report::parse(line) {
+        if let Some(Report::Metrics {
+            epoch,
+            step,
+            values,
+            time,
+        }) = Report::parse(line)
+        {
             for (name, value) in values {
                 if value.is_finite() {
-                    out.entry(name).or_default().push(MetricPoint { step, epoch, value, time });
+                    out.entry(name).or_default().push(MetricPoint {
+                        step,
+                        epoch,
+                        value,
+                        time,
+                    });
                 }
             }
         }
@@ -213,13 +256,20 @@ mod tests {
     use crate::time::Timestamp;
 
     fn job() -> Job {
-        Job::new("j".into(), JobSpec::from_json(br#"{"repo":"file:///r","script":"t.py"}"#).unwrap(), Timestamp(0))
+        Job::new(
+            "j".into(),
+            JobSpec::from_json(br#"{"repo":"file:///r","script":"t.py"}"#).unwrap(),
+            Timestamp(0),
+        )
     }
 
     fn fold(lines: &[&str]) -> Job {
         let mut j = job();
         for l in lines {
-            apply(&mut j, &Report::parse(l).unwrap_or_else(|| panic!("bad line {l}")));
+            apply(
+                &mut j,
+                &Report::parse(l).unwrap_or_else(|| panic!("bad line {l}")),
+            );
         }
         j
     }
@@ -254,7 +304,10 @@ mod tests {
         assert_eq!(j.metrics["val_loss"], 0.7);
         assert_eq!(j.metrics["acc"], 0.5);
         let s = series(lines);
-        assert_eq!(s["val_loss"].iter().map(|p| p.value).collect::<Vec<_>>(), vec![0.9, 0.7]);
+        assert_eq!(
+            s["val_loss"].iter().map(|p| p.value).collect::<Vec<_>>(),
+            vec![0.9, 0.7]
+        );
         assert_eq!(s["val_loss"][1].step, Some(20));
     }
 
@@ -268,7 +321,26 @@ mod tests {
             r#"{"type":"artifact","path":"/c/c.ckpt","size":12,"sha256":"ab"}"#,
         ]);
         let b = j.best.unwrap();
-        assert_eq!((b.monitor.as_deref(), b.score, b.path.as_str()), (Some("val_loss"), Some(0.4), "/c/c.ckpt"));
+        assert_eq!(
+            (b.monitor.as_deref(), b.score, b.path.as_str()),
+            (Some("val_loss"), Some(0.4), "/c/c.ckpt")
+        );
         assert_eq!((b.size, b.sha256.as_deref()), (Some(12), Some("ab")));
+    }
+}
+
+#[cfg(test)]
+mod environment_tests {
+    use super::*;
+
+    #[test]
+    fn environment_round_trips() {
+        let r = Report::Environment(Environment {
+            installer: "uv".into(),
+            packages: vec!["six==1.16.0".into()],
+            seconds: 1.5,
+        });
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(Report::parse(&line), Some(r), "{line}");
     }
 }

@@ -509,6 +509,22 @@ async fn requirements_are_installed() -> anyhow::Result<()> {
         .await?;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(c.logs(&id).await?, "six 1.16.0\n");
+    let env = &job["environment"];
+    assert_eq!(env["installer"], "uv", "{job}");
+    let packages: Vec<&str> = env["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(
+        packages.contains(&"six==1.16.0"),
+        "the pinned set is recorded: {packages:?}"
+    );
+    assert!(
+        packages.iter().any(|p| p.starts_with("idna==")),
+        "{packages:?}"
+    );
 
     let mut s = spec(&repo, "use_six.py");
     s["requirements"] = json!(["runyard-no-such-package-xyz==1.0"]);
@@ -571,5 +587,99 @@ async fn pending_job_can_be_stopped_and_listing_pages() -> anyhow::Result<()> {
     let stopped = c.get("/api/v1/jobs?status=stopped").await?;
     assert_eq!(stopped["jobs"].as_array().unwrap().len(), 1);
     assert_eq!(stopped["next"], Value::Null);
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_progress_metrics_and_best_checkpoint() -> anyhow::Result<()> {
+    let script = r#"
+import hashlib, json, os
+f = open(os.environ["RUNYARD_REPORT_FILE"], "a")
+def rep(**o):
+    f.write(json.dumps(o) + "\n"); f.flush()
+rep(type="started", max_epochs=3)
+losses = [0.9, 0.5, 0.7]
+os.makedirs("ckpt", exist_ok=True)
+for e, l in enumerate(losses):
+    rep(type="metrics", epoch=e, step=(e + 1) * 10, values={"val_loss": l, "lr": 0.1})
+    rep(type="progress", epoch=e + 1, step=(e + 1) * 10, max_epochs=3)
+    path = f"ckpt/epoch{e}.ckpt"
+    with open(path, "wb") as c:
+        c.write(os.urandom(300000) + bytes([e]))
+    if l == min(losses[: e + 1]):
+        rep(type="checkpoint", callback=0, monitor="val_loss", mode="min", score=l, path=os.path.abspath(path), epoch=e, step=(e + 1) * 10)
+print(hashlib.sha256(open("ckpt/epoch1.ckpt", "rb").read()).hexdigest())
+"#;
+    let repo = GitRepo::new(&[("train.py", script)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    let id = c.submit(spec(&repo, "train.py")).await?;
+    let job = c.wait_status(&id, &["succeeded", "failed"], LONG).await?;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["progress"]["fraction"], 1.0, "{job}");
+    assert_eq!(job["progress"]["epoch"], 3);
+    assert_eq!(job["metrics"]["val_loss"], 0.7);
+    assert_eq!(job["environment"]["installer"], "system", "{job}");
+    let best = &job["best"];
+    assert_eq!(
+        (best["monitor"].as_str(), best["score"].as_f64()),
+        (Some("val_loss"), Some(0.5)),
+        "{job}"
+    );
+    assert!(best["path"].as_str().unwrap().ends_with("ckpt/epoch1.ckpt"));
+    assert_eq!(best["size"], 300001);
+
+    let metrics = c.get(&format!("/api/v1/jobs/{id}/metrics")).await?;
+    let vals: Vec<f64> = metrics["series"]["val_loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(vals, vec![0.9, 0.5, 0.7]);
+    assert_eq!(metrics["series"]["val_loss"][1]["step"], 20);
+
+    let r = c
+        .client
+        .get(format!("{}/api/v1/jobs/{id}/checkpoint", c.base_url()))
+        .bearer_auth(&c.token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()["content-disposition"],
+        "attachment; filename=\"epoch1.ckpt\""
+    );
+    let body = r.bytes().await?;
+    assert_eq!(body.len(), 300001);
+    let printed = c.logs(&id).await?;
+    let sum = {
+        use std::fmt::Write;
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&body);
+        digest.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    };
+    assert_eq!(
+        printed.trim(),
+        sum,
+        "the download is byte-identical to the agent's file"
+    );
+    assert_eq!(best["sha256"], sum.as_str());
+
+    // A job that reported no checkpoint has none to download.
+    let repo2 = GitRepo::new(&[("plain.py", "print('no checkpoint')\n")])?;
+    let id2 = c.submit(spec(&repo2, "plain.py")).await?;
+    c.wait_status(&id2, &["succeeded"], LONG).await?;
+    let r = c
+        .client
+        .get(format!("{}/api/v1/jobs/{id2}/checkpoint", c.base_url()))
+        .bearer_auth(&c.token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 404);
     c.shutdown().await
 }

@@ -1,0 +1,448 @@
+//! End-to-end tests of the built `runyard` binary: `up`, `controller` and `agent` as real
+//! processes on free loopback ports, driven by the real client commands, with real jobs from
+//! git repositories made at test time.
+//!
+//! Each test owns a `Sandbox` (temp HOME, data dirs, log files printed on failure); every process
+//! it starts, job processes included, is killed when the test ends, even on panic. No fixed
+//! sleeps: every wait polls with a deadline, and each test stays well under a minute.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use runyard_tests::fixture::GitRepo;
+use serde_json::Value;
+
+use common::{AGENT_MARK, ATTEMPT_MARK, Proc, Sandbox, eventually, free_port};
+
+/// Time for a server to start and answer, or for agents to connect.
+const STARTUP: Duration = Duration::from_secs(30);
+/// Time for a short job to finish or change state.
+const JOB: Duration = Duration::from_secs(30);
+
+/// Prints each argument on its own line: shows that arguments arrive verbatim, without a shell.
+const HELLO: &str = "import sys\nfor a in sys.argv[1:]:\n    print(f\"arg: {a}\")\n";
+const FAIL: &str = "import sys\nprint('about to fail')\nsys.exit(3)\n";
+const SLEEP: &str = "import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n";
+/// Ten numbered lines over about 5 s. When its output pipe breaks (its agent died) it lingers
+/// for a minute, like a job process that outlives its agent, so only a sweep ends it early.
+const SLOW: &str = "\
+import time
+orphaned = False
+for i in range(10):
+    try:
+        print(f'line {i}', flush=True)
+    except BrokenPipeError:
+        orphaned = True
+        break
+    time.sleep(0.5)
+if orphaned:
+    time.sleep(60)
+";
+/// `COUNTED_LINES` numbered lines over about 8 s.
+const COUNTED: &str = "\
+import time
+for i in range(40):
+    print(f'line {i}', flush=True)
+    time.sleep(0.2)
+";
+const COUNTED_LINES: usize = 40;
+
+fn numbered(n: usize) -> String {
+    (0..n).map(|i| format!("line {i}\n")).collect()
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The value of `key` in `runyard status` text (`key: value` lines).
+fn field<'a>(details: &'a str, key: &str) -> &'a str {
+    details
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no `{key}` in\n{details}"))
+        .trim()
+}
+
+/// `runyard agents --json` entries.
+fn agents(sb: &mut Sandbox) -> Vec<Value> {
+    let out = sb.ok(&["agents", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["agents"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until every agent in `names` is connected.
+fn wait_connected(sb: &mut Sandbox, names: &[&str]) {
+    eventually(STARTUP, &format!("agents {names:?} to connect"), || {
+        let list = agents(sb);
+        names
+            .iter()
+            .all(|n| {
+                list.iter()
+                    .any(|a| a["name"] == *n && a["connected"] == Value::Bool(true))
+            })
+            .then_some(())
+    });
+}
+
+/// Submits with `--json` and returns the job id.
+fn submit(sb: &mut Sandbox, repo: &GitRepo, script: &str) -> String {
+    let out = sb.ok(&[
+        "submit",
+        "--json",
+        "--repo",
+        &repo.url(),
+        "--script",
+        script,
+    ]);
+    let job: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    job["id"]
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| panic!("no id in {out}"))
+        .to_string()
+}
+
+/// Waits until the job runs and its log holds `line`.
+fn wait_running_with(sb: &mut Sandbox, id: &str, line: &str) -> Value {
+    eventually(
+        JOB,
+        &format!("job {id} running with `{line}` in its log"),
+        || {
+            let job = sb.job(id);
+            let running = job["status"] == "running";
+            (running && sb.ok(&["logs", id]).lines().any(|l| l == line)).then_some(job)
+        },
+    )
+}
+
+/// Starts `runyard controller` and waits until it answers with its admin token; sets the client
+/// environment for it.
+fn start_controller(sb: &mut Sandbox, data: &Path, http: u16, grpc: u16, extra: &[&str]) -> Proc {
+    let data_arg = data.display().to_string();
+    let (http_arg, grpc_arg) = (addr(http), addr(grpc));
+    let mut args = vec![
+        "controller",
+        "--data-dir",
+        &data_arg,
+        "--http",
+        &http_arg,
+        "--grpc",
+        &grpc_arg,
+    ];
+    args.extend_from_slice(extra);
+    let mut ctl = sb.spawn("controller", &args);
+    let token = eventually(STARTUP, "the controller's admin token", || {
+        std::fs::read_to_string(data.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    });
+    sb.set_client_env("RUNYARD_CONTROLLER", &format!("http://{http_arg}"));
+    sb.set_client_env("RUNYARD_TOKEN", &token);
+    eventually(STARTUP, "the controller to answer", || {
+        assert!(
+            ctl.wait_exit(Duration::ZERO).is_none(),
+            "the controller exited:\n{}",
+            ctl.stderr()
+        );
+        (sb.run(&["agents"]).code == Some(0)).then_some(())
+    });
+    ctl
+}
+
+/// Starts `runyard agent NAME` with its own data dir.
+fn start_agent(sb: &mut Sandbox, name: &str, grpc: u16, data: &Path, dir: &Path) -> Proc {
+    let controller = format!("http://{}", addr(grpc));
+    let token_file = data.join("agent.token").display().to_string();
+    let dir = dir.display().to_string();
+    sb.spawn(
+        name,
+        &[
+            "agent",
+            "--controller",
+            &controller,
+            "--token-file",
+            &token_file,
+            "--name",
+            name,
+            "--data-dir",
+            &dir,
+            "--compute",
+            "cpu-small:2",
+        ],
+    )
+}
+
+#[test]
+fn up_runs_jobs_for_the_client_commands() {
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("hello.py", HELLO), ("fail.py", FAIL), ("sleep.py", SLEEP)])
+        .expect("git fixture");
+    let data = sb.path().join("data");
+    let (http, grpc) = (free_port(), free_port());
+    let data_arg = data.display().to_string();
+    let mut up = sb.spawn(
+        "up",
+        &[
+            "up",
+            "--data-dir",
+            &data_arg,
+            "--http",
+            &addr(http),
+            "--grpc",
+            &addr(grpc),
+        ],
+    );
+
+    // The banner: where the API is and the token, as lines to paste into a shell.
+    let banner = eventually(STARTUP, "the banner of runyard up", || {
+        assert!(
+            up.wait_exit(Duration::ZERO).is_none(),
+            "runyard up exited:\n{}",
+            up.stderr()
+        );
+        let out = up.stdout();
+        let done = out.lines().any(|l| l.starts_with("export RUNYARD_TOKEN="));
+        (done && out.ends_with('\n')).then_some(out)
+    });
+    let export = |key: &str| {
+        banner
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("export {key}=")))
+            .unwrap_or_else(|| panic!("no export of {key} in\n{banner}"))
+            .to_string()
+    };
+    let controller = export("RUNYARD_CONTROLLER");
+    let token = export("RUNYARD_TOKEN");
+    assert_eq!(controller, format!("http://127.0.0.1:{http}"), "{banner}");
+    let stored = std::fs::read_to_string(data.join("admin.token")).expect("admin.token");
+    assert_eq!(token, stored.trim(), "the printed token is the stored one");
+    sb.set_client_env("RUNYARD_CONTROLLER", &controller);
+    sb.set_client_env("RUNYARD_TOKEN", &token);
+
+    // `agents` lists the local agent, named for the host.
+    let host = host_name();
+    wait_connected(&mut sb, &[&host]);
+    let table = sb.ok(&["agents"]);
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(host.as_str()))
+        .unwrap_or_else(|| panic!("no agent {host} in\n{table}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("yes"), "{table}");
+
+    // submit --follow prints the id, then the script's output; exit 0.
+    let url = repo.url();
+    let r = sb.run(&[
+        "submit",
+        "--repo",
+        &url,
+        "--script",
+        "hello.py",
+        "--follow",
+        "--",
+        "two words",
+        "it's",
+    ]);
+    assert_eq!(r.code, Some(0), "{r}");
+    let id = r.stdout.lines().next().unwrap_or_default().to_string();
+    let hello_out = "arg: two words\narg: it's\n";
+    assert_eq!(r.stdout, format!("{id}\n{hello_out}"), "{r}");
+    assert!(r.stderr.contains(&format!("job {id} succeeded")), "{r}");
+
+    // ls: the job succeeded.
+    let table = sb.ok(&["ls"]);
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("no {id} in\n{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.get(1..3), Some(&["hello", "succeeded"][..]), "{table}");
+
+    // status: the commit the default branch resolved to.
+    let details = sb.ok(&["status", &id]);
+    assert_eq!(field(&details, "commit"), repo.head().unwrap(), "{details}");
+    assert_eq!(field(&details, "status"), "succeeded", "{details}");
+    assert_eq!(
+        field(&details, "args"),
+        "'two words' 'it'\\''s'",
+        "{details}"
+    );
+
+    // logs: exactly the script's lines.
+    assert_eq!(sb.ok(&["logs", &id]), hello_out);
+
+    // submit --json: the API's job, with an id.
+    let out = sb.ok(&[
+        "submit", "--json", "--repo", &url, "--script", "hello.py", "--", "x",
+    ]);
+    let job: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let json_id = job["id"].as_str().expect("id").to_string();
+    assert!(!json_id.is_empty() && json_id != id, "{out}");
+    assert_eq!(job["spec"]["args"], serde_json::json!(["x"]), "{out}");
+    sb.wait_status(&json_id, &["succeeded"], JOB);
+    assert_eq!(sb.ok(&["logs", &json_id]), "arg: x\n");
+
+    // A failing script: --follow exits with the script's exit code.
+    let r = sb.run(&["submit", "--repo", &url, "--script", "fail.py", "--follow"]);
+    assert_eq!(r.code, Some(3), "{r}");
+    assert!(r.stdout.ends_with("\nabout to fail\n"), "{r}");
+    let fail_id = r.stdout.lines().next().unwrap_or_default().to_string();
+    let failed = sb.job(&fail_id);
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    assert_eq!(failed["exit_code"], 3, "{failed:#}");
+
+    // stop on a running job: stopped, and none of its processes is left.
+    let sleep_id = submit(&mut sb, &repo, "sleep.py");
+    wait_running_with(&mut sb, &sleep_id, "sleeping");
+    let mark = format!("{ATTEMPT_MARK}{sleep_id}/1");
+    assert!(!sb.processes_with(&mark).is_empty(), "the job process runs");
+    let out = sb.ok(&["stop", &sleep_id]);
+    assert!(out.starts_with(&format!("{sleep_id} ")), "{out}");
+    let stopped = sb.wait_status(&sleep_id, &["stopped", "failed", "succeeded"], JOB);
+    assert_eq!(stopped["status"], "stopped", "{stopped:#}");
+    assert!(
+        sb.processes_with(&mark).is_empty(),
+        "a stopped job's processes are gone once it shows stopped"
+    );
+
+    // Bad input: one line naming the field, non-zero exit, nothing submitted.
+    let before = sb.ok(&["ls", "--json"]);
+    let r = sb.run(&["submit", "--repo", "notaurl", "--script", "x.py"]);
+    assert!(matches!(r.code, Some(c) if c != 0), "{r}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    assert!(r.stderr.starts_with("error: repo"), "{r}");
+    assert!(r.stdout.is_empty(), "{r}");
+    let after = sb.ok(&["ls", "--json"]);
+    let count = |s: &str| {
+        let v: Value = serde_json::from_str(s).expect("ls JSON");
+        v["jobs"].as_array().map_or(0, Vec::len)
+    };
+    assert_eq!(count(&before), 4);
+    assert_eq!(count(&after), 4, "a refused submit adds no job");
+
+    // SIGTERM: a clean exit.
+    up.signal("TERM");
+    let status = up.wait_exit(JOB).expect("runyard up stops on SIGTERM");
+    assert!(status.success(), "{status:?}:\n{}", up.stderr());
+}
+
+#[test]
+fn job_of_a_killed_agent_reruns_elsewhere_and_its_orphan_is_swept() {
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("slow.py", SLOW)]).expect("git fixture");
+    let data = sb.path().join("controller");
+    let (http, grpc) = (free_port(), free_port());
+    let _ctl = start_controller(&mut sb, &data, http, grpc, &["--agent-ttl", "2s"]);
+    let dirs = [sb.path().join("a1"), sb.path().join("a2")];
+    let mut agents = [
+        start_agent(&mut sb, "a1", grpc, &data, &dirs[0]),
+        start_agent(&mut sb, "a2", grpc, &data, &dirs[1]),
+    ];
+    wait_connected(&mut sb, &["a1", "a2"]);
+
+    let id = submit(&mut sb, &repo, "slow.py");
+    let job = wait_running_with(&mut sb, &id, "line 1");
+    let victim_name = job["agent"].as_str().expect("agent").to_string();
+    let (victim, survivor) = if victim_name == "a1" { (0, 1) } else { (1, 0) };
+    let survivor_name = agents[survivor].name.clone();
+    let orphan_mark = format!(
+        "{AGENT_MARK}{victim_name}@{}",
+        sb.canonical(&dirs[victim]).display()
+    );
+    assert!(
+        !sb.processes_with(&orphan_mark).is_empty(),
+        "the job process of {victim_name} carries {orphan_mark}"
+    );
+
+    // SIGKILL the agent: no goodbye, no stop of its job.
+    agents[victim].kill();
+    let done = sb.wait_status(
+        &id,
+        &["succeeded", "failed", "stopped"],
+        Duration::from_secs(40),
+    );
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["agent"], survivor_name.as_str(), "{done:#}");
+    assert_eq!(done["attempt"], 2, "{done:#}");
+    assert_eq!(done["lost_count"], 1, "{done:#}");
+    assert_eq!(
+        sb.ok(&["logs", &id]),
+        numbered(10),
+        "the rerun's log, complete"
+    );
+
+    // The orphan outlives its agent (it lingers once its output breaks) ...
+    let orphan_was_alive = !sb.processes_with(&orphan_mark).is_empty();
+    // ... until the agent comes back with the same data dir and sweeps it.
+    let restarted = start_agent(&mut sb, &victim_name, grpc, &data, &dirs[victim]);
+    agents[victim] = restarted;
+    wait_connected(&mut sb, &[&victim_name, &survivor_name]);
+    eventually(
+        Duration::from_secs(10),
+        "the orphan of the killed agent to be gone",
+        || sb.processes_with(&orphan_mark).is_empty().then_some(()),
+    );
+    if orphan_was_alive {
+        let log = agents[victim].stderr();
+        assert!(
+            log.contains("killed processes left by a previous run of this agent"),
+            "the orphan was alive before the restart, so the restarted agent swept it:\n{log}"
+        );
+    }
+    // The finished job stays finished on the agent's return.
+    assert_eq!(sb.job(&id)["status"], "succeeded");
+}
+
+#[test]
+fn follow_survives_a_controller_restart_with_every_line_once() {
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("counted.py", COUNTED)]).expect("git fixture");
+    let data = sb.path().join("controller");
+    let (http, grpc) = (free_port(), free_port());
+    let mut ctl = start_controller(&mut sb, &data, http, grpc, &[]);
+    let agent_dir = sb.path().join("a1");
+    let _agent = start_agent(&mut sb, "a1", grpc, &data, &agent_dir);
+    wait_connected(&mut sb, &["a1"]);
+
+    let id = submit(&mut sb, &repo, "counted.py");
+    let mut follower = sb.spawn_client("logs-f", &["logs", "-f", &id]);
+    eventually(JOB, "the follower to print 5 lines", || {
+        (follower.stdout().lines().count() >= 5).then_some(())
+    });
+
+    // Restart the controller on the same ports and data dir while the job runs.
+    ctl.signal("TERM");
+    let status = ctl.wait_exit(JOB).expect("the controller stops on SIGTERM");
+    assert!(status.success(), "{status:?}:\n{}", ctl.stderr());
+    assert!(
+        follower.stdout().lines().count() < COUNTED_LINES,
+        "the job was still running at the restart"
+    );
+    let _ctl = start_controller(&mut sb, &data, http, grpc, &[]);
+
+    let status = follower
+        .wait_exit(Duration::from_secs(45))
+        .expect("logs -f ends when the job does");
+    assert!(status.success(), "{status:?}:\n{}", follower.stderr());
+    assert_eq!(
+        follower.stdout(),
+        numbered(COUNTED_LINES),
+        "every line once, in order"
+    );
+    let job = sb.job(&id);
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["attempt"], 1, "the job kept running: {job:#}");
+    assert_eq!(job["lost_count"], 0, "{job:#}");
+}
