@@ -45,6 +45,8 @@ pub use crate::reaper::{become_subreaper, sweep_agent};
 const READ_BUF: usize = 64 * 1024;
 /// Lines longer than this many bytes are split.
 pub const MAX_LINE: usize = 64 * 1024;
+/// At most one progress-bar redraw per this interval is kept in the log.
+pub const REDRAW_INTERVAL: Duration = Duration::from_secs(1);
 /// Grace given to leftovers after the main process exited on its own.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
 /// How long the output pipe may stay open once every process of the attempt is gone (a process
@@ -548,8 +550,17 @@ async fn read_output(
 /// Empty lines ended by `\n` are kept (`print()` is a line); an empty segment ended by a lone
 /// `\r` is not a line: tqdm starts every update with `\r`, which would otherwise put a blank
 /// line before each bar.
+///
+/// Redraws (lines ended by a lone `\r`, as progress bars print them) are coalesced: at most one
+/// per `REDRAW_INTERVAL` is kept, the others are replaced by the next redraw, and a pending
+/// redraw is dropped when a `\n` line follows (that line overwrote it on a terminal too). A
+/// three-epoch tqdm run prints hundreds of KB of redraws; its log keeps a few lines a second.
 #[derive(Debug, Default)]
 struct LineSplitter {
+    /// The latest redraw not emitted yet.
+    held: Option<String>,
+    /// When a redraw was last emitted.
+    last_redraw: Option<std::time::Instant>,
     /// Bytes of a line whose break has not arrived yet.
     partial: Vec<u8>,
     /// The last byte was a `\r`: `Some(true)` if it ended a non-empty line (a `\n` right after
@@ -578,12 +589,18 @@ impl LineSplitter {
                 if empty {
                     self.after_cr = Some(false);
                 } else {
-                    self.emit(data, text, segment, &mut out);
+                    let mut redraw = Vec::with_capacity(1);
+                    self.emit(data, text, segment, &mut redraw);
+                    self.redraw(redraw, &mut out);
                     self.after_cr = Some(true);
                 }
             } else {
                 let rest_of_crlf = empty && self.after_cr == Some(true);
-                if !rest_of_crlf {
+                if rest_of_crlf {
+                    // `\r\n`: the held line was an ordinary line after all.
+                    out.extend(self.held.take());
+                } else {
+                    self.held = None;
                     self.emit(data, text, segment, &mut out);
                 }
                 self.after_cr = None;
@@ -597,10 +614,28 @@ impl LineSplitter {
         out
     }
 
-    /// The unfinished last line, at end of stream.
+    /// Emits a redraw, or holds it if one was emitted less than `REDRAW_INTERVAL` ago.
+    fn redraw(&mut self, mut lines: Vec<String>, out: &mut Vec<String>) {
+        let now = std::time::Instant::now();
+        let Some(last) = lines.pop() else { return };
+        // Parts of an overlong redraw are plain lines.
+        out.append(&mut lines);
+        if self
+            .last_redraw
+            .is_none_or(|t| now.duration_since(t) >= REDRAW_INTERVAL)
+        {
+            self.held = None;
+            self.last_redraw = Some(now);
+            out.push(last);
+        } else {
+            self.held = Some(last);
+        }
+    }
+
+    /// The unfinished last line (or the last held redraw), at end of stream.
     fn finish(&mut self) -> Option<String> {
         if self.partial.is_empty() {
-            return None;
+            return self.held.take();
         }
         let line = decode(&self.partial);
         self.partial.clear();
@@ -688,11 +723,29 @@ mod tests {
 
     #[test]
     fn progress_updates_become_lines_without_blanks() {
+        // The first redraw shows, the rapid ones after it are replaced, the final line stays.
         let tqdm = b"start\n\r  0%|   | 0/3\r 33%|#  | 1/3\r100%|###| 3/3\n";
-        assert_eq!(
-            split(&[tqdm]),
-            ["start", "  0%|   | 0/3", " 33%|#  | 1/3", "100%|###| 3/3"]
-        );
+        assert_eq!(split(&[tqdm]), ["start", "  0%|   | 0/3", "100%|###| 3/3"]);
+    }
+
+    #[test]
+    fn redraws_are_coalesced_to_a_few_per_second() {
+        let mut s = LineSplitter::default();
+        let mut out = Vec::new();
+        for i in 0..10_000 {
+            out.extend(s.push(format!("\r{i:>5}/10000").as_bytes()));
+        }
+        out.extend(s.push(b"\r10000/10000"));
+        out.extend(s.finish());
+        assert!(out.len() < 10, "{} lines kept of 10,001 redraws", out.len());
+        assert_eq!(out.first().map(String::as_str), Some("    0/10000"));
+        // A redraw at the end of the stream is its last state.
+        assert_eq!(out.last().map(String::as_str), Some("10000/10000"));
+        // Redraws a second apart are all kept.
+        let mut s = LineSplitter::default();
+        assert_eq!(s.push(b"a\r"), ["a"]);
+        s.last_redraw = Some(std::time::Instant::now() - REDRAW_INTERVAL);
+        assert_eq!(s.push(b"b\r"), ["b"]);
     }
 
     #[test]

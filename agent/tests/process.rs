@@ -129,7 +129,8 @@ sys.exit(3)
             "a",
             "b",
             "c",
-            "progress 1",
+            // "progress 1" was a redraw right after the redraw "a": coalesced away, and the
+            // line that overwrote it is what remains.
             "progress 2",
             "",
             "to stderr",
