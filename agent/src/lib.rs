@@ -7,6 +7,7 @@
 //! - `spool`: per-attempt on-disk log spool, kept until the controller acknowledges lines.
 //! - `checkout`: bare mirror cache and per-job working trees (git2).
 //! - `pyenv`: per-job Python environments (uv, or venv + pip).
+//! - `reporter`: the Lightning reporter (Python) installed for every job's PYTHONPATH.
 //! - `process`: the job's process group, line capture, stop and sweep (child subreaper).
 //! - `upload`: streams the best checkpoint to the controller's artifact store.
 //! - `gpu`: GPU detection and sampling through NVML.
@@ -23,6 +24,7 @@ pub mod gpu;
 pub mod process;
 pub mod pyenv;
 pub mod reaper;
+pub mod reporter;
 pub mod runner;
 pub mod session;
 pub mod spool;
@@ -49,6 +51,9 @@ pub struct Config {
     pub python: PathBuf,
     /// uv binary; `None` looks on PATH, then falls back to pip.
     pub uv: Option<PathBuf>,
+    /// uv's shared cache; `None`: `<data_dir>/uv-cache`. Keep it on the data dir's file system
+    /// so venvs are hardlinked from it.
+    pub uv_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +108,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         gpu::GpuProbe::none()
     };
     let gpus = Arc::new(gpus);
+    let reporter_root = data_dir.join("reporter");
+    let reporter_dir = tokio::task::spawn_blocking(move || reporter::install(&reporter_root))
+        .await
+        .expect("reporter install panicked")
+        .map_err(data_err)?;
     let svc = Arc::new(runner::Services {
+        reporter_dir,
         agent_name: config.name.clone(),
         controller: config.controller.clone(),
         token: config.token.clone(),
@@ -113,7 +124,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         envs: pyenv::EnvBuilder::new(
             config.python.clone(),
             config.uv.clone(),
-            config.data_dir.join("uv-cache"),
+            config
+                .uv_cache
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("uv-cache")),
         ),
         attempts: attempts::Attempts::default(),
     });

@@ -23,6 +23,10 @@ use crate::checkout::{CheckoutCache, CheckoutError, resolve_script_at};
 use crate::process::{ExitOutcome, JobProcess, ProcessSpec};
 use crate::pyenv::EnvBuilder;
 
+/// Marks the lines the agent adds to a job's log (environment build), so they are told apart
+/// from the script's own. Jobs without requirements have none.
+pub const LOG_PREFIX: &str = "[runyard] ";
+
 /// How often the job's report file is read.
 const REPORT_POLL: Duration = Duration::from_millis(100);
 /// Longer report lines are dropped (a report is a small JSON object).
@@ -45,6 +49,8 @@ const PASSED_ENV: &[&str] = &[
 
 /// Shared services every runner uses.
 pub struct Services {
+    /// Where the Lightning reporter is installed (prepended to every job's PYTHONPATH).
+    pub reporter_dir: PathBuf,
     pub agent_name: String,
     /// Controller gRPC URL and join token, for checkpoint uploads.
     pub controller: String,
@@ -161,6 +167,14 @@ async fn execute(
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     let visible: Vec<String> = a.gpus.iter().map(u32::to_string).collect();
     env.push(("CUDA_VISIBLE_DEVICES".into(), visible.join(",")));
+    let user_pythonpath = env
+        .iter()
+        .rposition(|(k, _)| k == "PYTHONPATH")
+        .map(|i| env.remove(i).1);
+    env.push((
+        "PYTHONPATH".into(),
+        crate::reporter::pythonpath(&svc.reporter_dir, user_pythonpath.as_deref()),
+    ));
     env.push((
         "RUNYARD_REPORT_FILE".into(),
         report_file.display().to_string(),
@@ -336,7 +350,7 @@ async fn sleep_max(d: Duration) {
 
 async fn prepare(
     svc: &Services,
-    a: &Attempt,
+    a: &Arc<Attempt>,
     spec: &JobSpec,
     dir: &Path,
     src: &Path,
@@ -369,16 +383,35 @@ async fn prepare(
         None => None,
     };
     let started = std::time::Instant::now();
-    let python = svc
+    // The installer's lines go to the job's log, marked as ours, before anything the script prints.
+    let (sink, mut installer_lines) = mpsc::channel::<Vec<String>>(64);
+    let forward = {
+        let a = a.clone();
+        let attempts = svc.attempts.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = installer_lines.recv().await {
+                let lines: Vec<String> = batch
+                    .into_iter()
+                    .map(|l| format!("{LOG_PREFIX}{l}"))
+                    .collect();
+                if let Err(error) = a.spool.append(&lines) {
+                    warn!(job = %a.job_id, %error, "cannot spool installer output");
+                }
+                attempts.wake();
+            }
+        })
+    };
+    let prepared = svc
         .envs
-        .prepare(dir, &spec.requirements, req_file.as_deref())
-        .await
-        .map_err(|e| {
-            End::failed(
-                FailureKind::Env,
-                format!("environment build failed ({}): {e}", svc.envs.installer()),
-            )
-        })?;
+        .prepare_logged(dir, &spec.requirements, req_file.as_deref(), Some(sink))
+        .await;
+    let _ = forward.await;
+    let python = prepared.map_err(|e| {
+        End::failed(
+            FailureKind::Env,
+            format!("environment build failed ({}): {e}", svc.envs.installer()),
+        )
+    })?;
     let environment = if python.starts_with(dir) {
         let packages = svc.envs.freeze(&python, dir).await.unwrap_or_else(|e| {
             warn!(job = %a.job_id, error = %e, "cannot list the environment's packages");
@@ -403,6 +436,17 @@ async fn prepare(
         seconds = environment.seconds,
         "environment ready"
     );
+    if environment.installer != "system" {
+        let line = format!(
+            "{LOG_PREFIX}environment ready: {} packages with {} in {:.1} s",
+            environment.packages.len(),
+            environment.installer,
+            environment.seconds
+        );
+        if let Err(error) = a.spool.append(&[line]) {
+            warn!(job = %a.job_id, %error, "cannot spool the environment line");
+        }
+    }
     let line =
         serde_json::to_string(&Report::Environment(environment)).expect("a report serializes");
     if let Err(error) = a.reports.append(&[line]) {

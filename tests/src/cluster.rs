@@ -209,6 +209,9 @@ impl TestCluster {
             nvml_library,
             python: PathBuf::from("python3"),
             uv: None,
+            // One warm cache for every test agent, so environments (Lightning: ~3 GB) are
+            // downloaded once per machine, not once per test.
+            uv_cache: Some(crate::shared_uv_cache()),
         };
         let cancel = CancellationToken::new();
         let c = cancel.clone();

@@ -35,6 +35,15 @@ where
     }
 }
 
+/// The uv cache shared by tests: `RUNYARD_TEST_UV_CACHE`, else `$HOME/.cache/runyard-test-uv`.
+pub fn shared_uv_cache() -> std::path::PathBuf {
+    match std::env::var_os("RUNYARD_TEST_UV_CACHE") {
+        Some(p) => p.into(),
+        None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".cache/runyard-test-uv"),
+    }
+}
+
 /// Logs of the code under test, shown for failing tests (`RUST_LOG` to change the level).
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()

@@ -508,7 +508,15 @@ async fn requirements_are_installed() -> anyhow::Result<()> {
         .wait_status(&id, &["succeeded", "failed"], Duration::from_secs(180))
         .await?;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(c.logs(&id).await?, "six 1.16.0\n");
+    let logs = c.logs(&id).await?;
+    let (ours, script): (Vec<&str>, Vec<&str>) =
+        logs.lines().partition(|l| l.starts_with("[runyard] "));
+    assert_eq!(script, ["six 1.16.0"], "{logs}");
+    assert!(
+        ours.iter().any(|l| l.contains("environment ready")),
+        "the env phase is in the log: {logs}"
+    );
+    assert!(logs.find("environment ready").unwrap() < logs.find("six 1.16.0").unwrap());
     let env = &job["environment"];
     assert_eq!(env["installer"], "uv", "{job}");
     let packages: Vec<&str> = env["packages"]

@@ -55,6 +55,7 @@ pub async fn agent(args: AgentArgs) -> Result<u8, CommandError> {
         nvml_library: args.nvml_library,
         python: args.python,
         uv: args.uv,
+        uv_cache: None,
     };
     info!(
         agent = %config.name,
@@ -86,6 +87,7 @@ pub async fn local_config(
         nvml_library: None,
         python: PathBuf::from(DEFAULT_PYTHON),
         uv: None,
+        uv_cache: None,
     }
 }
 

@@ -1,0 +1,231 @@
+//! A real PyTorch Lightning training run through Runyard: environment from PyPI with uv (warm
+//! shared cache), the reporter hooked in through Lightning's entry points with no change to the
+//! script, progress, metric history, best checkpoint upload and download.
+
+use std::time::Duration;
+
+use runyard_tests::cluster::{AgentSpec, TestCluster};
+use runyard_tests::fixture::GitRepo;
+use serde_json::json;
+
+const TRAIN: &str = r#"
+import hashlib, sys
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+class Model(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(8, 1)
+    def training_step(self, batch, _):
+        if len(sys.argv) > 2 and sys.argv[2] == "crash" and self.current_epoch == 2:
+            raise RuntimeError("boom in epoch 2")
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+    def validation_step(self, batch, _):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+torch.manual_seed(0)
+x = torch.randn(256, 8)
+y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(256, 1)
+train = DataLoader(TensorDataset(x[:192], y[:192]), batch_size=32)
+val = DataLoader(TensorDataset(x[192:], y[192:]), batch_size=32)
+ckpt = ModelCheckpoint(monitor="val_loss", mode="min", dirpath="checkpoints")
+trainer = L.Trainer(max_epochs=int(sys.argv[1]), accelerator="cpu", devices=1, logger=False,
+                    enable_model_summary=False, callbacks=[ckpt], default_root_dir=".")
+trainer.fit(Model(), train, val)
+print("best", ckpt.best_model_path, hashlib.sha256(open(ckpt.best_model_path, "rb").read()).hexdigest())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lightning_run_reports_progress_metrics_and_best_checkpoint() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("train.py", TRAIN)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    let spec = json!({"repo": repo.url(), "script": "train.py", "args": ["3"], "requirements": ["lightning"]});
+    let id = c.submit(spec.clone()).await?;
+    let job = c
+        .wait_status(&id, &["succeeded", "failed"], Duration::from_secs(900))
+        .await?;
+    let logs = c.logs(&id).await?;
+    assert_eq!(job["status"], "succeeded", "{job}\n{logs}");
+
+    // Progress reached 100 %.
+    assert_eq!(job["progress"]["fraction"], 1.0, "{job}");
+    assert_eq!(job["progress"]["max_epochs"], 3);
+    // One val_loss per epoch in the history.
+    let metrics = c.get(&format!("/api/v1/jobs/{id}/metrics")).await?;
+    let val: Vec<f64> = metrics["series"]["val_loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(val.len(), 3, "{metrics}");
+    let epochs: Vec<u64> = metrics["series"]["val_loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [0, 1, 2]);
+    // The best score is the minimum reported val_loss.
+    let best = &job["best"];
+    let min = val.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(best["monitor"], "val_loss");
+    assert!(
+        (best["score"].as_f64().unwrap() - min).abs() < 1e-6,
+        "best {best} vs min {min}"
+    );
+
+    // The download is byte-identical to the file the trainer wrote.
+    let r = c
+        .client
+        .get(format!("{}/api/v1/jobs/{id}/checkpoint", c.base_url()))
+        .bearer_auth(&c.token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let body = r.bytes().await?;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&body);
+    let sum: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let printed = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("best "))
+        .expect("script printed its best checkpoint");
+    assert!(
+        printed.ends_with(&sum),
+        "downloaded {sum}, trainer wrote {printed}"
+    );
+    assert_eq!(best["sha256"], sum.as_str());
+
+    // It loads with torch.load in the job's environment, rebuilt from the recorded pins.
+    let env = &job["environment"];
+    assert_eq!(env["installer"], "uv");
+    let pins: Vec<String> = env["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        pins.iter().any(|p| p.starts_with("lightning==")),
+        "{pins:?}"
+    );
+    let dir = tempfile::tempdir()?;
+    let ckpt = dir.path().join("best.ckpt");
+    std::fs::write(&ckpt, &body)?;
+    std::fs::write(dir.path().join("pins.txt"), pins.join("\n"))?;
+    let venv = dir.path().join("venv");
+    let uv = |args: &[&str]| {
+        std::process::Command::new("uv")
+            .args(args)
+            .env("UV_CACHE_DIR", runyard_tests::shared_uv_cache())
+            .env("UV_PYTHON_DOWNLOADS", "never")
+            .output()
+    };
+    let out = uv(&["venv", "-q", "--python", "python3", venv.to_str().unwrap()])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py = venv.join("bin/python");
+    let pins_file = dir.path().join("pins.txt");
+    let out = uv(&[
+        "pip",
+        "install",
+        "-q",
+        "--python",
+        py.to_str().unwrap(),
+        "-r",
+        pins_file.to_str().unwrap(),
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(&py)
+        .args(["-c", "import sys, torch; c = torch.load(sys.argv[1], weights_only=False); print(sorted(c['state_dict']))", ckpt.to_str().unwrap()])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "torch.load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "['net.bias', 'net.weight']"
+    );
+
+    // The log keeps the script's output readable: Lightning's progress bar is coalesced.
+    assert!(logs.len() < 64 * 1024, "log is {} bytes", logs.len());
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_fit_still_reports_and_uploads_the_best_so_far() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("train.py", TRAIN)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    let spec = json!({"repo": repo.url(), "script": "train.py", "args": ["4", "crash"], "requirements": ["lightning"]});
+    let id = c.submit(spec).await?;
+    let job = c
+        .wait_status(&id, &["succeeded", "failed"], Duration::from_secs(900))
+        .await?;
+    let logs = c.logs(&id).await?;
+    assert_eq!(
+        (job["status"].as_str(), job["failure"].as_str()),
+        (Some("failed"), Some("exit")),
+        "{job}"
+    );
+    assert!(
+        logs.contains("boom in epoch 2"),
+        "the traceback is in the log"
+    );
+    let best = &job["best"];
+    assert_eq!(best["monitor"], "val_loss", "{job}");
+    assert!(
+        best["epoch"].as_u64().unwrap() <= 1,
+        "best so far is from epoch 0 or 1: {best}"
+    );
+    let metrics = c.get(&format!("/api/v1/jobs/{id}/metrics")).await?;
+    let val: Vec<f64> = metrics["series"]["val_loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(
+        val.len(),
+        2,
+        "two epochs validated before the crash: {metrics}"
+    );
+    let min = val.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!((best["score"].as_f64().unwrap() - min).abs() < 1e-6);
+    let r = c
+        .client
+        .get(format!("{}/api/v1/jobs/{id}/checkpoint", c.base_url()))
+        .bearer_auth(&c.token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.bytes().await?.len() as u64,
+        best["size"].as_u64().unwrap()
+    );
+    c.shutdown().await
+}
