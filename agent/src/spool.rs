@@ -48,7 +48,6 @@ impl Spool {
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
-            .read(true)
             .write(true)
             .open(&path)?;
         Ok(Spool {
@@ -131,7 +130,8 @@ impl Spool {
                         format!("line {from_seq} was acknowledged and dropped"),
                     )
                 })?;
-            (st.file.try_clone()?, mark, st.lines, st.bytes)
+            // A handle of its own: a clone would share the writer's file position.
+            (File::open(&self.path)?, mark, st.lines, st.bytes)
         };
         file.seek(SeekFrom::Start(mark.1))?;
         let mut r = BufReader::with_capacity(256 << 10, file.take(end_byte - mark.1));
@@ -228,6 +228,35 @@ mod tests {
         s.ack(3); // never goes back
         assert_eq!(s.acked(), 15);
         assert!(s.read(22).unwrap().is_none());
+    }
+
+    #[test]
+    fn reads_while_appending_never_disturb_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Spool::create(dir.path().join("c.log")).unwrap());
+        let writer = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for b in 0..200u32 {
+                    s.append(&lines(b * 600..(b + 1) * 600)).unwrap();
+                }
+            })
+        };
+        let mut next = 0u64;
+        let mut got = Vec::new();
+        while next < 120_000 {
+            match s.read(next).unwrap() {
+                Some(c) => {
+                    let text = String::from_utf8(c.data).unwrap();
+                    got.extend(text.split('\n').map(str::to_string));
+                    next += c.count as u64;
+                    s.ack(next);
+                }
+                None => std::thread::yield_now(),
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(got, lines(0..120_000));
     }
 
     #[test]

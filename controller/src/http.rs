@@ -241,11 +241,7 @@ async fn metrics(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let job = state
-        .ctl
-        .jobs
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(&id))?;
+    let job = job_or_404(&state, &id)?;
     let mut text = Vec::new();
     if job.attempt > 0 {
         let mut offset = 0;
@@ -280,11 +276,7 @@ async fn checkpoint(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = state
-        .ctl
-        .jobs
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(&id))?;
+    let job = job_or_404(&state, &id)?;
     let mut found = None;
     for attempt in (1..=job.attempt).rev() {
         if let Some(f) = state.ctl.artifacts.find(&id, attempt).await {
@@ -334,6 +326,14 @@ async fn checkpoint(
     Ok(resp)
 }
 
+fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError> {
+    state
+        .ctl
+        .jobs
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(id))
+}
+
 async fn agents(State(state): State<ApiState>) -> impl IntoResponse {
     let jobs = state.ctl.jobs.all();
     let mut agents = state.ctl.agents.list();
@@ -354,11 +354,7 @@ async fn logs(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let job = state
-        .ctl
-        .jobs
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(&id))?;
+    let job = job_or_404(&state, &id)?;
     let follow = match q.get("follow").map(String::as_str) {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") | Some("") => true,

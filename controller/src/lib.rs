@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use runyard_model::Timestamp;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span};
@@ -140,7 +139,8 @@ pub async fn run(
                     .max_decoding_message_size(16 << 20),
             )
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc),
+                // Small messages (assignments, acks) must not wait for delayed ACKs.
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 grpc_cancel.cancelled_owned(),
             ),
     );

@@ -343,6 +343,23 @@ impl TestCluster {
         }
     }
 
+    /// A raw authenticated GET, for bodies that are not JSON.
+    pub async fn get_raw(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        Ok(self
+            .client
+            .get(format!("{}{path}", self.base_url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await?)
+    }
+
+    /// The values of one metric's history, in order.
+    pub async fn metric_values(&self, id: &str, name: &str) -> anyhow::Result<Vec<f64>> {
+        let m = self.get(&format!("/api/v1/jobs/{id}/metrics")).await?;
+        let points = m["series"][name].as_array().cloned().unwrap_or_default();
+        Ok(points.iter().filter_map(|p| p["value"].as_f64()).collect())
+    }
+
     /// The job's full log as the API serves it (not following).
     pub async fn logs(&self, id: &str) -> anyhow::Result<String> {
         let r = self

@@ -640,21 +640,11 @@ print(hashlib.sha256(open("ckpt/epoch1.ckpt", "rb").read()).hexdigest())
     assert_eq!(best["size"], 300001);
 
     let metrics = c.get(&format!("/api/v1/jobs/{id}/metrics")).await?;
-    let vals: Vec<f64> = metrics["series"]["val_loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["value"].as_f64().unwrap())
-        .collect();
+    let vals = c.metric_values(&id, "val_loss").await?;
     assert_eq!(vals, vec![0.9, 0.5, 0.7]);
     assert_eq!(metrics["series"]["val_loss"][1]["step"], 20);
 
-    let r = c
-        .client
-        .get(format!("{}/api/v1/jobs/{id}/checkpoint", c.base_url()))
-        .bearer_auth(&c.token)
-        .send()
-        .await?;
+    let r = c.get_raw(&format!("/api/v1/jobs/{id}/checkpoint")).await?;
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(
         r.headers()["content-disposition"],
@@ -682,12 +672,7 @@ print(hashlib.sha256(open("ckpt/epoch1.ckpt", "rb").read()).hexdigest())
     let repo2 = GitRepo::new(&[("plain.py", "print('no checkpoint')\n")])?;
     let id2 = c.submit(spec(&repo2, "plain.py")).await?;
     c.wait_status(&id2, &["succeeded"], LONG).await?;
-    let r = c
-        .client
-        .get(format!("{}/api/v1/jobs/{id2}/checkpoint", c.base_url()))
-        .bearer_auth(&c.token)
-        .send()
-        .await?;
+    let r = c.get_raw(&format!("/api/v1/jobs/{id2}/checkpoint")).await?;
     assert_eq!(r.status().as_u16(), 404);
     c.shutdown().await
 }

@@ -65,12 +65,7 @@ async fn lightning_run_reports_progress_metrics_and_best_checkpoint() -> anyhow:
     assert_eq!(job["progress"]["max_epochs"], 3);
     // One val_loss per epoch in the history.
     let metrics = c.get(&format!("/api/v1/jobs/{id}/metrics")).await?;
-    let val: Vec<f64> = metrics["series"]["val_loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["value"].as_f64().unwrap())
-        .collect();
+    let val = c.metric_values(&id, "val_loss").await?;
     assert_eq!(val.len(), 3, "{metrics}");
     let epochs: Vec<u64> = metrics["series"]["val_loss"]
         .as_array()
@@ -89,12 +84,7 @@ async fn lightning_run_reports_progress_metrics_and_best_checkpoint() -> anyhow:
     );
 
     // The download is byte-identical to the file the trainer wrote.
-    let r = c
-        .client
-        .get(format!("{}/api/v1/jobs/{id}/checkpoint", c.base_url()))
-        .bearer_auth(&c.token)
-        .send()
-        .await?;
+    let r = c.get_raw(&format!("/api/v1/jobs/{id}/checkpoint")).await?;
     assert_eq!(r.status().as_u16(), 200);
     let body = r.bytes().await?;
     let digest = <sha2::Sha256 as sha2::Digest>::digest(&body);
@@ -203,12 +193,7 @@ async fn crash_mid_fit_still_reports_and_uploads_the_best_so_far() -> anyhow::Re
         "best so far is from epoch 0 or 1: {best}"
     );
     let metrics = c.get(&format!("/api/v1/jobs/{id}/metrics")).await?;
-    let val: Vec<f64> = metrics["series"]["val_loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["value"].as_f64().unwrap())
-        .collect();
+    let val = c.metric_values(&id, "val_loss").await?;
     assert_eq!(
         val.len(),
         2,
@@ -216,12 +201,7 @@ async fn crash_mid_fit_still_reports_and_uploads_the_best_so_far() -> anyhow::Re
     );
     let min = val.iter().cloned().fold(f64::INFINITY, f64::min);
     assert!((best["score"].as_f64().unwrap() - min).abs() < 1e-6);
-    let r = c
-        .client
-        .get(format!("{}/api/v1/jobs/{id}/checkpoint", c.base_url()))
-        .bearer_auth(&c.token)
-        .send()
-        .await?;
+    let r = c.get_raw(&format!("/api/v1/jobs/{id}/checkpoint")).await?;
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(
         r.bytes().await?.len() as u64,

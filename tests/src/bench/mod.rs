@@ -1,0 +1,10 @@
+//! Helpers of the benchmark (`benches/bench.rs`): pure pieces with unit tests, so the numbers the
+//! benchmark prints rest on checked arithmetic.
+//!
+//! - `stats`: percentiles of samples and the plain-text result table.
+//! - `fleet`: a synthetic fleet and backlog for the placement benchmark.
+//! - `lines`: the numbered-line log generator (a Python script) and its streaming checker.
+
+pub mod fleet;
+pub mod lines;
+pub mod stats;
