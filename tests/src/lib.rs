@@ -1,12 +1,14 @@
 //! Harness for cluster-level tests: a real controller and real agents in this process, talking
 //! over real gRPC and HTTP on loopback, each with its own temp dir.
 //!
+//! - `browser`: headless Chromium through chromedriver, for the web page's tests.
 //! - `cluster`: `TestCluster` — start, restart the controller, kill and add agents, HTTP client.
 //! - `fixture`: git repositories made at test time.
 //! - `proxy`: a loopback TCP proxy that can cut and restore connections (network partitions).
 //! - `etcd`: a real etcd server on free loopback ports.
 //! - `fake_nvml`: builds a fake `libnvidia-ml.so` so the real NVML code path runs without a GPU.
 
+pub mod browser;
 pub mod cluster;
 pub mod etcd;
 pub mod fake_nvml;
