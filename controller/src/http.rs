@@ -2,6 +2,11 @@
 //!
 //! Errors map to responses in exactly one place (`ApiError`): `{"error": message, "field":
 //! field-or-null}` with a 4xx for bad input, never internals; the detail of a 5xx is logged here.
+//!
+//! Live updates: `GET /api/v1/events` is a server-sent event stream (`job` events carrying the
+//! job JSON whenever a job changes, `agents` events every few seconds; with `?job=ID` that job
+//! only). It is cut, not ended, at shutdown so clients reconnect and re-read what they show.
+//! The web page (`crate::ui`) is served from `/` without a token; it holds no data.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,7 +19,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use runyard_model::{JobSpec, JobStatus, ValidationError};
+use runyard_model::report::MetricPoint;
+use runyard_model::{Job, JobSpec, JobStatus, ValidationError};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
@@ -27,6 +33,10 @@ use crate::tokens::token_eq;
 pub const MAX_BODY: usize = 1 << 20;
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 1000;
+/// How often the event stream sends the agents (or a keep-alive with `?job=`).
+const EVENTS_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Changes closer together than this go out in one batch of events.
+const EVENTS_COALESCE: Duration = Duration::from_millis(150);
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -43,12 +53,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs/{id}/stop", post(stop))
         .route("/api/v1/jobs/{id}/logs", get(logs))
         .route("/api/v1/jobs/{id}/metrics", get(metrics))
+        .route("/api/v1/jobs/{id}/metrics.svg", get(metrics_svg))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/jobs/{id}/checkpoint", get(checkpoint))
         .route("/api/v1/agents", get(agents))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(api)
+        .merge(crate::ui::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", None) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -241,7 +254,16 @@ async fn metrics(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let job = job_or_404(&state, &id)?;
+    let (attempt, series) = metric_series(&state, &id).await?;
+    Ok(Json(json!({"attempt": attempt, "series": series})))
+}
+
+/// The current attempt's number and its metric history, read from its report stream.
+async fn metric_series(
+    state: &ApiState,
+    id: &str,
+) -> Result<(u32, std::collections::BTreeMap<String, Vec<MetricPoint>>), ApiError> {
+    let job = job_or_404(state, id)?;
     let mut text = Vec::new();
     if job.attempt > 0 {
         let mut offset = 0;
@@ -249,7 +271,7 @@ async fn metrics(
             let (bytes, next) = state
                 .ctl
                 .reports
-                .read_from(&id, job.attempt, offset, 4 << 20)
+                .read_from(id, job.attempt, offset, 4 << 20)
                 .await
                 .map_err(|e| {
                     tracing::error!(job = %id, error = %e, "cannot read reports");
@@ -267,8 +289,75 @@ async fn metrics(
         }
     }
     let text = String::from_utf8_lossy(&text);
-    let series = runyard_model::report::series(text.lines());
-    Ok(Json(json!({"attempt": job.attempt, "series": series})))
+    Ok((job.attempt, runyard_model::report::series(text.lines())))
+}
+
+/// One metric of the current attempt plotted as SVG (`?metric=NAME[&width=W&height=H]`).
+async fn metrics_svg(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let Some(metric) = q.get("metric").filter(|m| !m.is_empty()) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "metric: name the metric to plot, as in ?metric=val_loss",
+            Some("metric"),
+        ));
+    };
+    let dimension = |key: &str, default: u32, lo: u32, hi: u32| match q.get(key) {
+        None => Ok(default),
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+            _ => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{key}: `{v}` is not a number of pixels from {lo} to {hi}"),
+                Some(key),
+            )),
+        },
+    };
+    let (min, max, default) = (
+        crate::ui::chart::MIN_SIZE,
+        crate::ui::chart::MAX_SIZE,
+        crate::ui::chart::DEFAULT_SIZE,
+    );
+    let size = (
+        dimension("width", default.0, min.0, max.0)?,
+        dimension("height", default.1, min.1, max.1)?,
+    );
+    let (_, series) = metric_series(&state, &id).await?;
+    let Some(points) = series.get(metric.as_str()) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("metric: job `{id}` has reported no metric `{metric}` in this attempt"),
+            Some("metric"),
+        ));
+    };
+    let svg = crate::ui::chart::render(metric, points, size).map_err(|e| {
+        tracing::error!(job = %id, metric = %metric, error = %e, "cannot draw metric plot");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot draw the plot",
+            None,
+        )
+    })?;
+    let mut resp = svg.into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("image/svg+xml"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Opened on its own, the image may run nothing.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    Ok(resp)
 }
 
 /// The best checkpoint of the job's latest attempt that uploaded one, byte for byte.
@@ -335,8 +424,13 @@ fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError
 }
 
 async fn agents(State(state): State<ApiState>) -> impl IntoResponse {
-    let jobs = state.ctl.jobs.all();
-    let mut agents = state.ctl.agents.list();
+    Json(agents_json(&state.ctl))
+}
+
+/// Every agent with the jobs placed on it, as `/api/v1/agents` and `agents` events show them.
+fn agents_json(ctl: &Controller) -> serde_json::Value {
+    let jobs = ctl.jobs.all();
+    let mut agents = ctl.agents.list();
     for a in &mut agents {
         a.jobs = jobs
             .iter()
@@ -344,7 +438,83 @@ async fn agents(State(state): State<ApiState>) -> impl IntoResponse {
             .map(|j| j.id.clone())
             .collect();
     }
-    Json(json!({"agents": agents}))
+    json!({"agents": agents})
+}
+
+/// One server-sent event; `data` is compact JSON, so it holds no newline.
+fn sse_event(kind: &str, data: &impl serde::Serialize) -> Bytes {
+    let data = serde_json::to_string(data).expect("API values always serialize");
+    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+/// Server-sent events: `job` whenever a job changes (every job, or only `?job=ID`, which is also
+/// sent once at the start), `agents` every `EVENTS_HEARTBEAT` (a comment instead with `?job=`).
+/// A change is found by comparing each job with the copy last sent, so two updates within one
+/// millisecond of `updated_at` are not missed.
+async fn events(
+    State(state): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let only = q.get("job").filter(|j| !j.is_empty()).cloned();
+    if let Some(id) = &only
+        && state.ctl.jobs.get(id).is_none()
+    {
+        return Err(ApiError::not_found(id));
+    }
+    let ctl = state.ctl.clone();
+    let shutdown = state.shutdown.clone();
+    let stream = async_stream::stream! {
+        let mut job_rx = ctl.jobs.subscribe();
+        let mut heartbeat = tokio::time::interval(EVENTS_HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent: HashMap<String, Job> = HashMap::new();
+        // Without `?job=` the client lists what it shows; only later changes are sent.
+        let mut announce = only.is_some();
+        loop {
+            job_rx.borrow_and_update();
+            let jobs = match &only {
+                Some(id) => ctl.jobs.get(id).into_iter().collect(),
+                None => ctl.jobs.all(),
+            };
+            for job in jobs {
+                if sent.get(&job.id) != Some(&job) {
+                    if announce {
+                        yield Ok::<_, std::io::Error>(sse_event("job", &job));
+                    }
+                    sent.insert(job.id.clone(), job);
+                }
+            }
+            announce = true;
+            tokio::select! {
+                changed = job_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(EVENTS_COALESCE).await;
+                }
+                _ = heartbeat.tick() => {
+                    if only.is_some() {
+                        yield Ok(Bytes::from_static(b": keep-alive\n\n"));
+                    } else {
+                        yield Ok(sse_event("agents", &agents_json(&ctl)));
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    yield Err(std::io::Error::other("controller shutting down"));
+                    return;
+                }
+            }
+        }
+    };
+    let mut resp = Body::from_stream(stream).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(resp)
 }
 
 /// Plain text, exactly the script's lines. With `follow=true` the body streams until the job is

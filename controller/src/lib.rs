@@ -11,6 +11,7 @@
 //! - `grpc`: the agent-facing `Session` stream.
 //! - `http`: the user-facing JSON API.
 //! - `tokens`: admin and agent join tokens in the data dir.
+//! - `ui`: the web page (embedded static files) and server-rendered metric plots.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +33,7 @@ pub mod reconcile;
 pub mod scheduler;
 pub mod store;
 pub mod tokens;
+pub mod ui;
 
 pub use executor::Controller;
 pub use tokens::{Tokens, ensure_tokens};

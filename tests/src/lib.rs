@@ -2,6 +2,7 @@
 //! over real gRPC and HTTP on loopback, each with its own temp dir.
 //!
 //! - `bench`: helpers of the benchmark (`cargo bench -p runyard-tests --bench bench`).
+//! - `browser`: headless Chromium through chromedriver, for the web page's tests.
 //! - `cluster`: `TestCluster` — start, restart the controller, kill and add agents, HTTP client.
 //! - `fixture`: git repositories made at test time.
 //! - `proxy`: a loopback TCP proxy that can cut and restore connections (network partitions).
@@ -9,6 +10,7 @@
 //! - `fake_nvml`: builds a fake `libnvidia-ml.so` so the real NVML code path runs without a GPU.
 
 pub mod bench;
+pub mod browser;
 pub mod cluster;
 pub mod etcd;
 pub mod fake_nvml;
