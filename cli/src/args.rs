@@ -45,6 +45,8 @@ pub enum Command {
     Stop(JobArgs),
     /// List the agents the controller knows.
     Agents(ClientArgs),
+    /// Download a job's best checkpoint (verified against the controller's sha256).
+    Download(DownloadArgs),
 }
 
 /// Where the client commands find the controller.
@@ -209,8 +211,8 @@ pub struct SubmitArgs {
         allow_hyphen_values = true
     )]
     pub stop_grace: Option<String>,
-    /// Then stream the logs until the job ends; exit 0 if it succeeded, the script's exit code
-    /// if it failed with one, 1 otherwise.
+    /// Then stream the logs until the job ends (with a progress bar on a terminal, as `logs
+    /// -f`); exit 0 if it succeeded, the script's exit code if it failed with one, 1 otherwise.
     #[arg(long, env = "RUNYARD_SUBMIT_FOLLOW")]
     pub follow: bool,
     /// Arguments for the script, after `--`, passed verbatim (never through a shell).
@@ -247,9 +249,30 @@ pub struct LogsArgs {
     pub client: ClientArgs,
     /// Job id.
     pub id: String,
-    /// Keep streaming until the job ends.
+    /// Keep streaming until the job ends. On a terminal, a progress bar stays below the log
+    /// while the job reports training progress (stderr only; piped output is the plain log).
     #[arg(short = 'f', long, env = "RUNYARD_LOGS_FOLLOW")]
     pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Job id.
+    pub id: String,
+    /// Write the checkpoint to FILE (or into FILE if it is a directory). Default: the
+    /// checkpoint's own file name, in the current directory.
+    #[arg(
+        short = 'o',
+        long,
+        env = "RUNYARD_DOWNLOAD_OUTPUT",
+        value_name = "FILE"
+    )]
+    pub output: Option<PathBuf>,
+    /// Replace FILE if it exists (by default an existing file is never touched).
+    #[arg(long, env = "RUNYARD_DOWNLOAD_FORCE")]
+    pub force: bool,
 }
 
 fn parse_status(s: &str) -> Result<JobStatus, String> {
@@ -296,6 +319,22 @@ mod tests {
         assert_eq!(ls.limit, Some(5));
         assert!(Cli::try_parse_from(["runyard", "ls", "--status", "done"]).is_err());
         assert!(Cli::try_parse_from(["runyard", "ls", "--limit", "0"]).is_err());
+    }
+
+    #[test]
+    fn download_takes_an_output_and_force() {
+        let Command::Download(d) =
+            Cli::try_parse_from(["runyard", "download", "01J", "-o", "out.ckpt", "--force"])
+                .unwrap()
+                .command
+        else {
+            panic!("not download");
+        };
+        assert_eq!(
+            (d.id.as_str(), d.output, d.force),
+            ("01J", Some(PathBuf::from("out.ckpt")), true)
+        );
+        assert!(Cli::try_parse_from(["runyard", "download"]).is_err());
     }
 
     #[test]

@@ -271,6 +271,34 @@ impl ApiClient {
         })
     }
 
+    /// `GET /api/v1/jobs/{id}/checkpoint`: the headers now, the bytes through `Checkpoint::chunk`.
+    pub async fn checkpoint(&self, id: &str) -> Result<Checkpoint, ClientError> {
+        let url = self.url(&["api", "v1", "jobs", id, "checkpoint"]);
+        let response = self.send(Method::GET, url.clone(), &[], None, true).await?;
+        let headers = response.headers();
+        let header = |name: reqwest::header::HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let file_name =
+            header(reqwest::header::CONTENT_DISPOSITION).and_then(|v| attachment_name(&v));
+        let sha256 = header(reqwest::header::HeaderName::from_static(
+            "x-checksum-sha256",
+        ))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty());
+        let size = header(reqwest::header::CONTENT_LENGTH).and_then(|s| s.trim().parse().ok());
+        Ok(Checkpoint {
+            file_name,
+            sha256,
+            size,
+            url: url.to_string(),
+            response,
+        })
+    }
+
     /// `GET /api/v1/jobs/{id}/logs`: the body's chunks as they arrive. With `follow` the body
     /// lasts until the job is terminal (or the connection breaks).
     /// The job's log. `from`: an attempt and a byte offset into its log; the stream then ends
@@ -303,6 +331,33 @@ impl ApiClient {
     }
 }
 
+/// The reply of `GET /api/v1/jobs/{id}/checkpoint` before its body is read.
+pub struct Checkpoint {
+    /// The file name from `content-disposition`, if it gave a usable one (no directories).
+    pub file_name: Option<String>,
+    /// `x-checksum-sha256`, lowercase hex.
+    pub sha256: Option<String>,
+    /// `content-length`.
+    pub size: Option<u64>,
+    /// Where the bytes come from, for error messages.
+    pub url: String,
+    response: reqwest::Response,
+}
+
+impl Checkpoint {
+    /// The next chunk of the file; `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        self.response
+            .chunk()
+            .await
+            .map(|c| c.map(|b| b.to_vec()))
+            .map_err(|e| ClientError::Body {
+                url: self.url.clone(),
+                cause: one_line(&cause_of(&e)),
+            })
+    }
+}
+
 /// The token to use: the given one, else the admin token stored in `data_dir` if readable.
 pub fn resolve_token(given: Option<String>, data_dir: Option<&Path>) -> Option<String> {
     if let Some(t) = given.filter(|t| !t.trim().is_empty()) {
@@ -312,6 +367,28 @@ pub fn resolve_token(given: Option<String>, data_dir: Option<&Path>) -> Option<S
     let t = std::fs::read_to_string(path).ok()?;
     let t = t.trim();
     (!t.is_empty()).then(|| t.to_string())
+}
+
+/// The `filename` of a `content-disposition` value, kept only if it is a plain file name: no
+/// directory part, not `.` or `..`, no control characters (a reply cannot choose the directory).
+fn attachment_name(disposition: &str) -> Option<String> {
+    const KEY: &str = "filename=";
+    // ASCII lowercasing keeps byte offsets, so they index the original too.
+    let lower = disposition.to_ascii_lowercase();
+    let (at, _) = lower
+        .match_indices(KEY)
+        .find(|(i, _)| lower[..*i].trim_end().ends_with(';'))?;
+    let rest = disposition[at + KEY.len()..].trim_start();
+    let name = match rest.strip_prefix('"') {
+        Some(quoted) => &quoted[..quoted.find('"')?],
+        None => rest.split(';').next().unwrap_or_default().trim(),
+    };
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control);
+    plain.then(|| name.to_string())
 }
 
 /// The innermost cause of an error chain: for a refused connection this is the OS's words.
@@ -378,6 +455,35 @@ mod tests {
         );
         let e = c.api_error(&url, StatusCode::UNAUTHORIZED, br#"{"error":"bad token"}"#);
         assert!(e.to_string().starts_with("bad token: pass the admin token"));
+    }
+
+    #[test]
+    fn attachment_names_are_plain_file_names() {
+        let name = |v: &str| attachment_name(v);
+        assert_eq!(
+            name(r#"attachment; filename="best.ckpt""#).as_deref(),
+            Some("best.ckpt")
+        );
+        assert_eq!(
+            name("attachment; FileName=epoch=2-step=40.ckpt").as_deref(),
+            Some("epoch=2-step=40.ckpt")
+        );
+        assert_eq!(
+            name(r#"attachment; filename="a; b.ckpt"; size=3"#).as_deref(),
+            Some("a; b.ckpt")
+        );
+        for bad in [
+            "attachment",
+            "attachment; xfilename=a",
+            r#"attachment; filename="""#,
+            r#"attachment; filename="../x""#,
+            r#"attachment; filename="/etc/passwd""#,
+            r#"attachment; filename="..""#,
+            r#"attachment; filename="a\b""#,
+            "attachment; filename=\"a\tb\"",
+        ] {
+            assert_eq!(name(bad), None, "{bad}");
+        }
     }
 
     #[test]

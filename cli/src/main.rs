@@ -5,12 +5,14 @@
 //! - `commands`: the subcommands and their shared error type.
 //! - `client`: the HTTP API client used by the client commands.
 //! - `output`: tables and `key: value` text; safe stdout writes.
+//! - `progress`: the progress bar kept at the bottom of the terminal while following logs.
 //! - `shutdown`: SIGINT/SIGTERM to a root cancellation token for the server commands.
 
 mod args;
 mod client;
 mod commands;
 mod output;
+mod progress;
 mod shutdown;
 
 use std::io::IsTerminal;
@@ -26,6 +28,8 @@ use crate::args::Cli;
 const USAGE_EXIT_CODE: u8 = 2;
 /// Exit code when the reader closed stdout (128 + SIGPIPE, as if killed by it).
 const BROKEN_PIPE_EXIT_CODE: u8 = 141;
+/// Exit code after Ctrl-C (128 + SIGINT, as if killed by it).
+const INTERRUPTED_EXIT_CODE: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => ExitCode::from(code),
         Err(e) if e.is_broken_pipe() => ExitCode::from(BROKEN_PIPE_EXIT_CODE),
+        Err(e) if e.is_interrupted() => ExitCode::from(INTERRUPTED_EXIT_CODE),
         Err(e) => {
             eprintln!("error: {}", client::one_line(&e.to_string()));
             ExitCode::FAILURE

@@ -6,10 +6,14 @@
 use std::io::Write;
 use std::time::Duration;
 
-use runyard_model::{AgentInfo, Job, Timestamp};
+use runyard_model::{AgentInfo, Best, Job, Timestamp};
+
+use crate::progress;
 
 /// Shown for an absent value.
 const NONE: &str = "-";
+/// Significant digits of metrics in `runyard status`.
+const STATUS_DIGITS: usize = 6;
 
 /// Columns left-aligned, two spaces apart, no trailing spaces.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -116,7 +120,7 @@ pub fn job_details(job: &Job, now: Timestamp) -> String {
                 .join(" ")
         }
     };
-    let fields: Vec<(&str, String)> = vec![
+    let mut fields: Vec<(&str, String)> = vec![
         ("id", job.id.clone()),
         ("name", job.name.clone()),
         ("status", job.status.to_string()),
@@ -172,12 +176,121 @@ pub fn job_details(job: &Job, now: Timestamp) -> String {
         ("finished", time(job.finished_at)),
         ("updated", time(Some(job.updated_at))),
     ];
+    fields.extend(training_fields(job));
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     let mut out = String::new();
     for (k, v) in fields {
         out.push_str(&format!("{:<width$} {v}\n", format!("{k}:")));
     }
     out
+}
+
+/// What a training run reported, only the parts it did report: progress, latest metrics, the
+/// best checkpoint and its upload, the environment.
+fn training_fields(job: &Job) -> Vec<(&'static str, String)> {
+    let mut fields = Vec::new();
+    if let Some(p) = &job.progress {
+        fields.push((
+            "progress",
+            format!(
+                "{}, {}%",
+                progress::position(p, ", "),
+                progress::percent(p.fraction)
+            ),
+        ));
+    }
+    if !job.metrics.is_empty() {
+        let metrics: Vec<String> = job
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k}={}", number(*v)))
+            .collect();
+        fields.push(("metrics", metrics.join(" ")));
+    }
+    if let Some(best) = &job.best {
+        fields.push(("best", best_text(best)));
+        fields.push((
+            "checkpoint",
+            checkpoint_text(best, job.status.is_terminal()),
+        ));
+    }
+    if let Some(env) = &job.environment {
+        fields.push((
+            "environment",
+            format!(
+                "{}, {} packages, built in {:.1}s",
+                env.installer,
+                env.packages.len(),
+                env.seconds
+            ),
+        ));
+    }
+    fields
+}
+
+/// A metric or score as `status` shows it: six significant digits (`--json` has them all).
+fn number(v: f64) -> String {
+    progress::significant(v, STATUS_DIGITS)
+}
+
+/// `val_loss=0.41 (min), epoch 2, step 40`.
+fn best_text(best: &Best) -> String {
+    let mut parts = Vec::new();
+    match (&best.monitor, best.score) {
+        (Some(m), Some(score)) => parts.push(format!("{m}={}", number(score))),
+        (Some(m), None) => parts.push(format!("{m} (no score yet)")),
+        (None, Some(score)) => parts.push(format!("score {}", number(score))),
+        (None, None) => parts.push("last saved (no monitor)".to_string()),
+    }
+    if let Some(mode) = &best.mode {
+        parts[0].push_str(&format!(" ({mode})"));
+    }
+    if let Some(epoch) = best.epoch {
+        parts.push(format!("epoch {epoch}"));
+    }
+    if let Some(step) = best.step {
+        parts.push(format!("step {step}"));
+    }
+    parts.join(", ")
+}
+
+/// `best.ckpt, 1.2 MiB (1234567 bytes), sha256 ...`, or why it is not there.
+fn checkpoint_text(best: &Best, terminal: bool) -> String {
+    let name = best
+        .path
+        .rsplit(['/', '\\'])
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(&best.path);
+    if let Some(error) = &best.upload_error {
+        return format!("{name}: upload failed: {error}");
+    }
+    match best.size {
+        Some(n) => {
+            let mut s = format!("{name}, {}", size(n));
+            if let Some(sha) = &best.sha256 {
+                s.push_str(&format!(", sha256 {sha}"));
+            }
+            s
+        }
+        None if terminal => format!("{name}, not uploaded"),
+        None => format!("{name}, uploaded when the job ends"),
+    }
+}
+
+/// `12 bytes`, or `1.2 MiB (1234567 bytes)`.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {} ({bytes} bytes)", UNITS[unit])
 }
 
 /// The final line `submit --follow` writes to stderr.
@@ -310,6 +423,78 @@ ID   NAME                STATUS   COMPUTE    AGENT      AGE
         assert_eq!(at(48 * 3600), "2d");
         // A clock behind the server's shows 0s, not a panic.
         assert_eq!(age(NOW, Timestamp(NOW.0 + 10_000)), "0s");
+    }
+
+    #[test]
+    fn details_show_what_a_training_run_reported() {
+        let mut j = job("01T", "train");
+        let plain = job_details(&j, NOW);
+        for key in [
+            "progress:",
+            "metrics:",
+            "best:",
+            "checkpoint:",
+            "environment:",
+        ] {
+            assert!(
+                !plain.contains(key),
+                "{key} shown without a report:\n{plain}"
+            );
+        }
+        j.status = JobStatus::Succeeded;
+        j.progress = Some(runyard_model::Progress {
+            epoch: 2,
+            max_epochs: Some(3),
+            step: 40,
+            max_steps: Some(60),
+            fraction: 40.0 / 60.0,
+        });
+        j.metrics.insert("val_loss".into(), 0.41);
+        j.metrics.insert("acc".into(), 0.875);
+        j.metrics.insert("lr".into(), 1.0 / 3.0);
+        j.best = Some(Best {
+            monitor: Some("val_loss".into()),
+            mode: Some("min".into()),
+            score: Some(0.41),
+            path: "/jobs/01T/ckpt/epoch=2-step=40.ckpt".into(),
+            size: Some(1_572_864),
+            sha256: Some("ab12".into()),
+            epoch: Some(2),
+            step: Some(40),
+            upload_error: None,
+        });
+        j.environment = Some(runyard_model::Environment {
+            installer: "uv".into(),
+            packages: vec!["numpy==2.1.0".into(), "six==1.16.0".into()],
+            seconds: 1.94,
+        });
+        let d = job_details(&j, NOW);
+        for line in [
+            "progress:          epoch 2/3, step 40/60, 67%",
+            "metrics:           acc=0.875 lr=0.333333 val_loss=0.41",
+            "best:              val_loss=0.41 (min), epoch 2, step 40",
+            "checkpoint:        epoch=2-step=40.ckpt, 1.5 MiB (1572864 bytes), sha256 ab12",
+            "environment:       uv, 2 packages, built in 1.9s",
+        ] {
+            assert!(d.lines().any(|l| l == line), "missing {line:?} in\n{d}");
+        }
+        let best = j.best.as_mut().unwrap();
+        best.upload_error = Some("file is gone".into());
+        let d = job_details(&j, NOW);
+        assert!(
+            d.lines().any(
+                |l| l == "checkpoint:        epoch=2-step=40.ckpt: upload failed: file is gone"
+            ),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size(0), "0 bytes");
+        assert_eq!(size(1023), "1023 bytes");
+        assert_eq!(size(1536), "1.5 KiB (1536 bytes)");
+        assert_eq!(size(3 << 30), "3.0 GiB (3221225472 bytes)");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -685,4 +686,456 @@ async fn logs_follow_resumes_without_duplicates_after_a_cut() {
             "/api/v1/jobs/01CUT?",
         ]
     );
+}
+
+/// A job that reported training progress, metrics, a best checkpoint and its environment.
+fn training_job(id: &str, status: JobStatus) -> Job {
+    let mut j = job(id, status);
+    j.progress = Some(runyard_model::Progress {
+        epoch: 2,
+        max_epochs: Some(3),
+        step: 40,
+        max_steps: Some(60),
+        fraction: 40.0 / 60.0,
+    });
+    j.metrics.insert("val_loss".into(), 0.41);
+    j.metrics.insert("acc".into(), 0.875);
+    j.best = Some(runyard_model::Best {
+        monitor: Some("val_loss".into()),
+        mode: Some("min".into()),
+        score: Some(0.41),
+        path: "/agent/jobs/x/checkpoints/epoch=2-step=40.ckpt".into(),
+        size: Some(2048),
+        sha256: Some("9f86d081884c7d65".into()),
+        epoch: Some(2),
+        step: Some(40),
+        upload_error: None,
+    });
+    j.environment = Some(runyard_model::Environment {
+        installer: "uv".into(),
+        packages: vec![
+            "numpy==2.1.0".into(),
+            "torch==2.5.0".into(),
+            "six==1.16.0".into(),
+        ],
+        seconds: 2.04,
+    });
+    j
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_progress_metrics_best_and_environment() {
+    let mut failed_upload = training_job("01UP", JobStatus::Succeeded);
+    failed_upload.best.as_mut().unwrap().upload_error = Some("checkpoint file is gone".into());
+    let reply = serde_json::to_value(training_job("01TRAIN", JobStatus::Running)).unwrap();
+    let failed_upload = serde_json::to_value(failed_upload).unwrap();
+    let router = Router::new()
+        .route(
+            "/api/v1/jobs/01TRAIN",
+            get(move || async move { json_response(StatusCode::OK, reply) }),
+        )
+        .route(
+            "/api/v1/jobs/01UP",
+            get(move || async move { json_response(StatusCode::OK, failed_upload) }),
+        )
+        .route(
+            "/api/v1/jobs/01PLAIN",
+            get(|| async {
+                json_response(
+                    StatusCode::OK,
+                    serde_json::to_value(job("01PLAIN", JobStatus::Running)).unwrap(),
+                )
+            }),
+        );
+    let mock = Mock::start(router).await;
+    let home = tempfile::tempdir().unwrap();
+    let status = |id: &'static str| {
+        let out = output(runyard(&home, &["status", id, "--controller", &mock.url]));
+        async move {
+            let out = out.await;
+            assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+            text(&out.stdout)
+        }
+    };
+    let stdout = status("01TRAIN").await;
+    for line in [
+        "progress:          epoch 2/3, step 40/60, 67%",
+        "metrics:           acc=0.875 val_loss=0.41",
+        "best:              val_loss=0.41 (min), epoch 2, step 40",
+        "checkpoint:        epoch=2-step=40.ckpt, 2.0 KiB (2048 bytes), sha256 9f86d081884c7d65",
+        "environment:       uv, 3 packages, built in 2.0s",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing {line:?} in\n{stdout}"
+        );
+    }
+    let stdout = status("01UP").await;
+    assert!(
+        stdout.lines().any(|l| l
+            == "checkpoint:        epoch=2-step=40.ckpt: upload failed: checkpoint file is gone"),
+        "{stdout}"
+    );
+    // A job that reported nothing has none of these lines.
+    let stdout = status("01PLAIN").await;
+    for key in [
+        "progress:",
+        "metrics:",
+        "best:",
+        "checkpoint:",
+        "environment:",
+    ] {
+        assert!(!stdout.contains(key), "{key} in\n{stdout}");
+    }
+}
+
+/// Serves `body` as job 01CKPT's checkpoint in small chunks, announcing `sha256`.
+fn checkpoint_router(body: Vec<u8>, sha256: String) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/jobs/01CKPT/checkpoint",
+            get(move || {
+                let body = body.clone();
+                let sha256 = sha256.clone();
+                async move {
+                    let len = body.len();
+                    let chunks: Vec<Result<Bytes, Infallible>> = body
+                        .chunks(64 * 1024)
+                        .map(|c| Ok(Bytes::copy_from_slice(c)))
+                        .collect();
+                    (
+                        [
+                            ("content-type", "application/octet-stream".to_string()),
+                            ("content-length", len.to_string()),
+                            (
+                                "content-disposition",
+                                r#"attachment; filename="epoch=2-step=40.ckpt""#.to_string(),
+                            ),
+                            ("x-checksum-sha256", sha256),
+                        ],
+                        Body::from_stream(futures::stream::iter(chunks)),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/api/v1/jobs/{id}/checkpoint",
+            get(|| async {
+                json_response(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": "job `01NONE` has no checkpoint: the script reported none", "field": null}),
+                )
+            }),
+        )
+}
+
+/// This process's umask (children inherit it), from `/proc/self/status`.
+fn umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let value = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .expect("no Umask line");
+    u32::from_str_radix(value.trim(), 8).unwrap()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Names of the files in `dir`, sorted.
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_streams_the_checkpoint_byte_for_byte() {
+    // 1 MiB + a bit of non-repeating bytes, sent in 64 KiB chunks.
+    let body: Vec<u8> = (0..(1u32 << 20) + 12_345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mock = Mock::start(checkpoint_router(body.clone(), sha256_hex(&body))).await;
+    let home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+
+    // Default: the checkpoint's own name, in the current directory.
+    let mut cmd = runyard(&home, &["download", "01CKPT", "--controller", &mock.url]);
+    cmd.current_dir(cwd.path());
+    let out = output(cmd).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "saved epoch=2-step=40.ckpt, 1.0 MiB (1060921 bytes)\n"
+    );
+    assert!(out.stderr.is_empty(), "stderr: {}", text(&out.stderr));
+    let path = cwd.path().join("epoch=2-step=40.ckpt");
+    let saved = std::fs::read(&path).unwrap();
+    assert!(saved == body, "the saved bytes differ from the served ones");
+    // An ordinary file's mode: the umask decides, not a temp file's 0600.
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666 & !umask(), "mode {mode:o}");
+    assert_eq!(files_in(cwd.path()), ["epoch=2-step=40.ckpt"]);
+
+    // -o FILE and --json.
+    let target = cwd.path().join("sub");
+    std::fs::create_dir(&target).unwrap();
+    let file = target.join("model.ckpt");
+    let out = output(runyard(
+        &home,
+        &[
+            "download",
+            "01CKPT",
+            "--controller",
+            &mock.url,
+            "-o",
+            file.to_str().unwrap(),
+            "--json",
+        ],
+    ))
+    .await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        printed,
+        json!({"path": file.to_str().unwrap(), "size": body.len(), "sha256": sha256_hex(&body)})
+    );
+    assert!(std::fs::read(&file).unwrap() == body);
+    // -o DIR: the checkpoint's name inside it.
+    let out = output(runyard(
+        &home,
+        &[
+            "download",
+            "01CKPT",
+            "--controller",
+            &mock.url,
+            "-o",
+            target.to_str().unwrap(),
+        ],
+    ))
+    .await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(files_in(&target), ["epoch=2-step=40.ckpt", "model.ckpt"]);
+    let seen = mock.seen();
+    assert!(
+        seen.iter()
+            .all(|s| s.method == "GET" && s.path == "/api/v1/jobs/01CKPT/checkpoint"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_refuses_a_checksum_mismatch_and_leaves_no_file() {
+    let body = b"these bytes were corrupted on the way".to_vec();
+    let mock = Mock::start(checkpoint_router(body, sha256_hex(b"the original bytes"))).await;
+    let home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut cmd = runyard(&home, &["download", "01CKPT", "--controller", &mock.url]);
+    cmd.current_dir(cwd.path());
+    let out = output(cmd).await;
+    let line = one_error_line(&out);
+    assert!(
+        line.starts_with(&format!(
+            "error: checksum mismatch: the controller announced sha256 {}",
+            sha256_hex(b"the original bytes")
+        )),
+        "{line}"
+    );
+    assert!(line.ends_with("nothing was saved"), "{line}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        files_in(cwd.path()),
+        Vec::<String>::new(),
+        "no file, no temp file"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_without_a_checkpoint_is_the_api_reason() {
+    let mock = Mock::start(checkpoint_router(vec![], String::new())).await;
+    let home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut cmd = runyard(&home, &["download", "01NONE", "--controller", &mock.url]);
+    cmd.current_dir(cwd.path());
+    let out = output(cmd).await;
+    assert_eq!(
+        one_error_line(&out),
+        "error: job `01NONE` has no checkpoint: the script reported none"
+    );
+    assert_eq!(files_in(cwd.path()), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_never_overwrites_without_force() {
+    let body = b"new checkpoint".to_vec();
+    let mock = Mock::start(checkpoint_router(body.clone(), sha256_hex(&body))).await;
+    let home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let existing = cwd.path().join("epoch=2-step=40.ckpt");
+    std::fs::write(&existing, "precious").unwrap();
+    let mut cmd = runyard(&home, &["download", "01CKPT", "--controller", &mock.url]);
+    cmd.current_dir(cwd.path());
+    let out = output(cmd).await;
+    assert_eq!(
+        one_error_line(&out),
+        "error: epoch=2-step=40.ckpt exists: pass --force to replace it, or -o to write elsewhere"
+    );
+    assert_eq!(std::fs::read_to_string(&existing).unwrap(), "precious");
+    assert_eq!(files_in(cwd.path()), ["epoch=2-step=40.ckpt"]);
+
+    let mut cmd = runyard(
+        &home,
+        &["download", "01CKPT", "--controller", &mock.url, "--force"],
+    );
+    cmd.current_dir(cwd.path());
+    let out = output(cmd).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(std::fs::read(&existing).unwrap(), body);
+    assert_eq!(files_in(cwd.path()), ["epoch=2-step=40.ckpt"]);
+}
+
+/// Job 01BAR: its log in two parts 1.5 s apart (time for a progress poll), and a job that
+/// reports progress and metrics.
+fn progress_router() -> Router {
+    use futures::StreamExt;
+    let reply = serde_json::to_value(training_job("01BAR", JobStatus::Succeeded)).unwrap();
+    Router::new()
+        .route(
+            "/api/v1/jobs/01BAR/logs",
+            get(|| async {
+                let parts = futures::stream::iter(["epoch 1 loss 0.5\n", "epoch 2 loss 0.25\n"])
+                    .enumerate()
+                    .then(|(i, part)| async move {
+                        if i > 0 {
+                            tokio::time::sleep(Duration::from_millis(1500)).await;
+                        }
+                        Ok::<_, Infallible>(Bytes::from(part))
+                    });
+                Body::from_stream(parts)
+            }),
+        )
+        .route(
+            "/api/v1/jobs/01BAR",
+            get(move || async move { json_response(StatusCode::OK, reply) }),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piped_logs_have_no_progress_bar_and_no_polling() {
+    let mock = Mock::start(progress_router()).await;
+    let home = tempfile::tempdir().unwrap();
+    let out = output(runyard(
+        &home,
+        &["logs", "-f", "01BAR", "--controller", &mock.url],
+    ))
+    .await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "epoch 1 loss 0.5\nepoch 2 loss 0.25\n");
+    assert!(out.stderr.is_empty(), "stderr: {:?}", text(&out.stderr));
+    let paths: Vec<String> = mock.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/jobs/01BAR",
+            "/api/v1/jobs/01BAR/logs",
+            "/api/v1/jobs/01BAR"
+        ]
+    );
+}
+
+/// A pseudo-terminal `columns` wide: (controller side, terminal side).
+fn pty(columns: u16) -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut controller, mut terminal) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: columns,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors through valid pointers and reads `size`; the name
+    // and termios pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [controller, terminal] {
+        // SAFETY: fcntl on descriptors we own. Close-on-exec keeps them out of the children
+        // other tests start meanwhile (ours gets the terminal through dup2, which clears it).
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(rc, 0, "fcntl: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(controller),
+            std::os::fd::OwnedFd::from_raw_fd(terminal),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_a_progress_bar_stays_below_the_log() {
+    let mock = Mock::start(progress_router()).await;
+    let home = tempfile::tempdir().unwrap();
+    let (mut screen, terminal) = pty(60);
+    let mut cmd = runyard(&home, &["logs", "-f", "01BAR", "--controller", &mock.url]);
+    cmd.stdout(Stdio::from(terminal.try_clone().unwrap()))
+        .stderr(Stdio::from(terminal));
+    let mut child = cmd.spawn().unwrap();
+    // Our copies of the terminal side close with `cmd`: the screen then ends with the child.
+    drop(cmd);
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the child (the last holder of the terminal side) is gone.
+        while let Ok(n) = screen.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    });
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("runyard did not finish in time")
+        .unwrap();
+    let seen = tokio::time::timeout(DEADLINE, tokio::task::spawn_blocking(move || reader.join()))
+        .await
+        .expect("the terminal did not close")
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let screen = text(&seen);
+    const CLEAR: &str = "\r\x1b[2K";
+    // 59 of 60 columns: the metric is cut, never wrapped.
+    let bar = "[#############.......] 67% epoch 2/3 step 40/60 val_loss=0.";
+    assert!(screen.contains(&format!("{CLEAR}{bar}")), "{screen:?}");
+    assert!(!screen.contains("val_loss=0.41"), "{screen:?}");
+    // The bar is cleared before the log line, the line is written, the bar comes back.
+    assert!(
+        screen.contains(&format!("{bar}{CLEAR}epoch 2 loss 0.25\r\n{CLEAR}{bar}")),
+        "{screen:?}"
+    );
+    // At the end the bar is gone and the log is intact.
+    assert!(screen.ends_with(&format!("{bar}{CLEAR}")), "{screen:?}");
+    let plain = screen.replace(CLEAR, "\n").replace(bar, "");
+    let log: Vec<&str> = plain
+        .split(['\r', '\n'])
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(log, ["epoch 1 loss 0.5", "epoch 2 loss 0.25"], "{screen:?}");
 }

@@ -3,7 +3,8 @@
 //! Log following survives a broken connection: logs are append-only, so after reconnecting the
 //! bytes already written are skipped and nothing is printed twice or lost. Following ends only
 //! when the stream ends cleanly *and* the job is terminal (the controller makes a job's logs
-//! complete before its terminal state is visible).
+//! complete before its terminal state is visible). While following on a terminal, the job is
+//! also polled for its progress bar (`progress`); piped output is exactly the log.
 
 use std::pin::pin;
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use super::{CommandError, client_for};
 use crate::args::{ClientArgs, JobArgs, LogsArgs, LsArgs};
 use crate::client::{ApiClient, ClientError};
 use crate::output;
+use crate::progress::FollowDisplay;
 
 /// How often a pending job is polled for its first attempt.
 const PENDING_POLL: Duration = Duration::from_millis(250);
@@ -119,8 +121,28 @@ pub async fn logs(args: LogsArgs) -> Result<u8, CommandError> {
 /// Follows one attempt at a time by attempt number and byte offset, so a reconnect (controller
 /// restart, network cut) resumes exactly where it broke: no line lost, none printed twice. When
 /// the job moves on to a new attempt (its agent was lost, or a retry), a note goes to stderr and
-/// the new attempt's log follows.
+/// the new attempt's log follows. On a terminal, a progress bar stays below the log while the
+/// job reports progress; it is gone from the screen when this returns (also after Ctrl-C).
 pub async fn follow_logs(client: &ApiClient, id: &str) -> Result<Job, CommandError> {
+    let display = FollowDisplay::start(client, id);
+    let result = if display.has_bar() {
+        // Ctrl-C would leave the bar on the screen: take it away first.
+        tokio::select! {
+            result = follow(client, id, &display) => result,
+            _ = tokio::signal::ctrl_c() => Err(CommandError::Interrupted),
+        }
+    } else {
+        follow(client, id, &display).await
+    };
+    display.finish().await;
+    result
+}
+
+async fn follow(
+    client: &ApiClient,
+    id: &str,
+    display: &FollowDisplay,
+) -> Result<Job, CommandError> {
     let mut backoff = RECONNECT_MIN;
     let mut last_contact = Instant::now();
     let mut ever_connected = false;
@@ -147,7 +169,9 @@ pub async fn follow_logs(client: &ApiClient, id: &str) -> Result<Job, CommandErr
                 }),
                 Err(e) => return Err(e.into()),
             },
-            Some((attempt, ref mut offset)) => follow_once(client, id, attempt, offset).await,
+            Some((attempt, ref mut offset)) => {
+                follow_once(client, id, attempt, offset, display).await
+            }
         };
         match step {
             Ok(()) => {
@@ -159,11 +183,11 @@ pub async fn follow_logs(client: &ApiClient, id: &str) -> Result<Job, CommandErr
                         let job = reply.value;
                         let current = pos.map_or(0, |p| p.0);
                         if job.attempt > current {
-                            eprintln!(
+                            display.note(&format!(
                                 "── attempt {} of job {id} ({}) ──",
                                 job.attempt,
                                 job.reason.as_deref().unwrap_or("placed again")
-                            );
+                            ));
                             pos = Some((job.attempt, 0));
                             continue;
                         }
@@ -216,6 +240,7 @@ async fn follow_once(
     id: &str,
     attempt: u32,
     offset: &mut u64,
+    display: &FollowDisplay,
 ) -> Result<(), FollowError> {
     let stream = client
         .logs(id, true, Some((attempt, *offset)))
@@ -236,7 +261,9 @@ async fn follow_once(
             cause,
             progressed: true,
         })?;
-        output::write_stdout(&chunk).map_err(|e| FollowError::Fatal(CommandError::Stdout(e)))?;
+        display
+            .log(&chunk)
+            .map_err(|e| FollowError::Fatal(CommandError::Stdout(e)))?;
         *offset += chunk.len() as u64;
     }
     Ok(())

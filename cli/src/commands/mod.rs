@@ -4,6 +4,7 @@
 //! - `agent`: `agent`, its `--compute` list and host facts.
 //! - `submit`: flags and `-f` file to a job spec, submit, optionally follow.
 //! - `jobs`: `ls`, `status`, `logs`, `stop`, `agents`.
+//! - `download`: `download` (the best checkpoint, verified, to a local file).
 //!
 //! Invariant: every command returns the process exit code or a `CommandError` whose message is
 //! one line; `main` prints it as `error: <message>`.
@@ -16,6 +17,7 @@ use crate::args::{ClientArgs, Command};
 use crate::client::{ApiClient, ClientError, resolve_token};
 
 pub mod agent;
+pub mod download;
 pub mod jobs;
 pub mod serve;
 pub mod submit;
@@ -67,12 +69,30 @@ pub enum CommandError {
     CursorLoop(String),
     #[error("lost the log stream of job {id} and could not reconnect: {cause}")]
     LogStream { id: String, cause: String },
+    #[error("{0} exists: pass --force to replace it, or -o to write elsewhere")]
+    Exists(PathBuf),
+    #[error("cannot save the checkpoint to {path}: {cause}")]
+    Save { path: PathBuf, cause: String },
+    #[error(
+        "checksum mismatch: the controller announced sha256 {expected}, the bytes received hash to {actual}; nothing was saved"
+    )]
+    Checksum { expected: String, actual: String },
+    #[error("the download ended after {received} of {expected} bytes; nothing was saved (retry)")]
+    Truncated { expected: u64, received: u64 },
+    /// Ctrl-C: the command cleaned up and stops with exit code 130, without a message.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl CommandError {
     /// Stdout was closed by the reader (e.g. `| head`): not worth an error message.
     pub fn is_broken_pipe(&self) -> bool {
         matches!(self, CommandError::Stdout(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+
+    /// The user pressed Ctrl-C: exit like a process killed by SIGINT, with no message.
+    pub fn is_interrupted(&self) -> bool {
+        matches!(self, CommandError::Interrupted)
     }
 }
 
@@ -88,6 +108,7 @@ pub async fn run(command: Command) -> Result<u8, CommandError> {
         Command::Logs(a) => jobs::logs(a).await,
         Command::Stop(a) => jobs::stop(a).await,
         Command::Agents(a) => jobs::agents(a).await,
+        Command::Download(a) => download::download(a).await,
     }
 }
 
