@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub mod attempts;
+pub mod cache;
 pub mod checkout;
 pub mod gpu;
 pub mod process;

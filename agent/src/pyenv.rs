@@ -12,23 +12,32 @@
 //!   (last 20 lines, at most 4 KiB), which names the requirement that failed.
 //! - Cancellation: installer processes are killed when the `prepare` future is dropped
 //!   (`kill_on_drop`); there is no token.
+//! - [`bootstrap_uv`] installs uv at most once per tools dir: under an exclusive file lock, into
+//!   a temporary venv renamed into place only once its `uv --version` runs, so a crash or a
+//!   concurrent agent never leaves or sees a half-installed uv.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Name of the venv directory inside a job directory.
 pub const VENV_DIR: &str = "venv";
 /// File the spec's requirements are written to inside a job directory.
 pub const REQUIREMENTS_FILE: &str = "requirements.runyard.txt";
+/// Directory of the bootstrapped uv (a venv) inside the agent's tools dir.
+pub const UV_TOOL_DIR: &str = "uv";
+/// Longest a uv bootstrap may take (a venv and a ~20 MB download).
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest `uv --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many of the installer's last output lines an error keeps.
 const TAIL_LINES: usize = 20;
 /// At most this many bytes of installer output in an error.
@@ -100,6 +109,11 @@ impl EnvBuilder {
             uv: None,
             cache_dir: PathBuf::new(),
         }
+    }
+
+    /// The uv binary environments are built with, if any (also what cache sweeps prune with).
+    pub fn uv(&self) -> Option<&Path> {
+        self.uv.as_deref()
     }
 
     /// The installer venvs are built with: `"uv"` or `"pip"`.
@@ -288,7 +302,7 @@ impl EnvBuilder {
 }
 
 /// The first executable file named `name` in `PATH`.
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -298,6 +312,158 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
                 .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
                 .unwrap_or(false)
         })
+}
+
+/// Installs uv for an agent that has none: `python -m venv <tools_dir>/uv`, then `pip install
+/// uv` into it (from the package index pip is configured with), and returns the path of its
+/// `bin/uv`. Idempotent: an installed uv that runs `uv --version` is reused. Concurrent-safe
+/// across tasks and processes (see the module invariants). Only `bin/uv` is meant to be used:
+/// it is a standalone binary, while the venv's other scripts keep the temporary path they were
+/// installed under. Bounded by five minutes.
+///
+/// On error the caller falls back to pip; nothing half-installed is left under `uv`.
+pub async fn bootstrap_uv(python: &Path, tools_dir: &Path) -> Result<PathBuf, EnvError> {
+    let dir = tools_dir.join(UV_TOOL_DIR);
+    let uv = dir.join("bin").join("uv");
+    if let Some(version) = uv_version(&uv).await {
+        debug!(uv = %uv.display(), %version, "uv already installed");
+        return Ok(uv);
+    }
+    let started = Instant::now();
+    let built = tokio::time::timeout(BOOTSTRAP_TIMEOUT, install_uv(python, tools_dir, &dir)).await;
+    let version = match built {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(EnvError::Install {
+                installer: "pip",
+                status: format!("timed out after {} s", BOOTSTRAP_TIMEOUT.as_secs()),
+                output: String::new(),
+            });
+        }
+    };
+    info!(
+        uv = %uv.display(),
+        %version,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "uv installed"
+    );
+    Ok(uv)
+}
+
+/// The installing part of [`bootstrap_uv`]: lock, re-check, build, rename. Returns the version.
+async fn install_uv(python: &Path, tools_dir: &Path, dir: &Path) -> Result<String, EnvError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EnvError::Io { what, path, source }
+    };
+    tokio::fs::create_dir_all(tools_dir)
+        .await
+        .map_err(io("cannot create the tools dir", tools_dir))?;
+    let lock_path = tools_dir.join(format!("{UV_TOOL_DIR}.lock"));
+    let open_path = lock_path.clone();
+    // Held until this function returns (closing the file releases the lock).
+    let _lock = tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&open_path)?;
+        f.lock()?;
+        Ok::<_, std::io::Error>(f)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))
+    .and_then(|r| r)
+    .map_err(io("cannot lock", &lock_path))?;
+
+    let uv = dir.join("bin").join("uv");
+    // Someone else may have installed it while we waited for the lock.
+    if let Some(version) = uv_version(&uv).await {
+        return Ok(version);
+    }
+    // Under the lock nobody else builds: any temporary dir is a crashed attempt's.
+    let tmp_prefix = format!("{UV_TOOL_DIR}.tmp-");
+    let mut entries = tokio::fs::read_dir(tools_dir)
+        .await
+        .map_err(io("cannot list", tools_dir))?;
+    while let Ok(Some(e)) = entries.next_entry().await {
+        if e.file_name().to_string_lossy().starts_with(&tmp_prefix)
+            && let Err(error) = tokio::fs::remove_dir_all(e.path()).await
+        {
+            warn!(path = %e.path().display(), %error, "cannot remove an interrupted uv install");
+        }
+    }
+    let tmp = tools_dir.join(format!("{tmp_prefix}{}", std::process::id()));
+    let out = Output::new(None);
+    let mut cmd = Command::new(python);
+    cmd.current_dir(tools_dir).args(["-m", "venv"]).arg(&tmp);
+    run(cmd, python, &out)
+        .await?
+        .map_err(|(status, output)| EnvError::Venv {
+            installer: "pip",
+            status,
+            output,
+        })?;
+    let tmp_python = tmp.join("bin").join("python");
+    let mut cmd = Command::new(&tmp_python);
+    cmd.current_dir(tools_dir)
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        .env("PIP_NO_INPUT", "1")
+        .env_remove("VIRTUAL_ENV")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-cache-dir",
+            "--progress-bar",
+            "off",
+            "uv",
+        ]);
+    run(cmd, &tmp_python, &out)
+        .await?
+        .map_err(|(status, output)| EnvError::Install {
+            installer: "pip",
+            status,
+            output,
+        })?;
+    let not_running = |path: &Path| EnvError::Install {
+        installer: "pip",
+        status: "installed, but `uv --version` fails".into(),
+        output: path.display().to_string(),
+    };
+    let tmp_uv = tmp.join("bin").join("uv");
+    if uv_version(&tmp_uv).await.is_none() {
+        return Err(not_running(&tmp_uv));
+    }
+    // What is there does not run (checked under the lock): replace it.
+    if tokio::fs::symlink_metadata(dir).await.is_ok() {
+        tokio::fs::remove_dir_all(dir)
+            .await
+            .map_err(io("cannot remove a broken uv install", dir))?;
+    }
+    tokio::fs::rename(&tmp, dir)
+        .await
+        .map_err(io("cannot move uv into place at", dir))?;
+    uv_version(&uv).await.ok_or_else(|| not_running(&uv))
+}
+
+/// `uv --version` of the binary at `uv`, or `None` when it is missing or does not run.
+async fn uv_version(uv: &Path) -> Option<String> {
+    if !uv.is_file() {
+        return None;
+    }
+    let out = Command::new(uv)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(VERSION_TIMEOUT, out)
+        .await
+        .ok()?
+        .ok()?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !version.is_empty()).then_some(version)
 }
 
 /// Installer output of one `prepare`: the tail kept for errors, and the optional line sink.
@@ -449,5 +615,7 @@ mod tests {
     fn explicit_uv_wins_and_installer_reports_it() {
         let b = EnvBuilder::new("python3".into(), Some("/opt/uv".into()), "/tmp/c".into());
         assert_eq!(b.installer(), "uv");
+        assert_eq!(b.uv(), Some(Path::new("/opt/uv")));
+        assert_eq!(EnvBuilder::pip("python3".into()).uv(), None);
     }
 }
