@@ -111,7 +111,9 @@ impl CheckoutCache {
         let oid = spawn_git(move || {
             // The guard moves here so it is released only when the blocking work ends.
             let _guard = guard;
-            update_and_resolve(&root, &mirror_dir, &url, &rev, &token)
+            let oid = update_and_resolve(&root, &mirror_dir, &url, &rev, &token)?;
+            let _ = crate::cache::touch_mirror(&mirror_dir);
+            Ok(oid)
         })
         .await?;
         if cancel.is_cancelled() {

@@ -3,6 +3,7 @@
 //!
 //! - `session`: the gRPC session with the controller (register, heartbeat, pump, reconnect).
 //! - `attempts`: the attempts this agent holds, their statuses and stop channels.
+//! - `cache`: disk hygiene: cache size limit (LRU sweeps), free-space and disk-full checks.
 //! - `runner`: one attempt's lifecycle: checkout, environment, process, report.
 //! - `spool`: per-attempt on-disk log spool, kept until the controller acknowledges lines.
 //! - `checkout`: bare mirror cache and per-job working trees (git2).
@@ -16,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 pub mod attempts;
 pub mod cache;
@@ -55,7 +56,15 @@ pub struct Config {
     /// uv's shared cache; `None`: `<data_dir>/uv-cache`. Keep it on the data dir's file system
     /// so venvs are hardlinked from it.
     pub uv_cache: Option<PathBuf>,
+    /// Limit on the caches (mirrors, uv cache, leftover job dirs) in bytes; `None`:
+    /// [`cache::DEFAULT_CACHE_PERCENT`] of the space they can use at start.
+    pub cache_size: Option<u64>,
+    /// New jobs fail ("disk full") while the data dir's file system has less free space.
+    pub min_free: u64,
 }
+
+/// How often the caches are swept besides before each job.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -114,6 +123,30 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         .await
         .expect("reporter install panicked")
         .map_err(data_err)?;
+    let uv = match config.uv.clone().or_else(|| pyenv::find_on_path("uv")) {
+        Some(uv) => Some(uv),
+        None => match pyenv::bootstrap_uv(&config.python, &data_dir.join("tools")).await {
+            Ok(uv) => Some(uv),
+            Err(error) => {
+                warn!(%error, "cannot install uv; environments are built with pip");
+                None
+            }
+        },
+    };
+    let uv_cache = config
+        .uv_cache
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("uv-cache"));
+    let janitor = {
+        let (dir, uv_cache, size) = (data_dir.clone(), uv_cache.clone(), config.cache_size);
+        tokio::task::spawn_blocking(move || match size {
+            Some(max) => Ok(cache::Janitor::new(dir, uv_cache, max)),
+            None => cache::Janitor::with_default_limit(dir, uv_cache),
+        })
+        .await
+        .expect("cache measurement panicked")
+        .map_err(data_err)?
+    };
     let svc = Arc::new(runner::Services {
         reporter_dir,
         agent_name: config.name.clone(),
@@ -122,16 +155,27 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         identity,
         jobs_dir,
         checkouts: checkout::CheckoutCache::new(config.data_dir.join("mirrors")),
-        envs: pyenv::EnvBuilder::new(
-            config.python.clone(),
-            config.uv.clone(),
-            config
-                .uv_cache
-                .clone()
-                .unwrap_or_else(|| config.data_dir.join("uv-cache")),
-        ),
+        envs: pyenv::EnvBuilder::new(config.python.clone(), uv, uv_cache),
         attempts: attempts::Attempts::default(),
+        janitor: Arc::new(janitor),
+        in_use: cache::InUse::default(),
+        min_free: config.min_free,
     });
+    let sweeper = {
+        let (svc, cancel) = (svc.clone(), cancel.clone());
+        tokio::spawn(
+            async move {
+                loop {
+                    runner::sweep_caches(&svc).await;
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(SWEEP_EVERY) => {}
+                    }
+                }
+            }
+            .instrument(info_span!("cache_sweep")),
+        )
+    };
     let (cpus, memory_bytes) = machine_size();
     info!(
         name = %config.name,
@@ -139,6 +183,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         cpu_small_slots = config.cpu_small_slots,
         gpus = gpus.sample().len(),
         installer = svc.envs.installer(),
+        cache_max_bytes = svc.janitor.max_bytes,
         "agent started"
     );
     let session = session::SessionLoop {
@@ -153,6 +198,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         },
     };
     session.run(cancel.clone()).await;
+    let _ = sweeper.await;
 
     // Shutting down: stop what still runs, within each job's grace.
     let running: Vec<_> = svc

@@ -61,6 +61,24 @@ pub struct Services {
     pub checkouts: CheckoutCache,
     pub envs: EnvBuilder,
     pub attempts: Attempts,
+    /// Keeps the caches under their limit.
+    pub janitor: Arc<crate::cache::Janitor>,
+    /// Attempt dirs and mirrors sweeps must spare.
+    pub in_use: crate::cache::InUse,
+    /// A job does not start while the data dir's file system has less free space.
+    pub min_free: u64,
+}
+
+/// Runs one cache sweep off the async threads; failures are logged.
+pub async fn sweep_caches(svc: &Services) {
+    let janitor = svc.janitor.clone();
+    let in_use = svc.in_use.snapshot();
+    let uv = svc.envs.uv().map(Path::to_path_buf);
+    match tokio::task::spawn_blocking(move || janitor.sweep(&in_use, uv.as_deref())).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => warn!(%error, "cache sweep failed"),
+        Err(error) => warn!(%error, "cache sweep panicked"),
+    }
 }
 
 /// How an attempt ended, before it is turned into a status.
@@ -93,6 +111,7 @@ impl End {
 
 pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
     let dir = svc.jobs_dir.join(format!("{}-{}", a.job_id, a.attempt));
+    let held = svc.in_use.hold(&dir);
     let (end, best) = execute(&svc, &a, &spec, &dir).await;
     if let Some(best) = best {
         upload_best(&svc, &a, &dir, &best).await;
@@ -116,6 +135,7 @@ pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
     {
         warn!(job = %a.job_id, %error, dir = %dir.display(), "cannot remove the job's working dir");
     }
+    drop(held);
 }
 
 async fn wait_stop(rx: &mut tokio::sync::watch::Receiver<Option<StopRequest>>) -> StopRequest {
@@ -356,7 +376,24 @@ async fn prepare(
     src: &Path,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<(PathBuf, PathBuf), End> {
+    let disk_full = |m: &dyn std::fmt::Display| {
+        End::failed(
+            FailureKind::Agent,
+            format!("disk full on agent {}: {m}", svc.agent_name),
+        )
+    };
+    let mirror = svc.in_use.hold(svc.checkouts.mirror_path(&spec.repo));
+    sweep_caches(svc).await;
+    let (jobs_dir, min_free) = (svc.jobs_dir.clone(), svc.min_free);
+    if let Ok(Some(why)) =
+        tokio::task::spawn_blocking(move || crate::cache::low_space(&jobs_dir, min_free)).await
+    {
+        return Err(disk_full(&why));
+    }
     if let Err(e) = tokio::fs::create_dir_all(dir).await {
+        if crate::cache::is_disk_full(&e) {
+            return Err(disk_full(&format!("cannot create {}: {e}", dir.display())));
+        }
         return Err(End::failed(
             FailureKind::Agent,
             format!("cannot create {}: {e}", dir.display()),
@@ -367,10 +404,15 @@ async fn prepare(
         .checkout(&spec.repo, &spec.revision, src, cancel)
         .await
         .map_err(|e| match e {
+            CheckoutError::Io { ref source, .. } if crate::cache::is_disk_full(source) => {
+                disk_full(&e)
+            }
+            e if crate::cache::mentions_disk_full(&e.to_string()) => disk_full(&e),
             CheckoutError::Revision(m) => End::failed(FailureKind::Revision, m),
             CheckoutError::Clone(m) => End::failed(FailureKind::Clone, m),
             other => End::failed(FailureKind::Agent, other.to_string()),
         })?;
+    drop(mirror);
     info!(job = %a.job_id, attempt = a.attempt, %commit, "checked out");
     svc.attempts.set_status(a, |s| s.commit = commit.clone());
     let script = resolve_script_at(src, &spec.script, &commit)
@@ -407,10 +449,12 @@ async fn prepare(
         .await;
     let _ = forward.await;
     let python = prepared.map_err(|e| {
-        End::failed(
-            FailureKind::Env,
-            format!("environment build failed ({}): {e}", svc.envs.installer()),
-        )
+        let message = format!("environment build failed ({}): {e}", svc.envs.installer());
+        if crate::cache::mentions_disk_full(&message) {
+            disk_full(&message)
+        } else {
+            End::failed(FailureKind::Env, message)
+        }
     })?;
     let environment = if python.starts_with(dir) {
         let packages = svc.envs.freeze(&python, dir).await.unwrap_or_else(|e| {

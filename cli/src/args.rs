@@ -142,9 +142,16 @@ pub struct AgentArgs {
     /// Python interpreter used to build job environments.
     #[arg(long, env = "RUNYARD_PYTHON", default_value = DEFAULT_PYTHON, value_name = "PATH")]
     pub python: PathBuf,
-    /// uv binary; default: `uv` on PATH, else pip.
+    /// uv binary; default: `uv` on PATH, else one installed into the data dir, else pip.
     #[arg(long, env = "RUNYARD_UV", value_name = "PATH")]
     pub uv: Option<PathBuf>,
+    /// Limit on the agent's caches (git mirrors, uv cache), e.g. `50GiB`, `500MB`; default: 80 %
+    /// of the space they can use on the data dir's file system at start.
+    #[arg(long, env = "RUNYARD_CACHE_SIZE", value_name = "SIZE", value_parser = runyard_agent::cache::parse_size)]
+    pub cache_size: Option<u64>,
+    /// Jobs fail with "disk full" while the data dir's file system has less free space.
+    #[arg(long, env = "RUNYARD_MIN_FREE", value_name = "SIZE", default_value = "1GiB", value_parser = runyard_agent::cache::parse_size)]
+    pub min_free: u64,
 }
 
 /// `runyard submit`. Flags override the fields of the `-f` file: scalar fields and lists are

@@ -65,7 +65,9 @@ async fn build_env(builder: &EnvBuilder, reqs: &[&str]) -> anyhow::Result<Durati
 }
 
 fn uv_on_path() -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("uv")).find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join("uv"))
+        .find(|p| p.is_file())
 }
 
 /// A venv with lightning from the shared cache, for running the training script directly.
@@ -73,12 +75,27 @@ fn lightning_venv(dir: &Path) -> anyhow::Result<PathBuf> {
     let cache = runyard_tests::shared_uv_cache();
     let venv = dir.join("venv");
     let run = |args: &[&str]| -> anyhow::Result<()> {
-        let out = Command::new("uv").args(args).env("UV_CACHE_DIR", &cache).env("UV_PYTHON_DOWNLOADS", "never").output()?;
-        anyhow::ensure!(out.status.success(), "uv {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("uv")
+            .args(args)
+            .env("UV_CACHE_DIR", &cache)
+            .env("UV_PYTHON_DOWNLOADS", "never")
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "uv {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     };
     run(&["venv", "-q", "--python", "python3", venv.to_str().unwrap()])?;
-    run(&["pip", "install", "-q", "--python", venv.join("bin/python").to_str().unwrap(), "lightning"])?;
+    run(&[
+        "pip",
+        "install",
+        "-q",
+        "--python",
+        venv.join("bin/python").to_str().unwrap(),
+        "lightning",
+    ])?;
     Ok(venv.join("bin/python"))
 }
 
@@ -87,17 +104,28 @@ fn train_once(python: &Path, reporter: Option<&Path>, work: &Path) -> anyhow::Re
     std::fs::write(&script, TRAIN)?;
     let out_dir = tempfile::tempdir_in(work)?;
     let mut cmd = Command::new(python);
-    cmd.arg(&script).arg(out_dir.path()).env("PYTHONUNBUFFERED", "1").env_remove("PYTHONPATH");
+    cmd.arg(&script)
+        .arg(out_dir.path())
+        .env("PYTHONUNBUFFERED", "1")
+        .env_remove("PYTHONPATH");
     if let Some(r) = reporter {
-        cmd.env("PYTHONPATH", r).env("RUNYARD_REPORT_FILE", out_dir.path().join("report.jsonl"));
+        cmd.env("PYTHONPATH", r)
+            .env("RUNYARD_REPORT_FILE", out_dir.path().join("report.jsonl"));
     }
     let t = Instant::now();
     let out = cmd.output()?;
     let took = t.elapsed();
-    anyhow::ensure!(out.status.success(), "training failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "training failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     if reporter.is_some() {
         let report = std::fs::read_to_string(out_dir.path().join("report.jsonl"))?;
-        anyhow::ensure!(report.contains("\"checkpoint\""), "the reporter reported no checkpoint");
+        anyhow::ensure!(
+            report.contains("\"checkpoint\""),
+            "the reporter reported no checkpoint"
+        );
     }
     Ok(took)
 }
@@ -111,15 +139,28 @@ async fn main() -> anyhow::Result<()> {
     println!("(shared, noisy machine: compare ratios within this run)\n");
     let mut rows = Vec::new();
     let python = PathBuf::from("python3");
-    anyhow::ensure!(uv_on_path().is_some(), "uv is not on PATH: run scripts/install-test-deps");
+    anyhow::ensure!(
+        uv_on_path().is_some(),
+        "uv is not on PATH: run scripts/install-test-deps"
+    );
 
     // Cold: a fresh cache each run (downloads everything); warm: one cache, warmed once.
     let mut cold = Vec::new();
     for _ in 0..n {
         let cache = tempfile::tempdir()?;
-        cold.push(build_env(&EnvBuilder::new(python.clone(), None, cache.path().to_path_buf()), SMALL).await?);
+        cold.push(
+            build_env(
+                &EnvBuilder::new(python.clone(), None, cache.path().to_path_buf()),
+                SMALL,
+            )
+            .await?,
+        );
     }
-    rows.push(Row::latency("env numpy+requests, uv, cold cache", &cold, None));
+    rows.push(Row::latency(
+        "env numpy+requests, uv, cold cache",
+        &cold,
+        None,
+    ));
     let warm_cache = tempfile::tempdir()?;
     let warm_builder = EnvBuilder::new(python.clone(), None, warm_cache.path().to_path_buf());
     build_env(&warm_builder, SMALL).await?;
@@ -127,17 +168,31 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..n + 2 {
         warm.push(build_env(&warm_builder, SMALL).await?);
     }
-    rows.push(Row::latency("env numpy+requests, uv, warm cache", &warm, None));
+    rows.push(Row::latency(
+        "env numpy+requests, uv, warm cache",
+        &warm,
+        None,
+    ));
     let pip = vec![build_env(&EnvBuilder::pip(python.clone()), SMALL).await?];
     rows.push(Row::latency("env numpy+requests, venv + pip", &pip, None));
 
     // The environment phase of a resubmitted Lightning job, through a real cluster.
-    let repo = GitRepo::new(&[("noop.py", "import lightning\nprint(lightning.__version__)\n")])?;
-    let c = TestCluster::builder().agent(AgentSpec::new("bench")).start().await?;
+    let repo = GitRepo::new(&[(
+        "noop.py",
+        "import lightning\nprint(lightning.__version__)\n",
+    )])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("bench"))
+        .start()
+        .await?;
     let mut phases = Vec::new();
     for i in 0..=n {
-        let id = c.submit(json!({"repo": repo.url(), "script": "noop.py", "requirements": ["lightning"]})).await?;
-        let job = c.wait_status(&id, &["succeeded", "failed"], Duration::from_secs(900)).await?;
+        let id = c
+            .submit(json!({"repo": repo.url(), "script": "noop.py", "requirements": ["lightning"]}))
+            .await?;
+        let job = c
+            .wait_status(&id, &["succeeded", "failed"], Duration::from_secs(900))
+            .await?;
         anyhow::ensure!(job["status"] == "succeeded", "lightning job failed: {job}");
         let secs = job["environment"]["seconds"].as_f64().unwrap_or(f64::NAN);
         if i > 0 {
@@ -146,7 +201,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     c.shutdown().await?;
-    rows.push(Row::latency("env phase, resubmitted lightning job (warm)", &phases, Some(Duration::from_secs(10))));
+    rows.push(Row::latency(
+        "env phase, resubmitted lightning job (warm)",
+        &phases,
+        Some(Duration::from_secs(10)),
+    ));
 
     // Reporter overhead: the same training with and without the reporter, interleaved.
     let work = tempfile::tempdir()?;
@@ -157,11 +216,22 @@ async fn main() -> anyhow::Result<()> {
         without.push(train_once(&venv_python, None, work.path())?);
         with.push(train_once(&venv_python, Some(&reporter), work.path())?);
     }
-    rows.push(Row::latency("lightning 3 epochs, without reporter", &without, None));
-    rows.push(Row::latency("lightning 3 epochs, with reporter", &with, None));
+    rows.push(Row::latency(
+        "lightning 3 epochs, without reporter",
+        &without,
+        None,
+    ));
+    rows.push(Row::latency(
+        "lightning 3 epochs, with reporter",
+        &with,
+        None,
+    ));
     println!("{}", render(&rows));
     let ratio = median(&with).as_secs_f64() / median(&without).as_secs_f64();
-    println!("reporter overhead: {:+.1} % of training wall time (median with / median without = {ratio:.3})", (ratio - 1.0) * 100.0);
+    println!(
+        "reporter overhead: {:+.1} % of training wall time (median with / median without = {ratio:.3})",
+        (ratio - 1.0) * 100.0
+    );
     println!(
         "warm vs cold uv: {:.1}x faster; uv warm vs pip: {:.1}x faster",
         median(&cold).as_secs_f64() / median(&warm).as_secs_f64(),

@@ -212,6 +212,9 @@ impl TestCluster {
             // One warm cache for every test agent, so environments (Lightning: ~3 GB) are
             // downloaded once per machine, not once per test.
             uv_cache: Some(crate::shared_uv_cache()),
+            // The shared cache is not one agent's to prune.
+            cache_size: Some(u64::MAX),
+            min_free: runyard_agent::cache::DEFAULT_MIN_FREE,
         };
         let cancel = CancellationToken::new();
         let c = cancel.clone();

@@ -56,6 +56,8 @@ pub async fn agent(args: AgentArgs) -> Result<u8, CommandError> {
         python: args.python,
         uv: args.uv,
         uv_cache: None,
+        cache_size: args.cache_size,
+        min_free: args.min_free,
     };
     info!(
         agent = %config.name,
@@ -88,6 +90,8 @@ pub async fn local_config(
         python: PathBuf::from(DEFAULT_PYTHON),
         uv: None,
         uv_cache: None,
+        cache_size: None,
+        min_free: runyard_agent::cache::DEFAULT_MIN_FREE,
     }
 }
 
