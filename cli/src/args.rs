@@ -75,7 +75,7 @@ pub struct UpArgs {
     /// `$HOME/.runyard`.
     #[arg(long, env = "RUNYARD_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address of the HTTP API.
+    /// Address of the web UI and HTTP API.
     #[arg(long, env = "RUNYARD_HTTP", default_value = runyard_controller::DEFAULT_HTTP_ADDR, value_name = "ADDR")]
     pub http: String,
     /// Address of the agents' gRPC endpoint.
@@ -91,7 +91,7 @@ pub struct ControllerArgs {
     /// Job store: `file:` (embedded, in the data dir) or `etcd://host:port[,host:port...]`.
     #[arg(long, env = "RUNYARD_STORE", default_value = DEFAULT_STORE, value_name = "URL")]
     pub store: String,
-    /// Address of the HTTP API.
+    /// Address of the web UI and HTTP API.
     #[arg(long, env = "RUNYARD_HTTP", default_value = runyard_controller::DEFAULT_HTTP_ADDR, value_name = "ADDR")]
     pub http: String,
     /// Address of the agents' gRPC endpoint.

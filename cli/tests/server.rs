@@ -57,7 +57,7 @@ async fn up_prints_how_to_use_it_and_stops_on_sigint() {
     assert!(
         printed
             .iter()
-            .any(|l| l.trim() == format!("API:         {controller}")),
+            .any(|l| l.trim() == format!("web UI, API: {controller}")),
         "{printed:#?}"
     );
     assert!(

@@ -32,7 +32,7 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
     let agent_config = agent::local_config(grpc_url.clone(), tokens.agent.clone(), &data_dir).await;
     let banner = format!(
         "Runyard is up: controller and local agent `{agent}`.\n\
-         \x20 API:         {http_url}\n\
+         \x20 web UI, API: {http_url}\n\
          \x20 admin token: {admin}\n\
          \x20 data dir:    {dir}\n\
          Point the CLI at it from any shell:\n\
