@@ -14,41 +14,10 @@ use runyard_agent::pyenv::EnvBuilder;
 use runyard_tests::bench::stats::{Row, render};
 use runyard_tests::cluster::{AgentSpec, TestCluster};
 use runyard_tests::fixture::GitRepo;
+use runyard_tests::scripts::LIGHTNING_TRAIN;
 use serde_json::json;
 
 const SMALL: &[&str] = &["numpy", "requests"];
-
-const TRAIN: &str = r#"
-import sys, torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-
-class Model(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1))
-    def training_step(self, batch, _):
-        x, y = batch
-        loss = nn.functional.mse_loss(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-    def validation_step(self, batch, _):
-        x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-torch.manual_seed(0)
-x = torch.randn(20000, 32)
-y = x.sum(dim=1, keepdim=True)
-train = DataLoader(TensorDataset(x[:16000], y[:16000]), batch_size=64)
-val = DataLoader(TensorDataset(x[16000:], y[16000:]), batch_size=256)
-trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_model_summary=False,
-                    callbacks=[ModelCheckpoint(monitor="val_loss", dirpath=sys.argv[1])], default_root_dir=sys.argv[1])
-trainer.fit(Model(), train, val)
-"#;
 
 fn median(v: &[Duration]) -> Duration {
     let mut s = v.to_vec();
@@ -101,10 +70,23 @@ fn lightning_venv(dir: &Path) -> anyhow::Result<PathBuf> {
 
 fn train_once(python: &Path, reporter: Option<&Path>, work: &Path) -> anyhow::Result<Duration> {
     let script = work.join("train.py");
-    std::fs::write(&script, TRAIN)?;
+    std::fs::write(&script, LIGHTNING_TRAIN)?;
     let out_dir = tempfile::tempdir_in(work)?;
     let mut cmd = Command::new(python);
     cmd.arg(&script)
+        .args([
+            "--epochs",
+            "3",
+            "--samples",
+            "20000",
+            "--hidden",
+            "64",
+            "--batch",
+            "64",
+            "--step-sleep",
+            "0",
+            "--out",
+        ])
         .arg(out_dir.path())
         .env("PYTHONUNBUFFERED", "1")
         .env_remove("PYTHONPATH");

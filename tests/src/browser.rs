@@ -225,27 +225,18 @@ impl Browser {
         }
     }
 
-    /// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`.
+    /// Polls `f` until it returns `Some`, for at most `timeout`.
     pub async fn wait_until<T, F, Fut>(
         &self,
         what: &str,
         timeout: Duration,
-        mut f: F,
+        f: F,
     ) -> anyhow::Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(v) = f().await {
-                return Ok(v);
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("timed out after {timeout:?} waiting for {what}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::eventually(timeout, what, f).await
     }
 
     /// Replaces the value of the input or textarea matching `css` by typing `text`.

@@ -5,6 +5,7 @@
 //! - `browser`: headless Chromium through chromedriver, for the web page's tests.
 //! - `cluster`: `TestCluster` — start, restart the controller, kill and add agents, HTTP client.
 //! - `fixture`: git repositories made at test time.
+//! - `scripts`: Python scripts the tests run as jobs (a small Lightning training).
 //! - `proxy`: a loopback TCP proxy that can cut and restore connections (network partitions).
 //! - `etcd`: a real etcd server on free loopback ports.
 //! - `fake_nvml`: builds a fake `libnvidia-ml.so` so the real NVML code path runs without a GPU.
@@ -16,6 +17,7 @@ pub mod etcd;
 pub mod fake_nvml;
 pub mod fixture;
 pub mod proxy;
+pub mod scripts;
 
 /// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout` with `what`.
 pub async fn eventually<T, F, Fut>(

@@ -6,53 +6,17 @@ use std::time::Duration;
 
 use runyard_tests::cluster::{AgentSpec, TestCluster};
 use runyard_tests::fixture::GitRepo;
+use runyard_tests::scripts::LIGHTNING_TRAIN;
 use serde_json::json;
-
-const TRAIN: &str = r#"
-import hashlib, sys
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-
-class Model(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Linear(8, 1)
-    def training_step(self, batch, _):
-        if len(sys.argv) > 2 and sys.argv[2] == "crash" and self.current_epoch == 2:
-            raise RuntimeError("boom in epoch 2")
-        x, y = batch
-        loss = nn.functional.mse_loss(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-    def validation_step(self, batch, _):
-        x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-torch.manual_seed(0)
-x = torch.randn(256, 8)
-y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(256, 1)
-train = DataLoader(TensorDataset(x[:192], y[:192]), batch_size=32)
-val = DataLoader(TensorDataset(x[192:], y[192:]), batch_size=32)
-ckpt = ModelCheckpoint(monitor="val_loss", mode="min", dirpath="checkpoints")
-trainer = L.Trainer(max_epochs=int(sys.argv[1]), accelerator="cpu", devices=1, logger=False,
-                    enable_model_summary=False, callbacks=[ckpt], default_root_dir=".")
-trainer.fit(Model(), train, val)
-print("best", ckpt.best_model_path, hashlib.sha256(open(ckpt.best_model_path, "rb").read()).hexdigest())
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lightning_run_reports_progress_metrics_and_best_checkpoint() -> anyhow::Result<()> {
-    let repo = GitRepo::new(&[("train.py", TRAIN)])?;
+    let repo = GitRepo::new(&[("train.py", LIGHTNING_TRAIN)])?;
     let c = TestCluster::builder()
         .agent(AgentSpec::new("a1"))
         .start()
         .await?;
-    let spec = json!({"repo": repo.url(), "script": "train.py", "args": ["3"], "requirements": ["lightning"]});
+    let spec = json!({"repo": repo.url(), "script": "train.py", "args": ["--epochs", "3", "--batch", "32", "--step-sleep", "0"], "requirements": ["lightning"]});
     let id = c.submit(spec.clone()).await?;
     let job = c
         .wait_status(&id, &["succeeded", "failed"], Duration::from_secs(900))
@@ -166,12 +130,12 @@ async fn lightning_run_reports_progress_metrics_and_best_checkpoint() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_mid_fit_still_reports_and_uploads_the_best_so_far() -> anyhow::Result<()> {
-    let repo = GitRepo::new(&[("train.py", TRAIN)])?;
+    let repo = GitRepo::new(&[("train.py", LIGHTNING_TRAIN)])?;
     let c = TestCluster::builder()
         .agent(AgentSpec::new("a1"))
         .start()
         .await?;
-    let spec = json!({"repo": repo.url(), "script": "train.py", "args": ["4", "crash"], "requirements": ["lightning"]});
+    let spec = json!({"repo": repo.url(), "script": "train.py", "args": ["--epochs", "4", "--batch", "32", "--step-sleep", "0", "--crash-at", "2"], "requirements": ["lightning"]});
     let id = c.submit(spec).await?;
     let job = c
         .wait_status(&id, &["succeeded", "failed"], Duration::from_secs(900))

@@ -9,6 +9,7 @@ use std::time::Duration;
 use runyard_tests::browser::Browser;
 use runyard_tests::cluster::{AgentSpec, TestCluster};
 use runyard_tests::fixture::GitRepo;
+use runyard_tests::scripts::LIGHTNING_TRAIN;
 use serde_json::{Value, json};
 
 /// Prints `tick N` every `delay` seconds, `count` times.
@@ -25,42 +26,6 @@ const BURST: &str = r#"
 import sys
 for i in range(int(sys.argv[1])):
     print(f"line {i:05d}")
-"#;
-
-/// A small Lightning run, slowed a little per step so progress can be seen moving.
-const TRAIN: &str = r#"
-import time
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-
-class Model(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Linear(8, 1)
-    def training_step(self, batch, _):
-        time.sleep(0.08)
-        x, y = batch
-        loss = nn.functional.mse_loss(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-    def validation_step(self, batch, _):
-        x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-torch.manual_seed(0)
-x = torch.randn(256, 8)
-y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(256, 1)
-train = DataLoader(TensorDataset(x[:192], y[:192]), batch_size=16)
-val = DataLoader(TensorDataset(x[192:], y[192:]), batch_size=32)
-ckpt = ModelCheckpoint(monitor="val_loss", mode="min", dirpath="checkpoints")
-trainer = L.Trainer(max_epochs=5, accelerator="cpu", devices=1, logger=False,
-                    enable_model_summary=False, callbacks=[ckpt], default_root_dir=".")
-trainer.fit(Model(), train, val)
 "#;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -446,7 +411,7 @@ async fn log_window_is_bounded_and_survives_a_controller_restart() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lightning_run_shows_progress_plots_and_downloads_the_checkpoint() -> anyhow::Result<()> {
-    let repo = GitRepo::new(&[("train.py", TRAIN)])?;
+    let repo = GitRepo::new(&[("train.py", LIGHTNING_TRAIN)])?;
     let c = TestCluster::builder()
         .agent(AgentSpec::new("a1"))
         .start()
