@@ -23,6 +23,8 @@ pub struct AgentSpec {
     pub gpus: u32,
     /// Dial the controller through a cuttable proxy.
     pub via_proxy: bool,
+    /// Free space below which the agent refuses to start jobs.
+    pub min_free: u64,
 }
 
 impl AgentSpec {
@@ -32,6 +34,7 @@ impl AgentSpec {
             cpu_small_slots: 4,
             gpus: 0,
             via_proxy: false,
+            min_free: runyard_agent::cache::DEFAULT_MIN_FREE,
         }
     }
 
@@ -214,7 +217,7 @@ impl TestCluster {
             uv_cache: Some(crate::shared_uv_cache()),
             // The shared cache is not one agent's to prune.
             cache_size: Some(u64::MAX),
-            min_free: runyard_agent::cache::DEFAULT_MIN_FREE,
+            min_free: spec.min_free,
         };
         let cancel = CancellationToken::new();
         let c = cancel.clone();

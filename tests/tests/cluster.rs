@@ -676,3 +676,60 @@ print(hashlib.sha256(open("ckpt/epoch1.ckpt", "rb").read()).hexdigest())
     assert_eq!(r.status().as_u16(), 404);
     c.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_build_the_same_environment_safely() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[(
+        "use.py",
+        "import six, idna\nprint(six.__version__, idna.__name__)\n",
+    )])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1").slots(4))
+        .start()
+        .await?;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let mut s = spec(&repo, "use.py");
+        s["requirements"] = json!(["six==1.16.0", "idna"]);
+        ids.push(c.submit(s).await?);
+    }
+    for id in &ids {
+        let job = c
+            .wait_status(id, &["succeeded", "failed"], Duration::from_secs(180))
+            .await?;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert!(c.logs(id).await?.ends_with("1.16.0 idna\n"));
+    }
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_job_not_the_agent() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("ok.py", "print('ok')\n")])?;
+    let mut full = AgentSpec::new("full");
+    full.min_free = u64::MAX; // no file system has that much free: the disk counts as full
+    let mut c = TestCluster::builder().agent(full).start().await?;
+    let id = c.submit(spec(&repo, "ok.py")).await?;
+    let job = c.wait_status(&id, &["succeeded", "failed"], LONG).await?;
+    assert_eq!(job["failure"], "agent", "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap()
+            .contains("disk full on agent full"),
+        "{job}"
+    );
+    // The agent is still there and connected; a healthy agent runs the next job.
+    let agents = c.get("/api/v1/agents").await?;
+    assert_eq!(agents["agents"][0]["connected"], true, "{agents}");
+    c.add_agent(AgentSpec::new("roomy")).await?;
+    c.kill_agent("full").await?;
+    let id = c.submit(spec(&repo, "ok.py")).await?;
+    let job = c.wait_status(&id, &["succeeded", "failed"], LONG).await?;
+    assert_eq!(
+        (job["status"].as_str(), job["agent"].as_str()),
+        (Some("succeeded"), Some("roomy")),
+        "{job}"
+    );
+    c.shutdown().await
+}
