@@ -3,8 +3,9 @@
 //!
 //! Invariant: an artifact is visible only complete and verified. Uploads stream into a temp
 //! file, the size and sha256 are checked against what the agent declared, and only then is the
-//! file renamed into place (a re-upload replaces it). `ArtifactStore` is the interface an object
-//! store can implement later; `DirStore` is the directory one.
+//! file renamed into place (a re-upload replaces it). `ArtifactStore` is the interface the
+//! controller uses (an object store can implement it: `begin`/`write`/`finish` map to a
+//! multipart upload); `DirStore` is the directory implementation.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -38,7 +39,36 @@ pub enum ArtifactError {
     Io(#[from] io::Error),
 }
 
-/// Receives one upload: write chunks, then `finish` with the declared checksum.
+/// Where the controller keeps uploaded checkpoints.
+#[async_trait::async_trait]
+pub trait ArtifactStore: Send + Sync + 'static {
+    /// Starts receiving an artifact of `size` bytes for an attempt.
+    async fn begin(
+        &self,
+        job: &str,
+        attempt: u32,
+        file_name: &str,
+        size: u64,
+    ) -> Result<Box<dyn ArtifactUpload>, ArtifactError>;
+    /// The stored artifact of an attempt, opened for reading.
+    async fn open(
+        &self,
+        job: &str,
+        attempt: u32,
+    ) -> Result<Option<(ArtifactMeta, ArtifactReader)>, ArtifactError>;
+}
+
+pub type ArtifactReader = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
+
+/// One upload in progress: `write` the bytes in order, then `finish` with the declared sha256.
+/// Dropping it unfinished abandons it and leaves nothing visible.
+#[async_trait::async_trait]
+pub trait ArtifactUpload: Send {
+    async fn write(&mut self, data: &[u8]) -> Result<(), ArtifactError>;
+    async fn finish(self: Box<Self>, declared_sha256: &str) -> Result<ArtifactMeta, ArtifactError>;
+}
+
+/// Receives one upload into the directory store.
 pub struct Upload {
     tmp: PathBuf,
     dest_dir: PathBuf,
@@ -48,8 +78,9 @@ pub struct Upload {
     written: u64,
 }
 
-impl Upload {
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), ArtifactError> {
+#[async_trait::async_trait]
+impl ArtifactUpload for Upload {
+    async fn write(&mut self, data: &[u8]) -> Result<(), ArtifactError> {
         self.written += data.len() as u64;
         if self.written > self.meta.size {
             return Err(ArtifactError::TooLarge {
@@ -62,14 +93,19 @@ impl Upload {
     }
 
     /// Verifies and publishes the artifact.
-    pub async fn finish(mut self, declared_sha256: &str) -> Result<ArtifactMeta, ArtifactError> {
+    async fn finish(
+        mut self: Box<Self>,
+        declared_sha256: &str,
+    ) -> Result<ArtifactMeta, ArtifactError> {
         let result = self.verify(declared_sha256).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&self.tmp).await;
         }
         result
     }
+}
 
+impl Upload {
     async fn verify(&mut self, declared_sha256: &str) -> Result<ArtifactMeta, ArtifactError> {
         if self.written != self.meta.size {
             return Err(ArtifactError::Size {
@@ -132,14 +168,20 @@ impl DirStore {
         self.root.join(job).join(attempt.to_string())
     }
 
-    /// Starts receiving an artifact of `size` bytes.
-    pub async fn begin(
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+#[async_trait::async_trait]
+impl ArtifactStore for DirStore {
+    async fn begin(
         &self,
         job: &str,
         attempt: u32,
         file_name: &str,
         size: u64,
-    ) -> Result<Upload, ArtifactError> {
+    ) -> Result<Box<dyn ArtifactUpload>, ArtifactError> {
         let bad = file_name.is_empty()
             || file_name.starts_with('.')
             || file_name.contains('/')
@@ -155,7 +197,7 @@ impl DirStore {
         tokio::fs::create_dir_all(&dest_dir).await?;
         let tmp = dest_dir.join(format!(".upload-{}", ulid::Ulid::new()));
         let file = tokio::fs::File::create(&tmp).await?;
-        Ok(Upload {
+        Ok(Box::new(Upload {
             tmp,
             dest_dir,
             meta: ArtifactMeta {
@@ -166,26 +208,42 @@ impl DirStore {
             file,
             hasher: Sha256::new(),
             written: 0,
-        })
+        }))
     }
 
-    /// The stored artifact of an attempt: its path and meta.
-    pub async fn find(&self, job: &str, attempt: u32) -> Option<(PathBuf, ArtifactMeta)> {
+    async fn open(
+        &self,
+        job: &str,
+        attempt: u32,
+    ) -> Result<Option<(ArtifactMeta, ArtifactReader)>, ArtifactError> {
         let dir = self.dir(job, attempt);
-        let meta: ArtifactMeta =
-            serde_json::from_slice(&tokio::fs::read(dir.join(META)).await.ok()?).ok()?;
-        let path = dir.join(&meta.file_name);
-        path.exists().then_some((path, meta))
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
+        let meta = match tokio::fs::read(dir.join(META)).await {
+            Ok(bytes) => match serde_json::from_slice::<ArtifactMeta>(&bytes) {
+                Ok(m) => m,
+                Err(_) => return Ok(None),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match tokio::fs::File::open(dir.join(&meta.file_name)).await {
+            Ok(f) => Ok(Some((meta, Box::pin(f)))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn read(store: &DirStore) -> Option<(ArtifactMeta, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let (meta, mut r) = store.open("j", 1).await.unwrap()?;
+        let mut bytes = Vec::new();
+        r.read_to_end(&mut bytes).await.unwrap();
+        Some((meta, bytes))
+    }
 
     fn sha(data: &[u8]) -> String {
         hex::encode(Sha256::digest(data))
@@ -195,25 +253,25 @@ mod tests {
     async fn upload_is_verified_then_published() {
         let dir = tempfile::tempdir().unwrap();
         let store = DirStore::open(dir.path()).unwrap();
-        assert!(store.find("j", 1).await.is_none());
+        assert!(read(&store).await.is_none());
         let mut up = store.begin("j", 1, "best.ckpt", 6).await.unwrap();
         up.write(b"abc").await.unwrap();
         assert!(
-            store.find("j", 1).await.is_none(),
+            read(&store).await.is_none(),
             "not visible before it is complete"
         );
         up.write(b"def").await.unwrap();
         let meta = up.finish(&sha(b"abcdef")).await.unwrap();
-        let (path, found) = store.find("j", 1).await.unwrap();
+        let (found, bytes) = read(&store).await.unwrap();
         assert_eq!(found, meta);
-        assert_eq!(std::fs::read(path).unwrap(), b"abcdef");
+        assert_eq!(bytes, b"abcdef");
         // A re-upload replaces it.
         let mut up = store.begin("j", 1, "other.ckpt", 1).await.unwrap();
         up.write(b"z").await.unwrap();
         up.finish(&sha(b"z")).await.unwrap();
-        let (path, meta) = store.find("j", 1).await.unwrap();
+        let (meta, bytes) = read(&store).await.unwrap();
         assert_eq!(
-            (meta.file_name.as_str(), std::fs::read(path).unwrap()),
+            (meta.file_name.as_str(), bytes),
             ("other.ckpt", b"z".to_vec())
         );
         assert_eq!(
@@ -244,7 +302,7 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden"] {
             assert!(store.begin("j", 1, bad, 1).await.is_err(), "{bad}");
         }
-        assert!(store.find("j", 1).await.is_none());
+        assert!(read(&store).await.is_none());
         drop(up);
         assert_eq!(
             std::fs::read_dir(dir.path().join("j/1")).unwrap().count(),

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::agents::Agents;
-use crate::artifacts::DirStore;
+use crate::artifacts::ArtifactStore;
 use crate::jobs::{Jobs, JobsError};
 use crate::logs::LogStore;
 use crate::reconcile::{self, Action};
@@ -32,7 +32,7 @@ pub struct Controller {
     /// Report lines (progress, metrics, checkpoints), stored like logs.
     pub reports: LogStore,
     /// Best checkpoints uploaded by agents.
-    pub artifacts: DirStore,
+    pub artifacts: Arc<dyn ArtifactStore>,
     pub agent_ttl: Duration,
     kick: Arc<Notify>,
 }
@@ -43,7 +43,7 @@ impl Controller {
         agents: Agents,
         logs: LogStore,
         reports: LogStore,
-        artifacts: DirStore,
+        artifacts: Arc<dyn ArtifactStore>,
         agent_ttl: Duration,
     ) -> Controller {
         Controller {

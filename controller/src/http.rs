@@ -366,14 +366,28 @@ async fn checkpoint(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = job_or_404(&state, &id)?;
+    let unavailable = |e: &dyn std::fmt::Display| {
+        tracing::error!(job = %id, error = %e, "cannot open checkpoint");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cannot read the checkpoint; retry",
+            None,
+        )
+    };
     let mut found = None;
     for attempt in (1..=job.attempt).rev() {
-        if let Some(f) = state.ctl.artifacts.find(&id, attempt).await {
+        if let Some(f) = state
+            .ctl
+            .artifacts
+            .open(&id, attempt)
+            .await
+            .map_err(|e| unavailable(&e))?
+        {
             found = Some(f);
             break;
         }
     }
-    let Some((path, meta)) = found else {
+    let Some((meta, file)) = found else {
         let why = match &job.best {
             Some(b) if b.upload_error.is_some() => format!(
                 "job `{id}` has no checkpoint: its upload failed ({})",
@@ -386,14 +400,7 @@ async fn checkpoint(
         };
         return Err(ApiError::new(StatusCode::NOT_FOUND, why, None));
     };
-    let file = tokio::fs::File::open(&path).await.map_err(|e| {
-        tracing::error!(job = %id, error = %e, "cannot open checkpoint");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "cannot read the checkpoint; retry",
-            None,
-        )
-    })?;
+
     let mut resp = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20))
         .into_response();
     let h = resp.headers_mut();

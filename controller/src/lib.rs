@@ -98,8 +98,9 @@ pub async fn run(
     let tokens = ensure_tokens(&config.data_dir).map_err(data_err)?;
     let log_store = logs::LogStore::open(config.data_dir.join("logs")).map_err(data_err)?;
     let report_store = logs::LogStore::open(config.data_dir.join("reports")).map_err(data_err)?;
-    let artifact_store =
-        artifacts::DirStore::open(config.data_dir.join("artifacts")).map_err(data_err)?;
+    let artifact_store = std::sync::Arc::new(
+        artifacts::DirStore::open(config.data_dir.join("artifacts")).map_err(data_err)?,
+    );
     let store = store::open(&config.store, &config.data_dir).await?;
     let jobs = jobs::Jobs::load(store.clone()).await?;
     let agents = agents::Agents::load(store.clone(), Timestamp::now()).await?;
