@@ -145,6 +145,10 @@ pub struct AgentArgs {
     /// uv binary; default: `uv` on PATH, else one installed into the data dir, else pip.
     #[arg(long, env = "RUNYARD_UV", value_name = "PATH")]
     pub uv: Option<PathBuf>,
+    /// uv's shared package cache; default: `<data dir>/uv-cache`. Keep it on the same file
+    /// system as the data dir so job environments are hardlinked from it.
+    #[arg(long, env = "RUNYARD_UV_CACHE", value_name = "DIR")]
+    pub uv_cache: Option<PathBuf>,
     /// Limit on the agent's caches (git mirrors, uv cache), e.g. `50GiB`, `500MB`; default: 80 %
     /// of the space they can use on the data dir's file system at start.
     #[arg(long, env = "RUNYARD_CACHE_SIZE", value_name = "SIZE", value_parser = runyard_agent::cache::parse_size)]

@@ -55,7 +55,7 @@ pub async fn agent(args: AgentArgs) -> Result<u8, CommandError> {
         nvml_library: args.nvml_library,
         python: args.python,
         uv: args.uv,
-        uv_cache: None,
+        uv_cache: args.uv_cache,
         cache_size: args.cache_size,
         min_free: args.min_free,
     };
