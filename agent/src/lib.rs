@@ -1,6 +1,7 @@
 //! The Runyard agent: runs jobs from git repositories on this machine and streams their logs and
 //! statuses to the controller.
 //!
+//! - `dial`: connecting to the controller with the join token.
 //! - `session`: the gRPC session with the controller (register, heartbeat, pump, reconnect).
 //! - `attempts`: the attempts this agent holds, their statuses and stop channels.
 //! - `cache`: disk hygiene: cache size limit (LRU sweeps), free-space and disk-full checks.
@@ -22,6 +23,7 @@ use tracing::{Instrument, info, info_span, warn};
 pub mod attempts;
 pub mod cache;
 pub mod checkout;
+pub mod dial;
 pub mod gpu;
 pub mod process;
 pub mod pyenv;

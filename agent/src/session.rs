@@ -15,7 +15,6 @@ use runyard_proto::v1::{self, agent_message::Msg as Out, controller_message::Msg
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::attempts::StopRequest;
@@ -45,22 +44,14 @@ pub struct SessionLoop {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("cannot reach the controller at {url}: {source}")]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    #[error(transparent)]
+    Dial(#[from] crate::dial::DialError),
     #[error("the controller refused the session: {0}")]
     Refused(tonic::Status),
     #[error("session broke: {0}")]
     Broken(tonic::Status),
     #[error("the controller closed the session")]
     Closed,
-    #[error("invalid controller URL `{url}`: {source}")]
-    Url {
-        url: String,
-        source: tonic::transport::Error,
-    },
 }
 
 impl SessionLoop {
@@ -92,39 +83,8 @@ impl SessionLoop {
         }
     }
 
-    async fn connect(&self) -> Result<Channel, SessionError> {
-        Endpoint::from_shared(self.controller.clone())
-            .map_err(|source| SessionError::Url {
-                url: self.controller.clone(),
-                source,
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await
-            .map_err(|source| SessionError::Connect {
-                url: self.controller.clone(),
-                source,
-            })
-    }
-
     async fn session(&self, cancel: &CancellationToken) -> Result<(), SessionError> {
-        let channel = self.connect().await?;
-        let auth: tonic::metadata::MetadataValue<_> =
-            format!("Bearer {}", self.token).parse().map_err(|_| {
-                SessionError::Refused(tonic::Status::unauthenticated("token is not valid ASCII"))
-            })?;
-        let mut client = v1::agent_service_client::AgentServiceClient::with_interceptor(
-            channel,
-            move |mut req: tonic::Request<()>| {
-                req.metadata_mut().insert("authorization", auth.clone());
-                Ok(req)
-            },
-        )
-        .max_decoding_message_size(16 << 20);
+        let mut client = crate::dial::connect(&self.controller, &self.token).await?;
 
         let (tx, rx) = mpsc::channel::<v1::AgentMessage>(OUT_BUFFER);
         tx.send(msg(Out::Register(self.register().await)))

@@ -7,7 +7,6 @@ use std::time::Duration;
 use runyard_proto::v1::{self, checkpoint_chunk::Part};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
-use tonic::transport::Endpoint;
 
 const CHUNK: usize = 1 << 20;
 /// Upload attempts before giving up (the job's status then says why).
@@ -78,22 +77,12 @@ async fn upload_once(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "checkpoint".into());
     let size = meta.len();
-    let channel = Endpoint::from_shared(controller.to_string())
-        .map_err(|e| UploadError::Unreachable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
+    let mut client = crate::dial::connect(controller, token)
         .await
-        .map_err(|e| UploadError::Unreachable(e.to_string()))?;
-    let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| UploadError::Refused("token is not valid ASCII".into()))?;
-    let mut client = v1::agent_service_client::AgentServiceClient::with_interceptor(
-        channel,
-        move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", auth.clone());
-            Ok(req)
-        },
-    );
+        .map_err(|e| match e {
+            crate::dial::DialError::Token => UploadError::Refused(e.to_string()),
+            other => UploadError::Unreachable(other.to_string()),
+        })?;
 
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::CheckpointChunk>(4);
     let header = v1::CheckpointChunk {
