@@ -18,62 +18,37 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
      style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; \
      form-action 'self'; frame-ancestors 'none'";
 
-/// One embedded file.
-struct Asset {
-    name: &'static str,
-    content_type: &'static str,
-    body: &'static str,
-}
+/// One embedded file: its name and contents.
+type Asset = (&'static str, &'static str);
 
 const INDEX: &str = include_str!("index.html");
 
+macro_rules! asset {
+    ($name:literal) => {
+        ($name, include_str!($name))
+    };
+}
+
 const ASSETS: &[Asset] = &[
-    Asset {
-        name: "style.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_str!("style.css"),
-    },
-    Asset {
-        name: "app.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("app.js"),
-    },
-    Asset {
-        name: "api.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("api.js"),
-    },
-    Asset {
-        name: "dom.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("dom.js"),
-    },
-    Asset {
-        name: "runs.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("runs.js"),
-    },
-    Asset {
-        name: "form.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("form.js"),
-    },
-    Asset {
-        name: "run.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("run.js"),
-    },
-    Asset {
-        name: "log.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("log.js"),
-    },
-    Asset {
-        name: "agents.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("agents.js"),
-    },
+    asset!("style.css"),
+    asset!("app.js"),
+    asset!("api.js"),
+    asset!("dom.js"),
+    asset!("runs.js"),
+    asset!("form.js"),
+    asset!("run.js"),
+    asset!("log.js"),
+    asset!("agents.js"),
 ];
+
+/// The content type of an embedded file, from its extension.
+fn content_type(name: &str) -> &'static str {
+    if name.ends_with(".css") {
+        "text/css; charset=utf-8"
+    } else {
+        "text/javascript; charset=utf-8"
+    }
+}
 
 /// The page's routes; they need no token. Merge into the API router.
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
@@ -86,8 +61,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
 }
 
 async fn asset(Path(name): Path<String>) -> Response {
-    match ASSETS.iter().find(|a| a.name == name) {
-        Some(a) => file(a.content_type, a.body),
+    match ASSETS.iter().find(|(n, _)| *n == name) {
+        Some((n, body)) => file(content_type(n), body),
         None => (StatusCode::NOT_FOUND, "no such file").into_response(),
     }
 }
@@ -139,7 +114,7 @@ mod tests {
         );
         // Every `import ... from "./x.js"` and every `/ui/...` reference resolves.
         let mut wanted = vec![];
-        for text in std::iter::once(INDEX).chain(ASSETS.iter().map(|a| a.body)) {
+        for text in std::iter::once(INDEX).chain(ASSETS.iter().map(|(_, body)| *body)) {
             for part in text
                 .split("\"./")
                 .skip(1)
