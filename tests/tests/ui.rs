@@ -30,6 +30,21 @@ for i in range(int(sys.argv[1])):
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// Waits until the runs table shows `n` rows.
+async fn wait_rows(b: &Browser, n: u64) -> anyhow::Result<()> {
+    b.wait_until(&format!("{n} rows in the runs table"), LONG, || async {
+        let rows = b
+            .js(
+                "return document.querySelectorAll('#runs-body tr').length;",
+                vec![],
+            )
+            .await
+            .ok()?;
+        (rows == n).then_some(())
+    })
+    .await
+}
+
 async fn sign_in(b: &Browser, c: &TestCluster) -> anyhow::Result<()> {
     b.goto(&format!("{}/", c.base_url())).await?;
     b.wait_for("#signin").await?;
@@ -360,17 +375,7 @@ async fn log_window_is_bounded_and_survives_a_controller_restart() -> anyhow::Re
     }
     b.goto(&format!("{}/#/runs?status=pending", c.base_url()))
         .await?;
-    b.wait_until("the first page", LONG, || async {
-        let n = b
-            .js(
-                "return document.querySelectorAll('#runs-body tr').length;",
-                vec![],
-            )
-            .await
-            .ok()?;
-        (n == 50).then_some(())
-    })
-    .await?;
+    wait_rows(&b, 50).await?;
     assert_eq!(
         b.text("#runs-body tr:first-child .run-link")
             .await?
@@ -380,17 +385,7 @@ async fn log_window_is_bounded_and_survives_a_controller_restart() -> anyhow::Re
     );
     b.screenshot("14-runs-pending-page").await?;
     b.click("#load-more").await?;
-    b.wait_until("the second page", LONG, || async {
-        let n = b
-            .js(
-                "return document.querySelectorAll('#runs-body tr').length;",
-                vec![],
-            )
-            .await
-            .ok()?;
-        (n == 52).then_some(())
-    })
-    .await?;
+    wait_rows(&b, 52).await?;
     assert_eq!(
         b.text("#runs-body tr:last-child .run-link")
             .await?
