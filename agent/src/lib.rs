@@ -1,7 +1,8 @@
 //! The Runyard agent: runs jobs from git repositories on this machine and streams their logs and
 //! statuses to the controller.
 //!
-//! - `dial`: connecting to the controller with the join token.
+//! - `dial`: connecting to the controller with the agent's identity (join token, credential).
+//! - `credential`: the agent's own credential, made once in the data dir (0600).
 //! - `session`: the gRPC session with the controller (register, heartbeat, pump, reconnect).
 //! - `attempts`: the attempts this agent holds, their statuses and stop channels.
 //! - `cache`: disk hygiene: cache size limit (LRU sweeps), free-space and disk-full checks.
@@ -23,6 +24,7 @@ use tracing::{Instrument, info, info_span, warn};
 pub mod attempts;
 pub mod cache;
 pub mod checkout;
+pub mod credential;
 pub mod dial;
 pub mod gpu;
 pub mod process;
@@ -111,6 +113,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         );
     }
 
+    let credential = credential::load_or_create(&config.data_dir).map_err(data_err)?;
+    let auth = dial::Auth {
+        token: config.token.clone(),
+        name: config.name.clone(),
+        credential,
+    };
     let gpus = if config.offer_gpus {
         let lib = config.nvml_library.clone();
         tokio::task::spawn_blocking(move || gpu::detect(lib.as_deref()))
@@ -153,12 +161,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         reporter_dir,
         agent_name: config.name.clone(),
         controller: config.controller.clone(),
-        token: config.token.clone(),
+        auth: auth.clone(),
         identity,
         jobs_dir,
         checkouts: checkout::CheckoutCache::new(config.data_dir.join("mirrors")),
         envs: pyenv::EnvBuilder::new(config.python.clone(), uv, uv_cache),
         attempts: attempts::Attempts::default(),
+        tasks: tokio_util::task::TaskTracker::new(),
         janitor: Arc::new(janitor),
         in_use: cache::InUse::default(),
         min_free: config.min_free,
@@ -190,7 +199,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
     );
     let session = session::SessionLoop {
         controller: config.controller.clone(),
-        token: config.token.clone(),
+        auth,
         svc: svc.clone(),
         gpus,
         offer: session::Offer {
@@ -218,9 +227,16 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
             reason: "agent shut down".into(),
         }));
     }
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(7);
-    while running.iter().any(|a| !a.is_terminal()) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // Every attempt task ends once its process is gone (or panics, and is failed).
+    svc.tasks.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(7), svc.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            tasks = svc.tasks.len(),
+            "attempts did not end in time; exiting"
+        );
     }
     Ok(())
 }

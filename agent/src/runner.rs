@@ -16,7 +16,7 @@ use runyard_model::report::{self, Best, Report};
 use runyard_model::{FailureKind, JobSpec};
 use runyard_proto::v1::AttemptState;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::attempts::{Attempt, Attempts, StopRequest};
 use crate::checkout::{CheckoutCache, CheckoutError, resolve_script_at};
@@ -52,15 +52,17 @@ pub struct Services {
     /// Where the Lightning reporter is installed (prepended to every job's PYTHONPATH).
     pub reporter_dir: PathBuf,
     pub agent_name: String,
-    /// Controller gRPC URL and join token, for checkpoint uploads.
+    /// Controller gRPC URL and the agent's identity, for checkpoint uploads.
     pub controller: String,
-    pub token: String,
+    pub auth: crate::dial::Auth,
     /// `name@data_dir`: marks this agent's job processes (see `process`).
     pub identity: String,
     pub jobs_dir: PathBuf,
     pub checkouts: CheckoutCache,
     pub envs: EnvBuilder,
     pub attempts: Attempts,
+    /// Every attempt's task (see `supervise`); shutdown waits for them.
+    pub tasks: tokio_util::task::TaskTracker,
     /// Keeps the caches under their limit.
     pub janitor: Arc<crate::cache::Janitor>,
     /// Attempt dirs and mirrors sweeps must spare.
@@ -107,6 +109,42 @@ impl End {
             reason: req.reason.clone(),
         }
     }
+}
+
+/// Runs `run` (an attempt's `run_attempt`) as a task of its own and makes sure the attempt ends:
+/// if the task panics, the attempt fails with failure kind `agent` and a reason naming the
+/// panic, so it never stays unfinished (its process group is killed as the panic unwinds).
+pub async fn supervise(
+    attempts: Attempts,
+    a: Arc<Attempt>,
+    run: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let Err(e) = tokio::spawn(run.in_current_span()).await else {
+        return;
+    };
+    if a.is_terminal() {
+        return;
+    }
+    let reason = if e.is_panic() {
+        let payload = e.into_panic();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        format!("agent error: the attempt's task panicked: {message}")
+    } else {
+        "agent error: the attempt's task was cancelled".into()
+    };
+    error!(job = %a.job_id, attempt = a.attempt, %reason, "attempt task failed");
+    attempts.set_status(&a, |s| {
+        s.state = AttemptState::Failed as i32;
+        s.exit_code = None;
+        s.reason = reason;
+        s.failure = FailureKind::Agent.as_str().into();
+        s.log_lines = a.spool.lines();
+        s.report_lines = a.reports.lines();
+    });
 }
 
 pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
@@ -207,6 +245,8 @@ async fn execute(
     let (tx, rx) = mpsc::channel::<Vec<String>>(256);
     let writer = tokio::spawn(write_lines(svc.attempts.clone(), a.clone(), rx));
     let tail_done = tokio_util::sync::CancellationToken::new();
+    // Ends the tailer however this function ends (a panic included).
+    let _tail_guard = tail_done.clone().drop_guard();
     let tailer = tokio::spawn(tail_reports(
         report_file,
         svc.attempts.clone(),
@@ -332,7 +372,7 @@ async fn upload_best(svc: &Services, a: &Attempt, dir: &Path, best: &Best) {
     };
     let started = std::time::Instant::now();
     let result =
-        crate::upload::upload_checkpoint(&svc.controller, &svc.token, &a.job_id, a.attempt, &path)
+        crate::upload::upload_checkpoint(&svc.controller, &svc.auth, &a.job_id, a.attempt, &path)
             .await;
     let report = match result {
         Ok((size, sha256)) => {
@@ -539,5 +579,63 @@ async fn write_lines(attempts: Attempts, a: Arc<Attempt>, mut rx: mpsc::Receiver
             warn!(job = %a.job_id, %error, "cannot spool log lines");
         }
         attempts.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Spool;
+
+    /// Regression: the attempt task was spawned and forgotten, so a panic in it left the attempt
+    /// `preparing` or `running` forever (and its job with it).
+    #[tokio::test]
+    async fn a_panicking_attempt_task_fails_the_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let attempts = Attempts::default();
+        let a = attempts
+            .insert(
+                "01hzx3k8m9q2r4s5t6v7w8x9yz",
+                1,
+                Spool::create(dir.path().join("1.log")).unwrap(),
+                Spool::create(dir.path().join("1.reports")).unwrap(),
+                vec![],
+            )
+            .unwrap();
+        a.spool
+            .append(&["printed before the panic".into()])
+            .unwrap();
+        let injected = async { panic!("injected failure") };
+        supervise(attempts.clone(), a.clone(), injected).await;
+        assert!(a.is_terminal());
+        let (st, _) = a.status();
+        assert_eq!(st.state, AttemptState::Failed as i32);
+        assert_eq!(st.failure, "agent");
+        assert!(
+            st.reason.contains("panicked: injected failure"),
+            "{}",
+            st.reason
+        );
+        assert_eq!(
+            st.log_lines, 1,
+            "the controller waits for the lines before it"
+        );
+
+        // An attempt that ended normally is left as it ended.
+        let b = attempts
+            .insert(
+                "01hzx3k8m9q2r4s5t6v7w8x9yz",
+                2,
+                Spool::create(dir.path().join("2.log")).unwrap(),
+                Spool::create(dir.path().join("2.reports")).unwrap(),
+                vec![],
+            )
+            .unwrap();
+        let (svc_attempts, bb) = (attempts.clone(), b.clone());
+        let ends = async move {
+            svc_attempts.set_status(&bb, |s| s.state = AttemptState::Succeeded as i32);
+        };
+        supervise(attempts.clone(), b.clone(), ends).await;
+        assert_eq!(b.status().0.state, AttemptState::Succeeded as i32);
     }
 }

@@ -15,11 +15,11 @@ use runyard_proto::v1::{self, agent_message::Msg as Out, controller_message::Msg
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::attempts::StopRequest;
 use crate::gpu::GpuProbe;
-use crate::runner::{Services, run_attempt};
+use crate::runner::{Services, run_attempt, supervise};
 
 /// First reconnect delay; doubles up to `BACKOFF_MAX`, with ±25 % jitter.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -36,7 +36,8 @@ pub struct Offer {
 
 pub struct SessionLoop {
     pub controller: String,
-    pub token: String,
+    /// Join token, name and the agent's own credential.
+    pub auth: crate::dial::Auth,
     pub svc: Arc<Services>,
     pub gpus: Arc<GpuProbe>,
     pub offer: Offer,
@@ -54,37 +55,76 @@ pub enum SessionError {
     Closed,
 }
 
+/// The wait between sessions: `BACKOFF_MIN` doubling to `BACKOFF_MAX`, ±25 % jitter, back to
+/// `BACKOFF_MIN` after a session that lasted `HEALTHY`.
+#[derive(Debug)]
+pub struct Backoff {
+    current: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            current: BACKOFF_MIN,
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait after a session that lasted `lasted`; `jitter` is a factor in `0.75..1.25`.
+    pub fn next(&mut self, lasted: Duration, jitter: f64) -> Duration {
+        if lasted > HEALTHY {
+            self.current = BACKOFF_MIN;
+        }
+        let wait = self.current.mul_f64(jitter);
+        self.current = (self.current * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
+
+/// Runs `session` again and again until cancelled, waiting per `Backoff` in between.
+async fn reconnect<F, Fut>(cancel: &CancellationToken, mut session: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), SessionError>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = tokio::select! {
+            r = session() => r,
+            _ = cancel.cancelled() => return,
+        };
+        if cancel.is_cancelled() {
+            return;
+        }
+        let wait = backoff.next(started.elapsed(), rand::rng().random_range(0.75..1.25));
+        match result {
+            Ok(()) | Err(SessionError::Closed) => info!("session ended; reconnecting"),
+            Err(SessionError::Refused(status))
+                if status.code() == tonic::Code::PermissionDenied =>
+            {
+                // The operator must act (another --name, or remove the old agent).
+                error!(reason = %status.message(), retry_in = ?wait, "the controller refused this agent")
+            }
+            Err(error) => warn!(%error, retry_in = ?wait, "session failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
 impl SessionLoop {
     /// Runs sessions until cancelled.
     pub async fn run(self, cancel: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let started = tokio::time::Instant::now();
-            let result = tokio::select! {
-                r = self.session(&cancel).instrument(info_span!("session", controller = %self.controller)) => r,
-                _ = cancel.cancelled() => return,
-            };
-            if cancel.is_cancelled() {
-                return;
-            }
-            if started.elapsed() > HEALTHY {
-                backoff = BACKOFF_MIN;
-            }
-            match result {
-                Ok(()) | Err(SessionError::Closed) => info!("session ended; reconnecting"),
-                Err(error) => warn!(%error, retry_in = ?backoff, "session failed"),
-            }
-            let jitter = rand::rng().random_range(0.75..1.25);
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
-                _ = cancel.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+        let span = info_span!("session", controller = %self.controller);
+        reconnect(&cancel, || self.session(&cancel).instrument(span.clone())).await
     }
 
     async fn session(&self, cancel: &CancellationToken) -> Result<(), SessionError> {
-        let mut client = crate::dial::connect(&self.controller, &self.token).await?;
+        let mut client = crate::dial::connect(&self.controller, &self.auth).await?;
 
         let (tx, rx) = mpsc::channel::<v1::AgentMessage>(OUT_BUFFER);
         tx.send(msg(Out::Register(self.register().await)))
@@ -127,7 +167,9 @@ impl SessionLoop {
             }
         };
         session_cancel.cancel();
-        let _ = pump.await;
+        if let Err(error) = pump.await {
+            error!(%error, "the session pump failed");
+        }
         result
     }
 
@@ -278,7 +320,10 @@ impl SessionLoop {
         };
         info!(job = %a.job_id, attempt = a.attempt, repo = %spec.repo, script = %spec.script, gpus = ?a.gpus, "assignment accepted");
         let span = info_span!(parent: None, "job", job = %a.job_id, attempt = a.attempt);
-        tokio::spawn(run_attempt(self.svc.clone(), attempt, spec).instrument(span));
+        let run = run_attempt(self.svc.clone(), attempt.clone(), spec);
+        self.svc
+            .tasks
+            .spawn(supervise(self.svc.attempts.clone(), attempt, run).instrument(span));
     }
 
     async fn refuse(
@@ -394,5 +439,64 @@ async fn pump(
             }
             _ = cancel.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// The waits between sessions, under tokio's paused clock: 250 ms doubling to the 5 s cap,
+    /// each within ±25 %, and back to 250 ms after a healthy session.
+    #[tokio::test(start_paused = true)]
+    async fn reconnect_backs_off_with_jitter_to_the_cap_and_resets_after_a_healthy_session() {
+        let cancel = CancellationToken::new();
+        // (start, end) of each session.
+        let sessions: Mutex<Vec<(tokio::time::Instant, tokio::time::Instant)>> = Mutex::default();
+        let healthy_at = 7;
+        let total = 10;
+        reconnect(&cancel, || async {
+            let n = sessions.lock().unwrap().len();
+            let start = tokio::time::Instant::now();
+            if n == healthy_at {
+                tokio::time::sleep(HEALTHY + Duration::from_secs(1)).await;
+            }
+            sessions
+                .lock()
+                .unwrap()
+                .push((start, tokio::time::Instant::now()));
+            if n + 1 == total {
+                cancel.cancel();
+            }
+            Err(SessionError::Closed)
+        })
+        .await;
+        let sessions = sessions.into_inner().unwrap();
+        assert_eq!(sessions.len(), total);
+        let waits: Vec<Duration> = sessions.windows(2).map(|w| w[1].0 - w[0].1).collect();
+        let expected_ms = [250, 500, 1000, 2000, 4000, 5000, 5000, 250, 500];
+        for (i, (wait, ms)) in waits.iter().zip(expected_ms).enumerate() {
+            let base = Duration::from_millis(ms);
+            assert!(
+                *wait >= base.mul_f64(0.75) && *wait <= base.mul_f64(1.25),
+                "wait {i}: {wait:?}, expected {base:?} ±25 %"
+            );
+        }
+        assert!(
+            waits.windows(2).any(|w| w[0] != w[1]),
+            "jittered: {waits:?}"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets() {
+        let mut b = Backoff::default();
+        let quick = Duration::ZERO;
+        let waits: Vec<u128> = (0..7).map(|_| b.next(quick, 1.0).as_millis()).collect();
+        assert_eq!(waits, [250, 500, 1000, 2000, 4000, 5000, 5000]);
+        assert_eq!(b.next(HEALTHY + Duration::from_millis(1), 1.0), BACKOFF_MIN);
+        assert_eq!(b.next(quick, 1.2), Duration::from_millis(600));
     }
 }

@@ -33,7 +33,7 @@ pub enum UploadError {
 /// Uploads `path` as the checkpoint of `job_id`/`attempt`; returns size and sha256.
 pub async fn upload_checkpoint(
     controller: &str,
-    token: &str,
+    auth: &crate::dial::Auth,
     job_id: &str,
     attempt: u32,
     path: &Path,
@@ -41,7 +41,7 @@ pub async fn upload_checkpoint(
     let mut delay = Duration::from_millis(250);
     let mut last = String::new();
     for _ in 0..TRIES {
-        match upload_once(controller, token, job_id, attempt, path).await {
+        match upload_once(controller, auth, job_id, attempt, path).await {
             Ok(r) => return Ok(r),
             Err(UploadError::Unreachable(e)) => last = e,
             Err(other) => return Err(other),
@@ -54,7 +54,7 @@ pub async fn upload_checkpoint(
 
 async fn upload_once(
     controller: &str,
-    token: &str,
+    auth: &crate::dial::Auth,
     job_id: &str,
     attempt: u32,
     path: &Path,
@@ -77,7 +77,7 @@ async fn upload_once(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "checkpoint".into());
     let size = meta.len();
-    let mut client = crate::dial::connect(controller, token)
+    let mut client = crate::dial::connect(controller, auth)
         .await
         .map_err(|e| match e {
             crate::dial::DialError::Token => UploadError::Refused(e.to_string()),

@@ -29,6 +29,8 @@ pub struct ArtifactMeta {
 pub enum ArtifactError {
     #[error("invalid file name `{0}`")]
     FileName(String),
+    #[error("not a job id: {0:?}")]
+    JobId(String),
     #[error("artifact is larger than declared ({declared} bytes)")]
     TooLarge { declared: u64 },
     #[error("artifact size {got} differs from the declared {declared}")]
@@ -187,7 +189,10 @@ impl ArtifactStore for DirStore {
             || file_name.contains('/')
             || file_name.contains('\0')
             || file_name.len() > 255;
-        if bad || job.is_empty() || job.contains('/') || job.starts_with('.') {
+        if !runyard_model::is_job_id(job) {
+            return Err(ArtifactError::JobId(job.into()));
+        }
+        if bad {
             return Err(ArtifactError::FileName(file_name.into()));
         }
         if size > MAX_ARTIFACT {
@@ -216,6 +221,9 @@ impl ArtifactStore for DirStore {
         job: &str,
         attempt: u32,
     ) -> Result<Option<(ArtifactMeta, ArtifactReader)>, ArtifactError> {
+        if !runyard_model::is_job_id(job) {
+            return Ok(None);
+        }
         let dir = self.dir(job, attempt);
         let meta = match tokio::fs::read(dir.join(META)).await {
             Ok(bytes) => match serde_json::from_slice::<ArtifactMeta>(&bytes) {
@@ -237,9 +245,11 @@ impl ArtifactStore for DirStore {
 mod tests {
     use super::*;
 
+    const J: &str = "01hzx3k8m9q2r4s5t6v7w8x9yz";
+
     async fn read(store: &DirStore) -> Option<(ArtifactMeta, Vec<u8>)> {
         use tokio::io::AsyncReadExt;
-        let (meta, mut r) = store.open("j", 1).await.unwrap()?;
+        let (meta, mut r) = store.open(J, 1).await.unwrap()?;
         let mut bytes = Vec::new();
         r.read_to_end(&mut bytes).await.unwrap();
         Some((meta, bytes))
@@ -254,7 +264,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DirStore::open(dir.path()).unwrap();
         assert!(read(&store).await.is_none());
-        let mut up = store.begin("j", 1, "best.ckpt", 6).await.unwrap();
+        let mut up = store.begin(J, 1, "best.ckpt", 6).await.unwrap();
         up.write(b"abc").await.unwrap();
         assert!(
             read(&store).await.is_none(),
@@ -266,7 +276,7 @@ mod tests {
         assert_eq!(found, meta);
         assert_eq!(bytes, b"abcdef");
         // A re-upload replaces it.
-        let mut up = store.begin("j", 1, "other.ckpt", 1).await.unwrap();
+        let mut up = store.begin(J, 1, "other.ckpt", 1).await.unwrap();
         up.write(b"z").await.unwrap();
         up.finish(&sha(b"z")).await.unwrap();
         let (meta, bytes) = read(&store).await.unwrap();
@@ -275,7 +285,9 @@ mod tests {
             ("other.ckpt", b"z".to_vec())
         );
         assert_eq!(
-            std::fs::read_dir(dir.path().join("j/1")).unwrap().count(),
+            std::fs::read_dir(dir.path().join(format!("{J}/1")))
+                .unwrap()
+                .count(),
             2,
             "file + meta only"
         );
@@ -285,27 +297,38 @@ mod tests {
     async fn bad_uploads_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = DirStore::open(dir.path()).unwrap();
-        let mut up = store.begin("j", 1, "a.ckpt", 3).await.unwrap();
+        let mut up = store.begin(J, 1, "a.ckpt", 3).await.unwrap();
         up.write(b"abc").await.unwrap();
         assert!(matches!(
             up.finish(&sha(b"xyz")).await,
             Err(ArtifactError::Checksum { .. })
         ));
-        let mut up = store.begin("j", 1, "a.ckpt", 3).await.unwrap();
+        let mut up = store.begin(J, 1, "a.ckpt", 3).await.unwrap();
         up.write(b"ab").await.unwrap();
         assert!(matches!(
             up.finish(&sha(b"ab")).await,
             Err(ArtifactError::Size { .. })
         ));
-        let mut up = store.begin("j", 1, "a.ckpt", 1).await.unwrap();
+        let mut up = store.begin(J, 1, "a.ckpt", 1).await.unwrap();
         assert!(up.write(b"ab").await.is_err());
         for bad in ["", "../x", "a/b", ".hidden"] {
-            assert!(store.begin("j", 1, bad, 1).await.is_err(), "{bad}");
+            assert!(store.begin(J, 1, bad, 1).await.is_err(), "{bad}");
         }
+        let outside = dir.path().join("outside");
+        for bad_job in ["..", "../outside", outside.to_str().unwrap(), "j"] {
+            assert!(matches!(
+                store.begin(bad_job, 1, "a.ckpt", 1).await,
+                Err(ArtifactError::JobId(_))
+            ));
+            assert!(store.open(bad_job, 1).await.unwrap().is_none());
+        }
+        assert!(!outside.exists());
         assert!(read(&store).await.is_none());
         drop(up);
         assert_eq!(
-            std::fs::read_dir(dir.path().join("j/1")).unwrap().count(),
+            std::fs::read_dir(dir.path().join(format!("{J}/1")))
+                .unwrap()
+                .count(),
             0,
             "no temp file left"
         );

@@ -5,34 +5,48 @@
 //! is visible. On (re-)registration the agent lists the attempts it holds; the controller
 //! re-attaches current ones, fences stale ones (stop), resends lost assignments, and tells the
 //! agent where each log resumes.
+//!
+//! The session is a translator and a trust boundary. It turns messages into calls on the core
+//! (jobs, logs, agents) and checks each one against what the controller placed on this agent:
+//! lines, report lines, statuses and checkpoints are accepted only for an attempt placed on the
+//! calling agent (`Job::placed_on`), with a job id of the controller's own form (it names
+//! files). Anything else is refused, logged with the agent, job and attempt, and changes
+//! nothing. An agent authenticates with its own credential (`Agents::admit`); one agent has one
+//! session at a time (`Agents::claim`).
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
 use runyard_model::report::{self, Report};
-use runyard_model::{AgentInfo, FailureKind, GpuInfo, JobStatus, Timestamp};
+use runyard_model::{AgentInfo, FailureKind, GpuInfo, Job, JobStatus, Timestamp, is_job_id};
 use runyard_proto::v1::{self, agent_message, controller_message::Msg};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::agents::AdmitError;
 use crate::artifacts::ArtifactError;
 use crate::executor::{Controller, assign_message};
 use crate::logs::Appended;
 use crate::reconcile::{self, Action, AttemptState, AttemptStatus, Reply};
 use crate::tokens::token_eq;
 
-/// Outbound messages buffered per session.
+/// Outbound messages buffered per session (more wait in the agent's backlog, see `agents`).
 const SESSION_BUFFER: usize = 4096;
+/// Longest agent name (a host name is at most 253 characters).
+const MAX_NAME: usize = 253;
 
 pub struct AgentService {
     ctl: Controller,
     join_token: String,
     heartbeat: Duration,
     cancel: CancellationToken,
+    /// Every session task; `run` waits for them at shutdown.
+    tasks: TaskTracker,
 }
 
 impl AgentService {
@@ -44,26 +58,90 @@ impl AgentService {
             join_token,
             heartbeat,
             cancel,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// The session tasks, to wait for at shutdown.
+    pub fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
+    }
+}
+
+/// Who is calling, from the call's metadata.
+struct Caller {
+    join_token_ok: bool,
+    name: Option<String>,
+    credential: Option<String>,
+}
+
+impl AgentService {
+    fn caller<T>(&self, req: &Request<T>) -> Caller {
+        let header = |key: &str| {
+            req.metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        let presented = header("authorization");
+        let join_token = presented
+            .as_deref()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        Caller {
+            join_token_ok: token_eq(join_token, &self.join_token),
+            name: header(runyard_proto::AGENT_NAME_HEADER),
+            credential: header(runyard_proto::CREDENTIAL_HEADER),
         }
     }
 }
 
-impl AgentService {
-    fn check_token<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let presented = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if token_eq(presented, &self.join_token) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(
-                "invalid agent join token: pass the controller's agent.token with --token-file",
-            ))
+/// The one place an enrolment refusal becomes a gRPC status.
+fn admit_status(e: AdmitError) -> Status {
+    match e {
+        AdmitError::NameTaken(_) => Status::permission_denied(e.to_string()),
+        AdmitError::JoinToken(_) => Status::unauthenticated(e.to_string()),
+        AdmitError::NoCredential(_) => Status::unauthenticated(e.to_string()),
+        AdmitError::Store(ref error) => {
+            warn!(%error, "cannot record an agent's enrolment");
+            Status::unavailable(e.to_string())
         }
     }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.contains('/')
+        && !name.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+/// Why a message about an attempt is refused.
+#[derive(Debug)]
+enum Refusal {
+    /// The job id is not of the controller's form (it would name another path).
+    BadId,
+    UnknownJob,
+    /// The attempt was not placed on the calling agent.
+    NotPlacedHere,
+}
+
+/// The job, if the controller placed `attempt` of it on `agent`.
+fn placed_on(ctl: &Controller, agent: &str, job_id: &str, attempt: u32) -> Result<Job, Refusal> {
+    if !is_job_id(job_id) {
+        return Err(Refusal::BadId);
+    }
+    let job = ctl.jobs.get(job_id).ok_or(Refusal::UnknownJob)?;
+    if job.placed_on(attempt) == Some(agent) {
+        Ok(job)
+    } else {
+        Err(Refusal::NotPlacedHere)
+    }
+}
+
+fn refused(agent: &str, what: &'static str, job_id: &str, attempt: u32, why: &Refusal) {
+    warn!(%agent, job = ?job_id, attempt, what, why = ?why, "refused a message about an attempt not placed on this agent");
 }
 
 type Outbound =
@@ -77,7 +155,13 @@ impl v1::agent_service_server::AgentService for AgentService {
         &self,
         req: Request<Streaming<v1::CheckpointChunk>>,
     ) -> Result<Response<v1::CheckpointReceipt>, Status> {
-        self.check_token(&req)?;
+        let caller = self.caller(&req);
+        let name = caller.name.unwrap_or_default();
+        if !self.ctl.agents.verify(&name, caller.credential.as_deref()) {
+            return Err(Status::unauthenticated(
+                "checkpoint uploads need an enrolled agent's name and credential",
+            ));
+        }
         let mut chunks = req.into_inner();
         let header = match chunks.message().await? {
             Some(v1::CheckpointChunk {
@@ -89,15 +173,12 @@ impl v1::agent_service_server::AgentService for AgentService {
                 ));
             }
         };
-        match self.ctl.jobs.get(&header.job_id) {
-            Some(j) if header.attempt >= 1 && header.attempt <= j.attempt => {}
-            Some(_) => {
-                return Err(Status::failed_precondition(format!(
-                    "job {} has no attempt {}",
-                    header.job_id, header.attempt
-                )));
-            }
-            None => return Err(Status::not_found(format!("no job {}", header.job_id))),
+        if let Err(why) = placed_on(&self.ctl, &name, &header.job_id, header.attempt) {
+            refused(&name, "checkpoint", &header.job_id, header.attempt, &why);
+            return Err(Status::permission_denied(format!(
+                "attempt {} of job {:?} was not placed on agent {name}",
+                header.attempt, header.job_id
+            )));
         }
         let to_status = |e: ArtifactError| match e {
             ArtifactError::Io(e) => {
@@ -140,7 +221,12 @@ impl v1::agent_service_server::AgentService for AgentService {
         &self,
         req: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Outbound>, Status> {
-        self.check_token(&req)?;
+        let caller = self.caller(&req);
+        if !caller.join_token_ok && caller.credential.is_none() {
+            return Err(Status::unauthenticated(
+                "invalid agent join token: pass the controller's agent.token with --token-file",
+            ));
+        }
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = req.into_inner();
         let first = match inbound.message().await? {
@@ -156,6 +242,33 @@ impl v1::agent_service_server::AgentService for AgentService {
         if first.name.is_empty() {
             return Err(Status::invalid_argument("Register.name must not be empty"));
         }
+        if !valid_name(&first.name) {
+            return Err(Status::invalid_argument(
+                "Register.name must be at most 253 characters without '/', spaces or control characters",
+            ));
+        }
+        if caller.name.as_deref().is_some_and(|n| n != first.name) {
+            return Err(Status::invalid_argument(
+                "Register.name differs from the x-runyard-agent metadata",
+            ));
+        }
+        let enrolled = self
+            .ctl
+            .agents
+            .admit(
+                &first.name,
+                caller.credential.as_deref(),
+                caller.join_token_ok,
+            )
+            .await
+            .map_err(|e| {
+                warn!(agent = %first.name, %peer, error = %e, "agent session refused");
+                admit_status(e)
+            })?;
+        if enrolled {
+            info!(agent = %first.name, %peer, "agent enrolled");
+        }
+        let (turn, claim) = self.ctl.agents.claim(&first.name);
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let session = Session {
             ctl: self.ctl.clone(),
@@ -165,12 +278,18 @@ impl v1::agent_service_server::AgentService for AgentService {
         let heartbeat = self.heartbeat;
         let cancel = self.cancel.clone();
         let span = info_span!("agent_session", agent = %first.name, %peer);
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
-                let id = session.open(first, heartbeat).await;
+                // Wait for the agent's previous session to end (it was told to).
+                let _turn = tokio::select! {
+                    t = turn.lock_owned() => t,
+                    _ = claim.cancelled() => return info!("superseded before it started"),
+                    _ = cancel.cancelled() => return,
+                };
+                let id = session.open(first, heartbeat, claim.clone()).await;
                 let result = tokio::select! {
-                    r = session.serve(&mut inbound) => r,
-                    _ = cancel.cancelled() => Ok(()),
+                    r = session.serve(&mut inbound, &claim, &cancel) => r,
+                    _ = session.ctl.agents.forward(&session.name, id) => Ok(()),
                 };
                 if let Err(error) = result {
                     warn!(%error, "agent session ended with an error");
@@ -201,7 +320,7 @@ impl Session {
         let _ = self.tx.send(v1::ControllerMessage { msg: Some(msg) }).await;
     }
 
-    async fn open(&self, reg: v1::Register, heartbeat: Duration) -> u64 {
+    async fn open(&self, reg: v1::Register, heartbeat: Duration, cancel: CancellationToken) -> u64 {
         let now = Timestamp::now();
         let info = AgentInfo {
             name: reg.name.clone(),
@@ -220,7 +339,7 @@ impl Session {
             attempts = reg.attempts.len(),
             "agent registered"
         );
-        let id = self.ctl.agents.connect(info, self.tx.clone()).await;
+        let id = self.ctl.agents.connect(info, self.tx.clone(), cancel).await;
         self.send(Msg::Registered(v1::Registered {
             heartbeat_interval_ms: heartbeat.as_millis() as u64,
             controller_version: env!("CARGO_PKG_VERSION").into(),
@@ -235,6 +354,19 @@ impl Session {
     async fn reattach(&self, attempts: Vec<v1::AttemptReport>) {
         let mut held = HashSet::new();
         for a in attempts {
+            match placed_on(&self.ctl, &self.name, &a.job_id, a.attempt) {
+                Ok(_) => {}
+                Err(Refusal::UnknownJob) => {
+                    // Not the controller's (a wiped store?): stop it; its final status is
+                    // answered with a release.
+                    self.fence_unknown(&a.job_id, a.attempt).await;
+                    continue;
+                }
+                Err(why) => {
+                    refused(&self.name, "register", &a.job_id, a.attempt, &why);
+                    continue;
+                }
+            }
             held.insert((a.job_id.clone(), a.attempt));
             for stream in [v1::Stream::Log, v1::Stream::Report] {
                 let next = self
@@ -309,8 +441,26 @@ impl Session {
         }
     }
 
-    async fn serve(&self, inbound: &mut Streaming<v1::AgentMessage>) -> Result<(), Status> {
-        while let Some(m) = inbound.message().await? {
+    /// Handles messages in order until the stream ends or a token fires; a token is checked
+    /// between messages only, so a message is never half handled.
+    async fn serve(
+        &self,
+        inbound: &mut Streaming<v1::AgentMessage>,
+        claim: &CancellationToken,
+        cancel: &CancellationToken,
+    ) -> Result<(), Status> {
+        loop {
+            let m = tokio::select! {
+                m = inbound.message() => match m? {
+                    Some(m) => m,
+                    None => return Ok(()),
+                },
+                _ = claim.cancelled() => {
+                    info!("a newer session of this agent replaces this one");
+                    return Ok(());
+                }
+                _ = cancel.cancelled() => return Ok(()),
+            };
             let now = Timestamp::now();
             match m.msg {
                 Some(agent_message::Msg::Heartbeat(h)) => self.ctl.agents.heartbeat(
@@ -334,13 +484,15 @@ impl Session {
                 None => {}
             }
         }
-        Ok(())
     }
 
     async fn logs(&self, c: v1::LogChunk) -> Result<(), Status> {
         let stream = c.stream();
+        if let Err(why) = placed_on(&self.ctl, &self.name, &c.job_id, c.attempt) {
+            refused(&self.name, "lines", &c.job_id, c.attempt, &why);
+            return Ok(());
+        }
         let store = self.ctl.stream(stream);
-        let before = store.lines(&c.job_id, c.attempt).await.unwrap_or(0);
         let appended = store
             .append(&c.job_id, c.attempt, c.first_seq, c.count, c.data.clone())
             .await
@@ -348,20 +500,21 @@ impl Session {
                 warn!(job = %c.job_id, attempt = c.attempt, error = %e, ?stream, "cannot persist lines");
                 Status::unavailable("controller cannot persist log lines; retry")
             })?;
-        let next_seq = match appended {
-            Appended::Through(n) => n,
+        let (new, next_seq) = match appended {
+            // Lines `from..to` are new; the chunk starts at or before `from`.
+            Appended::Through { from, to } => (from.max(c.first_seq)..to, to),
             Appended::Gap(n) => {
                 warn!(job = %c.job_id, attempt = c.attempt, have = n, got = c.first_seq, ?stream, "gap; asking the agent to resend");
-                n
+                (n..n, n)
             }
         };
-        if stream == v1::Stream::Report && next_seq > before {
-            // Fold the new report lines into the job's summary.
-            let skip = (before - c.first_seq) as usize;
+        if stream == v1::Stream::Report && !new.is_empty() {
+            // Fold the new report lines (and only those) into the job's summary.
             let reports: Vec<Report> = c
                 .data
                 .split(|&b| b == b'\n')
-                .skip(skip)
+                .skip((new.start - c.first_seq) as usize)
+                .take((new.end - new.start) as usize)
                 .filter_map(|l| Report::parse(&String::from_utf8_lossy(l)))
                 .collect();
             if !reports.is_empty() {
@@ -401,6 +554,12 @@ impl Session {
             warn!(job = %st.job_id, state = st.state, "status update with an unknown state");
             return;
         };
+        match placed_on(&self.ctl, &self.name, &st.job_id, st.attempt) {
+            Ok(_) => {}
+            // Not a job of this controller: nothing to change; let the agent forget it.
+            Err(Refusal::UnknownJob) => {}
+            Err(why) => return refused(&self.name, "status", &st.job_id, st.attempt, &why),
+        }
         if status.state.is_terminal() {
             let have = self
                 .ctl

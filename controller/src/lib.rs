@@ -131,6 +131,7 @@ pub async fn run(
     health.set_serving::<runyard_proto::v1::agent_service_server::AgentServiceServer<grpc::AgentService>>().await;
     let agent_service =
         grpc::AgentService::new(ctl.clone(), tokens.agent.clone(), cancel.child_token());
+    let sessions = agent_service.tasks();
     let grpc_cancel = cancel.child_token();
     let grpc_task = tracker.spawn(
         tonic::transport::Server::builder()
@@ -166,6 +167,8 @@ pub async fn run(
     let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
         let grpc = grpc_task.await;
         let http = http_task.await;
+        sessions.close();
+        sessions.wait().await;
         (grpc, http)
     })
     .await;

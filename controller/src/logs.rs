@@ -5,7 +5,8 @@
 //! controller crash loses no acknowledged line; appends are idempotent by sequence number (a
 //! resent chunk overlapping persisted lines only adds the new tail), so reconnects never
 //! duplicate a line; a gap (lines missing before the chunk) is refused, and the agent resends from
-//! the acknowledged position.
+//! the acknowledged position. Job ids name directories, so every entry point refuses an id that
+//! is not a job id (`runyard_model::is_job_id`), whoever the caller.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -33,8 +34,9 @@ struct Inner {
 /// What an append did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Appended {
-    /// Persisted; the attempt now has this many lines.
-    Through(u64),
+    /// Persisted; the attempt had `from` lines before this append and now has `to` (lines
+    /// `from..to` are new; none when equal).
+    Through { from: u64, to: u64 },
     /// The chunk starts after the persisted end: resend from this sequence number.
     Gap(u64),
 }
@@ -53,8 +55,15 @@ impl LogStore {
         })
     }
 
-    pub fn path(&self, job: &str, attempt: u32) -> PathBuf {
-        self.inner.root.join(job).join(format!("{attempt}.log"))
+    /// The file of an attempt; refuses an id that is not a job id (it would name another path).
+    pub fn path(&self, job: &str, attempt: u32) -> io::Result<PathBuf> {
+        if !runyard_model::is_job_id(job) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not a job id: {job:?}"),
+            ));
+        }
+        Ok(self.inner.root.join(job).join(format!("{attempt}.log")))
     }
 
     /// Number of persisted lines of an attempt.
@@ -63,7 +72,7 @@ impl LogStore {
         if let Some(n) = self.inner.lines.lock().unwrap().get(&key) {
             return Ok(*n);
         }
-        let path = self.path(job, attempt);
+        let path = self.path(job, attempt)?;
         let n = tokio::task::spawn_blocking(move || count_lines(&path))
             .await
             .map_err(io::Error::other)??;
@@ -87,7 +96,10 @@ impl LogStore {
         }
         let end = first_seq + count as u64;
         if end <= have || count == 0 {
-            return Ok(Appended::Through(have));
+            return Ok(Appended::Through {
+                from: have,
+                to: have,
+            });
         }
         let skip = (have - first_seq) as usize;
         let start = nth_line_start(&data, skip).ok_or_else(|| {
@@ -96,7 +108,7 @@ impl LogStore {
                 format!("log chunk has fewer than {count} lines"),
             )
         })?;
-        let path = self.path(job, attempt);
+        let path = self.path(job, attempt)?;
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             if let Some(dir) = path.parent() {
                 fs::create_dir_all(dir)?;
@@ -119,7 +131,10 @@ impl LogStore {
         if let Some(tx) = notify.get(job) {
             tx.send_modify(|v| *v += 1);
         }
-        Ok(Appended::Through(end))
+        Ok(Appended::Through {
+            from: have,
+            to: end,
+        })
     }
 
     /// Wakes up whenever lines are appended to any attempt of `job`.
@@ -140,7 +155,7 @@ impl LogStore {
         offset: u64,
         max: usize,
     ) -> io::Result<(Vec<u8>, u64)> {
-        let path = self.path(job, attempt);
+        let path = self.path(job, attempt)?;
         tokio::task::spawn_blocking(move || read_complete_lines(&path, offset, max))
             .await
             .map_err(io::Error::other)?
@@ -204,57 +219,80 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    const J: &str = "01hzx3k8m9q2r4s5t6v7w8x9yz";
+
+    fn through(from: u64, to: u64) -> Appended {
+        Appended::Through { from, to }
+    }
+
     #[tokio::test]
     async fn appends_are_idempotent_and_gapless() {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::open(dir.path()).unwrap();
         assert_eq!(
-            logs.append("j", 1, 0, 2, Bytes::from("a\nb"))
-                .await
-                .unwrap(),
-            Appended::Through(2)
+            logs.append(J, 1, 0, 2, Bytes::from("a\nb")).await.unwrap(),
+            through(0, 2)
         );
         // Resent overlapping chunk adds only the tail.
         assert_eq!(
-            logs.append("j", 1, 1, 3, Bytes::from("b\nc\nd"))
+            logs.append(J, 1, 1, 3, Bytes::from("b\nc\nd"))
                 .await
                 .unwrap(),
-            Appended::Through(4)
+            through(2, 4)
         );
         // Full duplicate: nothing.
         assert_eq!(
-            logs.append("j", 1, 0, 1, Bytes::from("a")).await.unwrap(),
-            Appended::Through(4)
+            logs.append(J, 1, 0, 1, Bytes::from("a")).await.unwrap(),
+            through(4, 4)
         );
         // Gap: refused.
         assert_eq!(
-            logs.append("j", 1, 9, 1, Bytes::from("z")).await.unwrap(),
+            logs.append(J, 1, 9, 1, Bytes::from("z")).await.unwrap(),
             Appended::Gap(4)
         );
         // Empty lines are lines.
         assert_eq!(
-            logs.append("j", 1, 4, 2, Bytes::from("\n")).await.unwrap(),
-            Appended::Through(6)
+            logs.append(J, 1, 4, 2, Bytes::from("\n")).await.unwrap(),
+            through(4, 6)
         );
-        let (text, off) = logs.read_from("j", 1, 0, 1 << 20).await.unwrap();
+        let (text, off) = logs.read_from(J, 1, 0, 1 << 20).await.unwrap();
         assert_eq!(text, b"a\nb\nc\nd\n\n\n");
         assert_eq!(off, text.len() as u64);
         // A new store over the same dir counts the persisted lines.
         let again = LogStore::open(dir.path()).unwrap();
-        assert_eq!(again.lines("j", 1).await.unwrap(), 6);
-        assert_eq!(again.lines("j", 2).await.unwrap(), 0);
+        assert_eq!(again.lines(J, 1).await.unwrap(), 6);
+        assert_eq!(again.lines(J, 2).await.unwrap(), 0);
     }
 
     #[tokio::test]
     async fn followers_are_woken() {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::open(dir.path()).unwrap();
-        let mut rx = logs.subscribe("j");
-        logs.append("j", 1, 0, 1, Bytes::from("x")).await.unwrap();
+        let mut rx = logs.subscribe(J);
+        logs.append(J, 1, 0, 1, Bytes::from("x")).await.unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(1), rx.changed())
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn ids_that_are_not_job_ids_touch_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path().join("logs")).unwrap();
+        let outside = dir.path().join("outside");
+        for bad in ["../outside", outside.to_str().unwrap(), "", "j"] {
+            let err = logs.append(bad, 1, 0, 1, Bytes::from("x")).await;
+            assert_eq!(
+                err.unwrap_err().kind(),
+                io::ErrorKind::InvalidInput,
+                "{bad}"
+            );
+            assert!(logs.lines(bad, 1).await.is_err(), "{bad}");
+            assert!(logs.read_from(bad, 1, 0, 10).await.is_err(), "{bad}");
+        }
+        assert!(!outside.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "only logs/");
     }
 
     #[test]

@@ -169,6 +169,10 @@ pub fn apply(job: &Job, action: &Action, now: Timestamp) -> Option<Job> {
             j.status = JobStatus::Scheduled;
             j.attempt = *attempt;
             j.agent = Some(agent.clone());
+            j.placements.push(runyard_model::Placed {
+                attempt: *attempt,
+                agent: agent.clone(),
+            });
             j.gpus = gpus.clone();
             j.reason = None;
             j.failure = None;

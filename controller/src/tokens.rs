@@ -1,5 +1,6 @@
 //! API tokens: an admin token for users and a join token for agents, created at first start in
-//! the data dir with mode 0600 and read back on every start.
+//! the data dir with mode 0600 and read back on every start. Agents' own credentials are never
+//! stored: only their sha256 (`credential_hash`), compared in constant time.
 
 use std::fs;
 use std::io::Write;
@@ -60,6 +61,12 @@ fn ensure_one(path: &Path, prefix: &str) -> std::io::Result<String> {
     f.sync_all()?;
     fs::rename(&tmp, path)?;
     Ok(token)
+}
+
+/// What the controller keeps of an agent's credential: its sha256, in hex.
+pub fn credential_hash(credential: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(credential.as_bytes()))
 }
 
 /// Constant-time comparison, so a wrong token leaks nothing through timing.

@@ -197,6 +197,17 @@ pub struct Job {
     /// The environment the current attempt runs with (pinned packages, build time).
     #[serde(default)]
     pub environment: Option<Environment>,
+    /// Which agent each attempt was placed on, oldest first: lines of an older attempt that
+    /// arrive late are accepted from its own agent only. Empty in records written before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<Placed>,
+}
+
+/// One attempt's placement, kept for the trust boundary (see `Job::placed_on`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    pub attempt: u32,
+    pub agent: String,
 }
 
 impl Job {
@@ -226,6 +237,56 @@ impl Job {
             best: None,
             best_callback: None,
             environment: None,
+            placements: Vec::new(),
+        }
+    }
+
+    /// The agent attempt `attempt` was placed on, if the record knows it: the current attempt's
+    /// agent, or an older attempt's from `placements`.
+    pub fn placed_on(&self, attempt: u32) -> Option<&str> {
+        if attempt == 0 || attempt > self.attempt {
+            return None;
+        }
+        if attempt == self.attempt
+            && let Some(agent) = &self.agent
+        {
+            return Some(agent);
+        }
+        self.placements
+            .iter()
+            .rev()
+            .find(|p| p.attempt == attempt)
+            .map(|p| p.agent.as_str())
+    }
+}
+
+/// Whether `id` has the form of a job id as the controller makes them: a ULID in lower case (26
+/// characters of Crockford's base32). Ids from peers are checked with this before they name a
+/// file.
+pub fn is_job_id(id: &str) -> bool {
+    const ALPHABET: &[u8] = b"0123456789abcdefghjkmnpqrstvwxyz";
+    id.len() == 26 && id.as_bytes()[0] <= b'7' && id.bytes().all(|b| ALPHABET.contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_lower_case_ulids() {
+        assert!(is_job_id("01hzx3k8m9q2r4s5t6v7w8x9yz"));
+        for bad in [
+            "",
+            "j",
+            "../../../../tmp/x",
+            "/tmp/01hzx3k8m9q2r4s5t6v7w8x9y",
+            "01HZX3K8M9Q2R4S5T6V7W8X9YZ",
+            "01hzx3k8m9q2r4s5t6v7w8x9y/",
+            "81hzx3k8m9q2r4s5t6v7w8x9yz",
+            "01hzx3k8m9q2r4s5t6v7w8x9yzz",
+            "01hzx3k8m9q2r4s5t6v7w8x9.z",
+        ] {
+            assert!(!is_job_id(bad), "{bad}");
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod time;
 
 pub use agent::{AgentInfo, GpuInfo};
 pub use compute::Compute;
-pub use job::{Desired, FailureKind, Job, JobStatus};
+pub use job::{Desired, FailureKind, Job, JobStatus, Placed, is_job_id};
 pub use report::{Best, Environment, MetricPoint, Progress, Report};
 pub use spec::{JobSpec, ValidationError};
 pub use time::Timestamp;

@@ -12,4 +12,9 @@ pub mod v1 {
 
 mod convert;
 
+/// gRPC metadata naming the agent that makes a call (sessions and uploads).
+pub const AGENT_NAME_HEADER: &str = "x-runyard-agent";
+/// gRPC metadata carrying the agent's own credential (see README "Agents: enrolment").
+pub const CREDENTIAL_HEADER: &str = "x-runyard-credential";
+
 pub use convert::{ConvertError, spec_from_wire, spec_to_wire};
