@@ -72,8 +72,9 @@ struct Turn {
 pub enum AdmitError {
     #[error(
         "agent name `{0}` is already enrolled by another agent, and this agent did not present \
-         that agent's credential: start this agent with another --name, or, if the old agent \
-         is gone for good, remove it first (`runyard agent remove {0}` on the controller's host)"
+         that agent's credential (agent.credential in its data dir): start this agent with \
+         another --name, or, if the old agent is gone for good, have an admin remove it first \
+         (DELETE /api/v1/agents/{0} with the admin token; see README, Agents)"
     )]
     NameTaken(String),
     #[error(

@@ -57,6 +57,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/jobs/{id}/checkpoint", get(checkpoint))
         .route("/api/v1/agents", get(agents))
+        .route("/api/v1/agents/{name}", axum::routing::delete(remove_agent))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -432,6 +433,26 @@ fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError
 
 async fn agents(State(state): State<ApiState>) -> impl IntoResponse {
     Json(agents_json(&state.ctl))
+}
+
+/// Forgets an agent and its enrolment (owned by `agents.rs`), so its name can be enrolled again.
+async fn remove_agent(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.ctl.agents.remove(&name).await {
+        Ok(true) => {
+            tracing::warn!(agent = %name, "agent removed by an admin");
+            state.ctl.kick();
+            Ok(Json(json!({"removed": name})))
+        }
+        Ok(false) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no agent named `{name}`"),
+            None,
+        )),
+        Err(e) => Err(JobsError::from(e).into()),
+    }
 }
 
 /// Every agent with the jobs placed on it, as `/api/v1/agents` and `agents` events show them.

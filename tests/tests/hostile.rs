@@ -191,7 +191,7 @@ async fn upload(
             })),
         },
         v1::CheckpointChunk {
-            part: Some(Part::Data(body.to_vec().into())),
+            part: Some(Part::Data(body.to_vec())),
         },
         v1::CheckpointChunk {
             part: Some(Part::Sha256(hex(&sha2::Sha256::digest(body)))),
@@ -566,5 +566,40 @@ async fn a_second_agent_with_the_same_name_is_refused() -> anyhow::Result<()> {
     assert_eq!(c.logs(&id).await?, "once\n", "ran once");
     cancel.cancel();
     second.await??;
+    c.shutdown().await
+}
+
+/// A name whose agent is gone for good (its data dir lost) is freed by an admin, and only by an
+/// admin: the join token cannot remove agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_removes_a_gone_agent_and_its_name_enrols_again() -> anyhow::Result<()> {
+    let c = TestCluster::builder().start().await?;
+    let token = c.agent_token.clone();
+    let old = auth("box", "ryc_lost-with-its-disk", &token);
+    let session = Fake::open(&c, &old, register("box", vec![])).await?;
+    drop(session);
+    let new = auth("box", "ryc_fresh-install", &token);
+    let err = Fake::open(&c, &new, register("box", vec![]))
+        .await
+        .err()
+        .expect("refused while enrolled");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    let delete = |bearer: String| {
+        c.client
+            .delete(format!("{}/api/v1/agents/box", c.base_url()))
+            .bearer_auth(bearer)
+            .send()
+    };
+    assert_eq!(delete(c.agent_token.clone()).await?.status().as_u16(), 401);
+    assert_eq!(delete(c.token.clone()).await?.status().as_u16(), 200);
+    assert_eq!(delete(c.token.clone()).await?.status().as_u16(), 404);
+
+    let _fresh = Fake::open(&c, &new, register("box", vec![])).await?;
+    let err = Fake::open(&c, &old, register("box", vec![]))
+        .await
+        .err()
+        .expect("the old credential no longer opens the name");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
     c.shutdown().await
 }
