@@ -272,6 +272,12 @@ impl Agents {
         }
     }
 
+    /// When the agent was last heard from.
+    pub fn last_seen(&self, name: &str) -> Option<Timestamp> {
+        let agents = self.inner.agents.lock().unwrap();
+        agents.get(name).map(|e| e.info.last_seen)
+    }
+
     /// Queues a message to the agent's live session; false if it has none. Never drops a
     /// message for a live session: what does not fit waits for `forward`, in order.
     pub fn send(&self, name: &str, msg: ControllerMessage) -> bool {

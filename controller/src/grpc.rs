@@ -291,13 +291,20 @@ impl v1::agent_service_server::AgentService for AgentService {
                     r = session.serve(&mut inbound, &claim, &cancel) => r,
                     _ = session.ctl.agents.forward(&session.name, id) => Ok(()),
                 };
+                // A silent agent was last seen at its last message, not now.
+                let seen = match &result {
+                    Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                        session.ctl.agents.last_seen(&session.name)
+                    }
+                    _ => None,
+                };
                 if let Err(error) = result {
                     warn!(%error, "agent session ended with an error");
                 }
                 session
                     .ctl
                     .agents
-                    .disconnect(&session.name, id, Timestamp::now())
+                    .disconnect(&session.name, id, seen.unwrap_or_else(Timestamp::now))
                     .await;
                 session.ctl.kick();
                 info!("agent disconnected");
@@ -442,19 +449,26 @@ impl Session {
     }
 
     /// Handles messages in order until the stream ends or a token fires; a token is checked
-    /// between messages only, so a message is never half handled.
+    /// between messages only, so a message is never half handled. An agent silent for the TTL
+    /// (it heartbeats four times per TTL) ends its session with `DeadlineExceeded`: a hung agent
+    /// whose connection stays up is then lost like one whose connection broke.
     async fn serve(
         &self,
-        inbound: &mut Streaming<v1::AgentMessage>,
+        inbound: &mut (impl futures::Stream<Item = Result<v1::AgentMessage, Status>> + Unpin),
         claim: &CancellationToken,
         cancel: &CancellationToken,
     ) -> Result<(), Status> {
         loop {
+            let silence = tokio::time::sleep(self.ctl.agent_ttl);
             let m = tokio::select! {
-                m = inbound.message() => match m? {
+                m = inbound.next() => match m.transpose()? {
                     Some(m) => m,
                     None => return Ok(()),
                 },
+                _ = silence => {
+                    warn!(ttl = ?self.ctl.agent_ttl, "agent silent past the TTL; ending its session");
+                    return Err(Status::deadline_exceeded("no message from the agent within the TTL"));
+                }
                 _ = claim.cancelled() => {
                     info!("a newer session of this agent replaces this one");
                     return Ok(());
@@ -651,4 +665,80 @@ fn attempt_status(st: &v1::StatusUpdate) -> Option<AttemptStatus> {
         commit: Some(st.commit.clone()).filter(|c| !c.is_empty()),
         failure: FailureKind::parse(&st.failure),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use runyard_model::JobSpec;
+
+    use super::*;
+    use crate::{agents, artifacts, jobs, logs, reconcile, store};
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    async fn controller(dir: &std::path::Path) -> Controller {
+        let store = store::open("file:", dir).await.unwrap();
+        Controller::new(
+            jobs::Jobs::load(store.clone()).await.unwrap(),
+            agents::Agents::load(store, Timestamp::now()).await.unwrap(),
+            logs::LogStore::open(dir.join("logs")).unwrap(),
+            logs::LogStore::open(dir.join("reports")).unwrap(),
+            Arc::new(artifacts::DirStore::open(dir.join("artifacts")).unwrap()),
+            TTL,
+        )
+    }
+
+    /// The heartbeat TTL under tokio's paused clock: an agent whose stream stays open but which
+    /// sends nothing (hung) has its session ended after the TTL, is last seen at its last
+    /// message, and reconcile (pure, `now` passed in) loses its job one TTL after that.
+    /// Regression: a connected agent was never lost, however long it stayed silent.
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_silent_past_the_ttl_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = controller(dir.path()).await;
+        let spec = JobSpec::from_json(br#"{"repo":"file:///r","script":"t.py"}"#).unwrap();
+        let job = ctl.submit(spec).await.unwrap();
+        let (tx, _rx) = mpsc::channel(64);
+        let session = Session {
+            ctl: ctl.clone(),
+            name: "a".into(),
+            tx,
+        };
+        let (_turn, claim) = ctl.agents.claim("a");
+        let reg = v1::Register {
+            name: "a".into(),
+            cpu_small_slots: 1,
+            ..Default::default()
+        };
+        let id = session
+            .open(reg, Duration::from_secs(1), claim.clone())
+            .await;
+        ctl.reconcile_once().await.unwrap();
+        assert_eq!(ctl.jobs.get(&job.id).unwrap().status, JobStatus::Scheduled);
+
+        let started = tokio::time::Instant::now();
+        let mut hung = futures::stream::pending();
+        let ended = session
+            .serve(&mut hung, &claim, &CancellationToken::new())
+            .await;
+        assert_eq!(ended.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+        assert!(started.elapsed() >= TTL && started.elapsed() < TTL + Duration::from_secs(1));
+
+        let seen = ctl.agents.last_seen("a").unwrap();
+        ctl.agents.disconnect("a", id, seen).await;
+        let views = ctl.agents.views();
+        assert!(!views[0].connected);
+        let jobs = ctl.jobs.all();
+        let refs: Vec<&runyard_model::Job> = jobs.iter().collect();
+        let at = |ms: u64| Timestamp(seen.0 + ms);
+        let ttl_ms = TTL.as_millis() as u64;
+        let lose = reconcile::Action::Lose {
+            job: job.id.clone(),
+            attempt: 1,
+        };
+        assert!(!reconcile::reconcile(&refs, &views, at(ttl_ms), TTL).contains(&lose));
+        assert!(reconcile::reconcile(&refs, &views, at(ttl_ms + 1), TTL).contains(&lose));
+    }
 }
