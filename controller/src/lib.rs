@@ -2,13 +2,13 @@
 //!
 //! - `store`: the narrow state-store interface, with an embedded (redb) and an etcd backend.
 //! - `jobs`: the job table, cached in memory and written through to the store.
-//! - `agents`: the registry of agents and their live sessions.
+//! - `agents`: the registry of agents: enrolment, one live session each, message delivery.
 //! - `artifacts`: the best checkpoint of each attempt, verified by size and sha256.
 //! - `logs`: per-attempt log files with sequence-numbered, idempotent appends.
 //! - `scheduler`: pure placement of one job onto the fleet's free capacity.
 //! - `reconcile`: the pure job state machine (plan, apply, agent reports).
 //! - `executor`: the level-triggered loop that applies plans and talks to agents.
-//! - `grpc`: the agent-facing `Session` stream.
+//! - `grpc`: the agent-facing `Session` stream: translator and trust boundary.
 //! - `http`: the user-facing JSON API.
 //! - `tokens`: admin and agent join tokens in the data dir.
 //! - `ui`: the web page (embedded static files) and server-rendered metric plots.
