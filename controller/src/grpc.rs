@@ -15,6 +15,8 @@
 //! session at a time (`Agents::claim`).
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -278,36 +280,53 @@ impl v1::agent_service_server::AgentService for AgentService {
         let heartbeat = self.heartbeat;
         let cancel = self.cancel.clone();
         let span = info_span!("agent_session", agent = %first.name, %peer);
+        let first_name = first.name.clone();
+        // The session's id once connected, for the cleanup of a session task that panics.
+        let connected = Arc::new(AtomicU64::new(0));
+        let opened = connected.clone();
+        let run = async move {
+            // Wait for the agent's previous session to end (it was told to).
+            let _turn = tokio::select! {
+                t = turn.lock_owned() => t,
+                _ = claim.cancelled() => return info!("superseded before it started"),
+                _ = cancel.cancelled() => return,
+            };
+            let id = session.open(first, heartbeat, claim.clone()).await;
+            opened.store(id, Ordering::Relaxed);
+            let result = tokio::select! {
+                r = session.serve(&mut inbound, &claim, &cancel) => r,
+                _ = session.ctl.agents.forward(&session.name, id) => Ok(()),
+            };
+            // A silent agent was last seen at its last message, not now.
+            let seen = match &result {
+                Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                    session.ctl.agents.last_seen(&session.name)
+                }
+                _ => None,
+            };
+            if let Err(error) = result {
+                warn!(%error, "agent session ended with an error");
+            }
+            session
+                .ctl
+                .agents
+                .disconnect(&session.name, id, seen.unwrap_or_else(Timestamp::now))
+                .await;
+            session.ctl.kick();
+            info!("agent disconnected");
+        };
+        let (ctl, name) = (self.ctl.clone(), first_name);
         self.tasks.spawn(
             async move {
-                // Wait for the agent's previous session to end (it was told to).
-                let _turn = tokio::select! {
-                    t = turn.lock_owned() => t,
-                    _ = claim.cancelled() => return info!("superseded before it started"),
-                    _ = cancel.cancelled() => return,
-                };
-                let id = session.open(first, heartbeat, claim.clone()).await;
-                let result = tokio::select! {
-                    r = session.serve(&mut inbound, &claim, &cancel) => r,
-                    _ = session.ctl.agents.forward(&session.name, id) => Ok(()),
-                };
-                // A silent agent was last seen at its last message, not now.
-                let seen = match &result {
-                    Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
-                        session.ctl.agents.last_seen(&session.name)
+                // A panic must not leave the agent looking connected with nobody serving it.
+                if let Err(error) = tokio::spawn(run.in_current_span()).await {
+                    tracing::error!(%error, "agent session task failed");
+                    let id = connected.load(Ordering::Relaxed);
+                    if id != 0 {
+                        ctl.agents.disconnect(&name, id, Timestamp::now()).await;
+                        ctl.kick();
                     }
-                    _ => None,
-                };
-                if let Err(error) = result {
-                    warn!(%error, "agent session ended with an error");
                 }
-                session
-                    .ctl
-                    .agents
-                    .disconnect(&session.name, id, seen.unwrap_or_else(Timestamp::now))
-                    .await;
-                session.ctl.kick();
-                info!("agent disconnected");
             }
             .instrument(span),
         );
@@ -669,8 +688,6 @@ fn attempt_status(st: &v1::StatusUpdate) -> Option<AttemptStatus> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use runyard_model::JobSpec;
 
     use super::*;

@@ -546,6 +546,11 @@ mod tests {
             (jobs[0].status, jobs[0].agent.as_deref(), jobs[0].attempt),
             (JobStatus::Scheduled, Some("y"), 2)
         );
+        // Each attempt remembers its agent: late lines of attempt 1 are still x's.
+        assert_eq!(
+            (jobs[0].placed_on(1), jobs[0].placed_on(2)),
+            (Some("x"), Some("y"))
+        );
     }
 
     #[test]

@@ -273,6 +273,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_attempt_is_placed_on_its_own_agent() {
+        let spec = crate::JobSpec::from_json(br#"{"repo":"file:///r","script":"t.py"}"#).unwrap();
+        let mut j = Job::new("01hzx3k8m9q2r4s5t6v7w8x9yz".into(), spec, Timestamp(0));
+        assert_eq!(j.placed_on(0), None);
+        assert_eq!(j.placed_on(1), None, "not placed yet");
+        for (attempt, agent) in [(1, "a"), (2, "b")] {
+            j.attempt = attempt;
+            j.agent = Some(agent.into());
+            j.placements.push(Placed {
+                attempt,
+                agent: agent.into(),
+            });
+        }
+        // Late lines of the lost attempt 1 come from `a`; attempt 2 is `b`'s.
+        assert_eq!(j.placed_on(1), Some("a"));
+        assert_eq!(j.placed_on(2), Some("b"));
+        assert_eq!(j.placed_on(3), None);
+        // Requeued (no agent now): the history still knows.
+        j.agent = None;
+        assert_eq!(j.placed_on(2), Some("b"));
+        // A record written before the history: only the current attempt is known.
+        j.placements.clear();
+        j.agent = Some("b".into());
+        assert_eq!((j.placed_on(1), j.placed_on(2)), (None, Some("b")));
+        // Old records load.
+        let mut old = serde_json::to_value(&j).unwrap();
+        old.as_object_mut().unwrap().remove("placements");
+        let back: Job = serde_json::from_value(old).unwrap();
+        assert!(back.placements.is_empty());
+    }
+
+    #[test]
     fn job_ids_are_lower_case_ulids() {
         assert!(is_job_id("01hzx3k8m9q2r4s5t6v7w8x9yz"));
         for bad in [
