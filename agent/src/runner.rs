@@ -587,21 +587,20 @@ mod tests {
     use super::*;
     use crate::spool::Spool;
 
+    fn attempt(attempts: &Attempts, dir: &Path, n: u32) -> Arc<Attempt> {
+        let spool = |ext: &str| Spool::create(dir.join(format!("{n}.{ext}"))).unwrap();
+        let job = "01hzx3k8m9q2r4s5t6v7w8x9yz";
+        let spools = (spool("log"), spool("reports"));
+        attempts.insert(job, n, spools.0, spools.1, vec![]).unwrap()
+    }
+
     /// Regression: the attempt task was spawned and forgotten, so a panic in it left the attempt
     /// `preparing` or `running` forever (and its job with it).
     #[tokio::test]
     async fn a_panicking_attempt_task_fails_the_attempt() {
         let dir = tempfile::tempdir().unwrap();
         let attempts = Attempts::default();
-        let a = attempts
-            .insert(
-                "01hzx3k8m9q2r4s5t6v7w8x9yz",
-                1,
-                Spool::create(dir.path().join("1.log")).unwrap(),
-                Spool::create(dir.path().join("1.reports")).unwrap(),
-                vec![],
-            )
-            .unwrap();
+        let a = attempt(&attempts, dir.path(), 1);
         a.spool
             .append(&["printed before the panic".into()])
             .unwrap();
@@ -622,15 +621,7 @@ mod tests {
         );
 
         // An attempt that ended normally is left as it ended.
-        let b = attempts
-            .insert(
-                "01hzx3k8m9q2r4s5t6v7w8x9yz",
-                2,
-                Spool::create(dir.path().join("2.log")).unwrap(),
-                Spool::create(dir.path().join("2.reports")).unwrap(),
-                vec![],
-            )
-            .unwrap();
+        let b = attempt(&attempts, dir.path(), 2);
         let (svc_attempts, bb) = (attempts.clone(), b.clone());
         let ends = async move {
             svc_attempts.set_status(&bb, |s| s.state = AttemptState::Succeeded as i32);

@@ -3,11 +3,8 @@
 //! stored: only their sha256 (`credential_hash`), compared in constant time.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-
-use rand::RngExt;
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const AGENT_TOKEN_FILE: &str = "agent.token";
@@ -25,42 +22,9 @@ pub fn ensure_tokens(data_dir: &Path) -> std::io::Result<Tokens> {
     fs::create_dir_all(data_dir)?;
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))?;
     Ok(Tokens {
-        admin: ensure_one(&data_dir.join(ADMIN_TOKEN_FILE), "rya_")?,
-        agent: ensure_one(&data_dir.join(AGENT_TOKEN_FILE), "ryj_")?,
+        admin: runyard_proto::secret::ensure(&data_dir.join(ADMIN_TOKEN_FILE), "rya_")?,
+        agent: runyard_proto::secret::ensure(&data_dir.join(AGENT_TOKEN_FILE), "ryj_")?,
     })
-}
-
-fn ensure_one(path: &Path, prefix: &str) -> std::io::Result<String> {
-    if let Ok(s) = fs::read_to_string(path) {
-        let t = s.trim();
-        if !t.is_empty() {
-            return Ok(t.to_string());
-        }
-    }
-    let mut rng = rand::rng();
-    let body: String = (0..40)
-        .map(|_| {
-            let i = rng.random_range(0..62u8);
-            (match i {
-                0..=9 => b'0' + i,
-                10..=35 => b'a' + i - 10,
-                _ => b'A' + i - 36,
-            }) as char
-        })
-        .collect();
-    let token = format!("{prefix}{body}");
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(token.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    Ok(token)
 }
 
 /// What the controller keeps of an agent's credential: its sha256, in hex.

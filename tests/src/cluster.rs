@@ -188,7 +188,12 @@ impl TestCluster {
         .await
     }
 
-    pub async fn add_agent(&mut self, spec: AgentSpec) -> anyhow::Result<()> {
+    /// The configuration `add_agent` runs an agent with (dialing through a new proxy when the
+    /// spec asks for one).
+    pub async fn agent_config(
+        &mut self,
+        spec: &AgentSpec,
+    ) -> anyhow::Result<runyard_agent::Config> {
         let target = if spec.via_proxy {
             let p = Proxy::start(self.grpc_addr).await?;
             let addr = p.addr;
@@ -202,7 +207,7 @@ impl TestCluster {
         } else {
             None
         };
-        let config = runyard_agent::Config {
+        Ok(runyard_agent::Config {
             controller: format!("http://{target}"),
             token: self.agent_token.clone(),
             data_dir: self.dir.path().join("agents").join(&spec.name),
@@ -218,7 +223,11 @@ impl TestCluster {
             // The shared cache is not one agent's to prune.
             cache_size: Some(u64::MAX),
             min_free: spec.min_free,
-        };
+        })
+    }
+
+    pub async fn add_agent(&mut self, spec: AgentSpec) -> anyhow::Result<()> {
+        let config = self.agent_config(&spec).await?;
         let cancel = CancellationToken::new();
         let c = cancel.clone();
         let task = tokio::spawn(async move {

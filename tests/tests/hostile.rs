@@ -296,30 +296,15 @@ async fn a_hostile_agent_is_refused_and_changes_nothing() -> anyhow::Result<()> 
 
     // 2. Lines, report lines and statuses for another agent's job, and for an unknown job.
     for (job, attempt) in [(&victim, 1), (&victim, 2), (&victim, 0)] {
-        s.send(lines(
-            job,
-            attempt,
-            1,
-            &["mallory was here"],
-            v1::Stream::Log,
-        ))
-        .await;
-        s.send(lines(
-            job,
-            attempt,
-            0,
-            &["mallory was here"],
-            v1::Stream::Log,
-        ))
-        .await;
-        s.send(lines(
-            job,
-            attempt,
-            0,
-            &["{\"metrics\": {\"stolen\": 1}}"],
-            v1::Stream::Report,
-        ))
-        .await;
+        let chunks = [
+            (1, "mallory was here", v1::Stream::Log),
+            (0, "mallory was here", v1::Stream::Log),
+            (0, "{\"metrics\": {\"stolen\": 1}}", v1::Stream::Report),
+        ];
+        for (first_seq, text, stream) in chunks {
+            s.send(lines(job, attempt, first_seq, &[text], stream))
+                .await;
+        }
         for st in [
             v1::AttemptState::Succeeded,
             v1::AttemptState::Failed,
@@ -525,7 +510,7 @@ async fn a_second_agent_with_the_same_name_is_refused() -> anyhow::Result<()> {
         "long.py",
         "import time\nprint('once', flush=True)\ntime.sleep(120)\n",
     )])?;
-    let c = TestCluster::builder()
+    let mut c = TestCluster::builder()
         .agent(AgentSpec::new("host"))
         .start()
         .await?;
@@ -536,18 +521,8 @@ async fn a_second_agent_with_the_same_name_is_refused() -> anyhow::Result<()> {
     // A real second agent, same name, its own data dir (so its own credential).
     let dir = tempfile::tempdir()?;
     let config = runyard_agent::Config {
-        controller: url(&c),
-        token: c.agent_token.clone(),
         data_dir: dir.path().join("agent"),
-        name: "host".into(),
-        cpu_small_slots: 1,
-        offer_gpus: false,
-        nvml_library: None,
-        python: "python3".into(),
-        uv: None,
-        uv_cache: Some(runyard_tests::shared_uv_cache()),
-        cache_size: Some(u64::MAX),
-        min_free: 0,
+        ..c.agent_config(&AgentSpec::new("host").slots(1)).await?
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let second = tokio::spawn(runyard_agent::run(config, cancel.clone()));
