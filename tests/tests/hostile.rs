@@ -518,6 +518,15 @@ async fn a_second_agent_with_the_same_name_is_refused() -> anyhow::Result<()> {
         .submit(json!({"repo": repo.url(), "script": "long.py"}))
         .await?;
     c.wait_status(&id, &["running"], LONG).await?;
+    // A second agent on the same data dir (`runyard agent` next to `runyard up`, both with the
+    // defaults) stops at once, before it touches the first one's jobs.
+    let same_dir = c.agent_config(&AgentSpec::new("host")).await?;
+    let refused =
+        tokio::time::timeout(LONG, runyard_agent::run(same_dir, Default::default())).await?;
+    assert!(
+        matches!(refused, Err(runyard_agent::AgentError::InUse(_))),
+        "{refused:?}"
+    );
     // A real second agent, same name, its own data dir (so its own credential).
     let dir = tempfile::tempdir()?;
     let config = runyard_agent::Config {
