@@ -589,8 +589,21 @@ impl Session {
         };
         match placed_on(&self.ctl, &self.name, &st.job_id, st.attempt) {
             Ok(_) => {}
-            // Not a job of this controller: nothing to change; let the agent forget it.
-            Err(Refusal::UnknownJob) => {}
+            // Not a job of this controller: nothing to change; let the agent stop and forget it.
+            Err(Refusal::UnknownJob) => {
+                let (job_id, attempt) = (st.job_id, st.attempt);
+                let msg = if status.state.is_terminal() {
+                    Msg::Release(v1::Release { job_id, attempt })
+                } else {
+                    Msg::Stop(v1::Stop {
+                        job_id,
+                        attempt,
+                        grace_ms: 10_000,
+                        reason: "unknown job".into(),
+                    })
+                };
+                return self.send(msg).await;
+            }
             Err(why) => return refused(&self.name, "status", &st.job_id, st.attempt, &why),
         }
         if status.state.is_terminal() {

@@ -317,7 +317,25 @@ async fn a_hostile_agent_is_refused_and_changes_nothing() -> anyhow::Result<()> 
         .await;
     s.send(status(UNKNOWN_JOB, 1, v1::AttemptState::Running))
         .await;
+    // An unknown job's end (with lines the controller never stored) is released, not awaited.
+    let mut ended = status(UNKNOWN_JOB, 1, v1::AttemptState::Failed);
+    if let Out::Status(st) = &mut ended {
+        st.log_lines = 5;
+    }
+    s.send(ended).await;
     let got = s.probe(&own, &mut seq).await;
+    let about_unknown: Vec<&In> = got
+        .iter()
+        .filter(|m| match m {
+            In::Stop(x) => x.job_id == UNKNOWN_JOB,
+            In::Release(x) => x.job_id == UNKNOWN_JOB,
+            _ => false,
+        })
+        .collect();
+    assert!(
+        matches!(about_unknown[..], [In::Stop(_), In::Release(_)]),
+        "stop it, then forget it: {got:?}"
+    );
     assert_eq!(acks_for(&got, &victim), 0, "{got:?}");
     assert_eq!(acks_for(&got, UNKNOWN_JOB), 0, "{got:?}");
     assert!(
