@@ -124,11 +124,13 @@ pub struct AgentArgs {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
-    /// Data directory (git mirrors, Python env cache, job trees, log spools). Default:
+    /// Data directory (git mirrors, Python env cache, job trees, log spools, and
+    /// `agent.credential`, this agent's identity). One agent per data dir. Default:
     /// `$HOME/.runyard/agent`.
     #[arg(long, env = "RUNYARD_AGENT_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Agent name, stable across restarts. Default: the host name.
+    /// Agent name, stable across restarts. The first connect enrols it with this agent's
+    /// credential; another agent cannot use it afterwards. Default: the host name.
     #[arg(long, env = "RUNYARD_AGENT_NAME", value_name = "NAME")]
     pub name: Option<String>,
     /// What this agent offers, comma-separated: `cpu-small[:N]` (N concurrent small CPU jobs,
