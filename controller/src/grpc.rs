@@ -533,14 +533,10 @@ impl Session {
                 warn!(job = %c.job_id, attempt = c.attempt, error = %e, ?stream, "cannot persist lines");
                 Status::unavailable("controller cannot persist log lines; retry")
             })?;
-        let (new, next_seq) = match appended {
-            // Lines `from..to` are new; the chunk starts at or before `from`.
-            Appended::Through { from, to } => (from.max(c.first_seq)..to, to),
-            Appended::Gap(n) => {
-                warn!(job = %c.job_id, attempt = c.attempt, have = n, got = c.first_seq, ?stream, "gap; asking the agent to resend");
-                (n..n, n)
-            }
-        };
+        if let Appended::Gap(n) = appended {
+            warn!(job = %c.job_id, attempt = c.attempt, have = n, got = c.first_seq, ?stream, "gap; asking the agent to resend");
+        }
+        let (new, next_seq) = added(appended, c.first_seq);
         if stream == v1::Stream::Report && !new.is_empty() {
             // Fold the new report lines (and only those) into the job's summary.
             let reports: Vec<Report> = c
@@ -680,6 +676,17 @@ impl Session {
     }
 }
 
+/// The lines an append added (to fold them once) and the next sequence number to ask for. The
+/// range comes from the append itself, under the store's lock: a count read before it may be
+/// stale when another session appended meanwhile.
+fn added(appended: Appended, first_seq: u64) -> (std::ops::Range<u64>, u64) {
+    match appended {
+        // The chunk starts at or before `to`; lines before `from` were there already.
+        Appended::Through { from, to } => (from.max(first_seq).min(to)..to, to),
+        Appended::Gap(n) => (n..n, n),
+    }
+}
+
 fn attempt_status(st: &v1::StatusUpdate) -> Option<AttemptStatus> {
     let state = match v1::AttemptState::try_from(st.state).ok()? {
         v1::AttemptState::Preparing => AttemptState::Preparing,
@@ -718,6 +725,20 @@ mod tests {
             Arc::new(artifacts::DirStore::open(dir.join("artifacts")).unwrap()),
             TTL,
         )
+    }
+
+    /// Regression: the fold skipped `before - first_seq` lines with `before` read outside the
+    /// append; when another session had appended meanwhile, `first_seq > before` underflowed.
+    #[test]
+    fn the_lines_an_append_added_never_underflow() {
+        let through = |from, to| Appended::Through { from, to };
+        // A chunk starting past the old end (the store calls that a gap; still no underflow).
+        assert_eq!(added(through(10, 15), 12), (12..15, 15));
+        // The chunk started before the stored end: only the tail is new.
+        assert_eq!(added(through(10, 15), 7), (10..15, 15));
+        // A full duplicate adds nothing; a gap adds nothing and asks for the end.
+        assert_eq!(added(through(15, 15), 3), (15..15, 15));
+        assert_eq!(added(Appended::Gap(15), 40), (15..15, 15));
     }
 
     /// The heartbeat TTL under tokio's paused clock: an agent whose stream stays open but which
