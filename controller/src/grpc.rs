@@ -276,6 +276,7 @@ impl v1::agent_service_server::AgentService for AgentService {
             ctl: self.ctl.clone(),
             name: first.name.clone(),
             tx,
+            claim: claim.clone(),
         };
         let heartbeat = self.heartbeat;
         let cancel = self.cancel.clone();
@@ -291,7 +292,7 @@ impl v1::agent_service_server::AgentService for AgentService {
                 _ = claim.cancelled() => return info!("superseded before it started"),
                 _ = cancel.cancelled() => return,
             };
-            let id = session.open(first, heartbeat, claim.clone()).await;
+            let id = session.open(first, heartbeat).await;
             opened.store(id, Ordering::Relaxed);
             let result = tokio::select! {
                 r = session.serve(&mut inbound, &claim, &cancel) => r,
@@ -338,15 +339,21 @@ struct Session {
     ctl: Controller,
     name: String,
     tx: mpsc::Sender<v1::ControllerMessage>,
+    /// Fires when a newer session of the agent claims its turn.
+    claim: CancellationToken,
 }
 
 impl Session {
     async fn send(&self, msg: Msg) {
-        // A failed send means the agent is gone; the session ends on its own.
-        let _ = self.tx.send(v1::ControllerMessage { msg: Some(msg) }).await;
+        // A failed send means the agent is gone; the session ends on its own. A send stuck on a
+        // dead connection gives way to the agent's newer session.
+        tokio::select! {
+            _ = self.tx.send(v1::ControllerMessage { msg: Some(msg) }) => {}
+            _ = self.claim.cancelled() => {}
+        }
     }
 
-    async fn open(&self, reg: v1::Register, heartbeat: Duration, cancel: CancellationToken) -> u64 {
+    async fn open(&self, reg: v1::Register, heartbeat: Duration) -> u64 {
         let now = Timestamp::now();
         let info = AgentInfo {
             name: reg.name.clone(),
@@ -365,7 +372,11 @@ impl Session {
             attempts = reg.attempts.len(),
             "agent registered"
         );
-        let id = self.ctl.agents.connect(info, self.tx.clone(), cancel).await;
+        let id = self
+            .ctl
+            .agents
+            .connect(info, self.tx.clone(), self.claim.clone())
+            .await;
         self.send(Msg::Registered(v1::Registered {
             heartbeat_interval_ms: heartbeat.as_millis() as u64,
             controller_version: env!("CARGO_PKG_VERSION").into(),
@@ -752,20 +763,19 @@ mod tests {
         let spec = JobSpec::from_json(br#"{"repo":"file:///r","script":"t.py"}"#).unwrap();
         let job = ctl.submit(spec).await.unwrap();
         let (tx, _rx) = mpsc::channel(64);
+        let (_turn, claim) = ctl.agents.claim("a");
         let session = Session {
             ctl: ctl.clone(),
             name: "a".into(),
             tx,
+            claim: claim.clone(),
         };
-        let (_turn, claim) = ctl.agents.claim("a");
         let reg = v1::Register {
             name: "a".into(),
             cpu_small_slots: 1,
             ..Default::default()
         };
-        let id = session
-            .open(reg, Duration::from_secs(1), claim.clone())
-            .await;
+        let id = session.open(reg, Duration::from_secs(1)).await;
         ctl.reconcile_once().await.unwrap();
         assert_eq!(ctl.jobs.get(&job.id).unwrap().status, JobStatus::Scheduled);
 
