@@ -257,7 +257,7 @@ impl Session {
             }
         }
         let now = Timestamp::now();
-        for job in self.ctl.jobs.all() {
+        for job in self.ctl.jobs.active() {
             if job.agent.as_deref() != Some(&self.name)
                 || !job.status.is_on_agent()
                 || held.contains(&(job.id.clone(), job.attempt))

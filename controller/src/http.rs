@@ -211,9 +211,13 @@ async fn list(
         .get("cursor")
         .filter(|c| !c.is_empty())
         .map(String::as_str);
-    let (jobs, more) = state.ctl.jobs.page(cursor, limit, |j| {
-        status.as_ref().is_none_or(|w| w.contains(&j.status))
-    });
+    let (jobs, more) = state
+        .ctl
+        .jobs
+        .page(cursor, limit, |s| {
+            status.as_ref().is_none_or(|w| w.contains(&s))
+        })
+        .await?;
     let next = if more {
         jobs.last().map(|j| j.id.clone())
     } else {
@@ -226,12 +230,7 @@ async fn show(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    state
-        .ctl
-        .jobs
-        .get(&id)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(&id))
+    job_or_404(&state, &id).await.map(Json)
 }
 
 async fn stop(
@@ -263,7 +262,7 @@ async fn metric_series(
     state: &ApiState,
     id: &str,
 ) -> Result<(u32, std::collections::BTreeMap<String, Vec<MetricPoint>>), ApiError> {
-    let job = job_or_404(state, id)?;
+    let job = job_or_404(state, id).await?;
     let mut text = Vec::new();
     if job.attempt > 0 {
         let mut offset = 0;
@@ -365,7 +364,7 @@ async fn checkpoint(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = job_or_404(&state, &id)?;
+    let job = job_or_404(&state, &id).await?;
     let unavailable = |e: &dyn std::fmt::Display| {
         tracing::error!(job = %id, error = %e, "cannot open checkpoint");
         ApiError::new(
@@ -422,11 +421,12 @@ async fn checkpoint(
     Ok(resp)
 }
 
-fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError> {
+async fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError> {
     state
         .ctl
         .jobs
-        .get(id)
+        .fetch(id)
+        .await?
         .ok_or_else(|| ApiError::not_found(id))
 }
 
@@ -436,7 +436,7 @@ async fn agents(State(state): State<ApiState>) -> impl IntoResponse {
 
 /// Every agent with the jobs placed on it, as `/api/v1/agents` and `agents` events show them.
 fn agents_json(ctl: &Controller) -> serde_json::Value {
-    let jobs = ctl.jobs.all();
+    let jobs = ctl.jobs.active();
     let mut agents = ctl.agents.list();
     for a in &mut agents {
         a.jobs = jobs
@@ -454,51 +454,71 @@ fn sse_event(kind: &str, data: &impl serde::Serialize) -> Bytes {
     Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
 }
 
+/// Adds a change to a batch of events: the latest change of each job, in order of last change.
+fn fold_change(
+    batch: &mut Vec<(String, Option<std::sync::Arc<Job>>)>,
+    change: crate::jobs::Change,
+    only: Option<&str>,
+) {
+    let (id, job) = match change {
+        crate::jobs::Change::Job(j) => (j.id.clone(), Some(j)),
+        crate::jobs::Change::Removed(id) => (id, None),
+    };
+    if only.is_some_and(|o| o != id) {
+        return;
+    }
+    batch.retain(|(i, _)| *i != id);
+    batch.push((id, job));
+}
+
 /// Server-sent events: `job` whenever a job changes (every job, or only `?job=ID`, which is also
-/// sent once at the start), `agents` every `EVENTS_HEARTBEAT` (a comment instead with `?job=`).
-/// A change is found by comparing each job with the copy last sent, so two updates within one
-/// millisecond of `updated_at` are not missed.
+/// sent once at the start), `removed` (`{"id"}`) when a job is deleted, `agents` every
+/// `EVENTS_HEARTBEAT` (a comment instead with `?job=`). Only changes travel: the stream follows
+/// the job table's change feed, coalesced over `EVENTS_COALESCE`; a client that falls behind is
+/// sent every active job again (and, with `?job=`, that job).
 async fn events(
     State(state): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let only = q.get("job").filter(|j| !j.is_empty()).cloned();
-    if let Some(id) = &only
-        && state.ctl.jobs.get(id).is_none()
-    {
-        return Err(ApiError::not_found(id));
-    }
+    let first = match &only {
+        Some(id) => Some(job_or_404(&state, id).await?),
+        None => None,
+    };
     let ctl = state.ctl.clone();
     let shutdown = state.shutdown.clone();
     let stream = async_stream::stream! {
-        let mut job_rx = ctl.jobs.subscribe();
+        use tokio::sync::broadcast::error::RecvError;
+        let mut changes = ctl.jobs.changes();
         let mut heartbeat = tokio::time::interval(EVENTS_HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sent: HashMap<String, Job> = HashMap::new();
-        // Without `?job=` the client lists what it shows; only later changes are sent.
-        let mut announce = only.is_some();
+        if let Some(job) = &first {
+            yield Ok::<_, std::io::Error>(sse_event("job", job));
+        }
         loop {
-            job_rx.borrow_and_update();
-            let jobs = match &only {
-                Some(id) => ctl.jobs.get(id).into_iter().collect(),
-                None => ctl.jobs.all(),
-            };
-            for job in jobs {
-                if sent.get(&job.id) != Some(&job) {
-                    if announce {
-                        yield Ok::<_, std::io::Error>(sse_event("job", &job));
-                    }
-                    sent.insert(job.id.clone(), job);
-                }
-            }
-            announce = true;
+            // Changes by job id, the latest of each; `None`: removed.
+            let mut batch: Vec<(String, Option<std::sync::Arc<Job>>)> = Vec::new();
+            let mut resync = false;
             tokio::select! {
-                changed = job_rx.changed() => {
-                    if changed.is_err() {
-                        return;
+                change = changes.recv() => match change {
+                    Ok(c) => {
+                        let deadline = tokio::time::Instant::now() + EVENTS_COALESCE;
+                        let mut next = Some(c);
+                        loop {
+                            if let Some(c) = next.take() {
+                                fold_change(&mut batch, c, only.as_deref());
+                            }
+                            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                                Ok(Ok(c)) => next = Some(c),
+                                Ok(Err(RecvError::Lagged(_))) => { resync = true; break; }
+                                Ok(Err(RecvError::Closed)) => return,
+                                Err(_) => break,
+                            }
+                        }
                     }
-                    tokio::time::sleep(EVENTS_COALESCE).await;
-                }
+                    Err(RecvError::Lagged(_)) => resync = true,
+                    Err(RecvError::Closed) => return,
+                },
                 _ = heartbeat.tick() => {
                     if only.is_some() {
                         yield Ok(Bytes::from_static(b": keep-alive\n\n"));
@@ -509,6 +529,25 @@ async fn events(
                 _ = shutdown.cancelled() => {
                     yield Err(std::io::Error::other("controller shutting down"));
                     return;
+                }
+            }
+            if resync {
+                batch.clear();
+                let jobs = match &only {
+                    Some(id) => match ctl.jobs.fetch(id).await {
+                        Ok(j) => j.into_iter().collect(),
+                        Err(_) => Vec::new(),
+                    },
+                    None => ctl.jobs.active(),
+                };
+                for job in jobs {
+                    yield Ok(sse_event("job", &job));
+                }
+            }
+            for (id, job) in batch {
+                match job {
+                    Some(job) => yield Ok(sse_event("job", &*job)),
+                    None => yield Ok(sse_event("removed", &json!({"id": id}))),
                 }
             }
         }
@@ -531,7 +570,7 @@ async fn logs(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let job = job_or_404(&state, &id)?;
+    let job = job_or_404(&state, &id).await?;
     let follow = match q.get("follow").map(String::as_str) {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") | Some("") => true,
@@ -587,7 +626,7 @@ async fn logs(
         let mut job_rx = ctl.jobs.subscribe();
         let mut attempt = first_attempt;
         let mut offset = start_offset;
-        while let Some(job) = ctl.jobs.get(&id) {
+        while let Ok(Some(job)) = ctl.jobs.fetch(&id).await {
             // Read the state before the lines: a terminal state is only visible once every
             // line is persisted, so lines read after seeing it are complete.
             let over = job.status.is_terminal() || job.attempt != attempt;

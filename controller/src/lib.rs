@@ -114,13 +114,19 @@ pub async fn run(
     );
     info!(
         store = store.kind(),
-        jobs = ctl.jobs.all().len(),
+        jobs = ctl.jobs.len(),
         http = %http.local_addr().map_err(ControllerError::Http)?,
         grpc = %grpc.local_addr().map_err(ControllerError::Http)?,
         "controller started"
     );
 
     let tracker = TaskTracker::new();
+    tracker.spawn(
+        ctl.jobs
+            .clone()
+            .follow(cancel.child_token())
+            .instrument(info_span!("job_watch")),
+    );
     tracker.spawn(
         ctl.clone()
             .run_loop(cancel.child_token())

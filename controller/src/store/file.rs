@@ -143,14 +143,24 @@ impl Inner {
         }))
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, redb::Error> {
+    fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, redb::Error> {
+        use std::ops::Bound;
         let txn = self.db.begin_read()?;
         let table = txn.open_table(ENTRIES)?;
         let mut out = Vec::new();
-        for item in table.range::<&str>(prefix..)? {
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        for item in table.range::<&str>((start, Bound::Unbounded))? {
             let (k, v) = item?;
             let key = k.value();
-            if !key.starts_with(prefix) {
+            if !key.starts_with(prefix) || out.len() >= limit {
                 break;
             }
             let (version, value) = v.value();
@@ -231,7 +241,21 @@ impl Store for FileStore {
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
         let inner = self.inner.clone();
         let p = prefix.to_string();
-        blocking(move || inner.list(&p))
+        blocking(move || inner.list(&p, None, usize::MAX))
+            .await?
+            .map_err(read_err(prefix))
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let inner = self.inner.clone();
+        let p = prefix.to_string();
+        let a = after.map(str::to_string);
+        blocking(move || inner.list(&p, a.as_deref(), limit))
             .await?
             .map_err(read_err(prefix))
     }
