@@ -21,6 +21,7 @@ use crate::artifacts::ArtifactStore;
 use crate::jobs::{Jobs, JobsError};
 use crate::logs::LogStore;
 use crate::reconcile::{self, Action};
+use crate::reports::ReportFolder;
 
 /// Periodic resync of the reconcile loop.
 pub const RESYNC: Duration = Duration::from_millis(1000);
@@ -38,6 +39,8 @@ pub struct Controller {
     /// Best checkpoints uploaded by agents.
     pub artifacts: Arc<dyn ArtifactStore>,
     pub agent_ttl: Duration,
+    /// Folds report lines into jobs in batches; keeps metric history parsed.
+    pub fold: ReportFolder,
     kick: Arc<Notify>,
     /// Jobs whose last action failed, and until when they are left alone.
     retry: Arc<Mutex<HashMap<String, Retry>>>,
@@ -81,6 +84,7 @@ impl Controller {
             agents,
             logs,
             agent_ttl,
+            fold: ReportFolder::default(),
             kick: Arc::new(Notify::new()),
             retry: Arc::default(),
         }

@@ -10,7 +10,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use runyard_model::report::{self, Report};
 use runyard_model::{AgentInfo, FailureKind, GpuInfo, JobStatus, Timestamp};
 use runyard_proto::v1::{self, agent_message, controller_message::Msg};
 use tokio::sync::mpsc;
@@ -356,35 +355,8 @@ impl Session {
             }
         };
         if stream == v1::Stream::Report && next_seq > before {
-            // Fold the new report lines into the job's summary.
-            let skip = (before - c.first_seq) as usize;
-            let reports: Vec<Report> = c
-                .data
-                .split(|&b| b == b'\n')
-                .skip(skip)
-                .filter_map(|l| Report::parse(&String::from_utf8_lossy(l)))
-                .collect();
-            if !reports.is_empty() {
-                let attempt = c.attempt;
-                let updated = self
-                    .ctl
-                    .jobs
-                    .update(&c.job_id, |j| {
-                        if j.attempt != attempt {
-                            return None;
-                        }
-                        let mut n = j.clone();
-                        for r in &reports {
-                            report::apply(&mut n, r);
-                        }
-                        n.updated_at = Timestamp::now();
-                        Some((n, ()))
-                    })
-                    .await;
-                if let Err(error) = updated {
-                    warn!(job = %c.job_id, %error, "cannot record reports");
-                }
-            }
+            // Folded into the job's summary in batches (see `reports.rs`).
+            self.ctl.fold.mark(&c.job_id);
         }
         self.send(Msg::LogAck(v1::LogAck {
             job_id: c.job_id,
@@ -417,6 +389,16 @@ impl Session {
             if have < st.log_lines || reports < st.report_lines {
                 // Not all lines are here yet: the agent resends the status after the lines.
                 warn!(job = %st.job_id, attempt = st.attempt, have, want = st.log_lines, reports, "terminal status before its lines; waiting");
+                return;
+            }
+            // The summary holds every report line before the job shows as finished.
+            if let Err(error) = self
+                .ctl
+                .fold
+                .flush(&self.ctl.jobs, &self.ctl.reports, &st.job_id)
+                .await
+            {
+                warn!(job = %st.job_id, %error, "cannot fold report lines; the agent will resend the status");
                 return;
             }
         }

@@ -9,6 +9,7 @@
 //! The web page (`crate::ui`) is served from `/` without a token; it holds no data.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -263,32 +264,23 @@ async fn metric_series(
     id: &str,
 ) -> Result<(u32, std::collections::BTreeMap<String, Vec<MetricPoint>>), ApiError> {
     let job = job_or_404(state, id).await?;
-    let mut text = Vec::new();
-    if job.attempt > 0 {
-        let mut offset = 0;
-        loop {
-            let (bytes, next) = state
-                .ctl
-                .reports
-                .read_from(id, job.attempt, offset, 4 << 20)
-                .await
-                .map_err(|e| {
-                    tracing::error!(job = %id, error = %e, "cannot read reports");
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "cannot read the job's reports; retry",
-                        None,
-                    )
-                })?;
-            if bytes.is_empty() {
-                break;
-            }
-            text.extend_from_slice(&bytes);
-            offset = next;
-        }
+    if job.attempt == 0 {
+        return Ok((0, Default::default()));
     }
-    let text = String::from_utf8_lossy(&text);
-    Ok((job.attempt, runyard_model::report::series(text.lines())))
+    let series = state
+        .ctl
+        .fold
+        .series(&state.ctl.reports, id, job.attempt)
+        .await
+        .map_err(|e| {
+            tracing::error!(job = %id, error = %e, "cannot read reports");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot read the job's reports; retry",
+                None,
+            )
+        })?;
+    Ok((job.attempt, Arc::unwrap_or_clone(series)))
 }
 
 /// One metric of the current attempt plotted as SVG (`?metric=NAME[&width=W&height=H]`).
