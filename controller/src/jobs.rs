@@ -40,7 +40,7 @@ const LIST_PAGE: usize = 1000;
 /// Attempts of one update when its compare-and-swap keeps conflicting.
 const MAX_TRIES: usize = 4;
 /// Changes buffered per subscriber of [`Jobs::changes`] before it is told it fell behind.
-const CHANGES_BUFFER: usize = 4096;
+const CHANGES_BUFFER: usize = 1024;
 /// Wait between attempts to re-establish a broken watch.
 const REWATCH_BACKOFF: Duration = Duration::from_millis(500);
 const REWATCH_BACKOFF_MAX: Duration = Duration::from_secs(10);

@@ -22,6 +22,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LAST_VERSION: &str = "last_version";
 /// Changes buffered per watcher before it is told it fell behind.
 const WATCH_BUFFER: usize = 4096;
+/// redb's page cache. Its default (1 GiB) would keep the whole history in memory once listed;
+/// the controller's hot set (active and recent jobs, agents) is far smaller.
+const CACHE_BYTES: usize = 32 << 20;
 
 /// The embedded [`Store`]; cheap to clone, all clones share one open database.
 #[derive(Clone)]
@@ -78,7 +81,10 @@ fn open_blocking(path: PathBuf, watch_buffer: usize) -> Result<FileStore, StoreE
             source: e.into(),
         })?;
     }
-    let db = match Database::create(&path) {
+    let db = match Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
+    {
         Ok(db) => db,
         // LockProtocolMismatch: open in another process running a different redb version.
         Err(DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch) => {
