@@ -157,33 +157,40 @@ impl Controller {
         let now = Timestamp::now();
         let plan = reconcile::reconcile(&refs, &agents, now, self.agent_ttl);
         let mut failed = 0;
-        for action in plan {
+        let ready: Vec<Action> = {
+            let retry = self.retry.lock().unwrap();
+            plan.into_iter()
+                .filter(|a| retry.get(a.job()).is_none_or(|r| r.until <= now))
+                .collect()
+        };
+        let ids: Vec<String> = ready.iter().map(|a| a.job().to_string()).collect();
+        // Reconcile plans at most one action per job.
+        let by_id: HashMap<&str, &Action> = ready.iter().map(|a| (a.job(), a)).collect();
+        let results = self
+            .jobs
+            .update_many(&ids, |j| {
+                let action = by_id.get(j.id.as_str())?;
+                reconcile::apply(j, action, now).map(|n| (n, ()))
+            })
+            .await;
+        for (action, result) in ready.iter().zip(results) {
             let id = action.job();
-            let waiting = self.retry.lock().unwrap().get(id).copied();
-            if waiting.is_some_and(|r| r.until > now) {
-                continue;
-            }
-            let applied = match self
-                .jobs
-                .update(id, |j| reconcile::apply(j, &action, now).map(|n| (n, ())))
-                .await
-            {
+            let applied = match result {
                 Ok(applied) => {
-                    if waiting.is_some() {
-                        self.retry.lock().unwrap().remove(id);
-                    }
+                    self.retry.lock().unwrap().remove(id);
                     applied
                 }
                 Err(error) => {
                     failed += 1;
-                    let retry = Retry::next(waiting, now);
-                    self.retry.lock().unwrap().insert(id.to_string(), retry);
-                    warn!(job = %id, %error, failures = retry.failures, "job action failed; retrying it later");
+                    let mut retry = self.retry.lock().unwrap();
+                    let next = Retry::next(retry.get(id).copied(), now);
+                    retry.insert(id.to_string(), next);
+                    warn!(job = %id, %error, failures = next.failures, "job action failed; retrying it later");
                     continue;
                 }
             };
             let Some((job, ())) = applied else { continue };
-            match &action {
+            match action {
                 Action::Place { agent, .. } => {
                     info!(job = %job.id, attempt = job.attempt, %agent, gpus = ?job.gpus, "job placed");
                     self.agents.send(agent, assign_message(&job));

@@ -246,6 +246,9 @@ fn install_listed(table: &mut Table, key: &str, v: &Versioned) -> Result<(), Job
     Ok(())
 }
 
+/// What [`Jobs::update`] returns for one job.
+pub type Updated<T> = Result<Option<(Job, T)>, JobsError>;
+
 /// How a write whose outcome was unknown turned out.
 enum Settled {
     Committed(u64),
@@ -549,6 +552,84 @@ impl Jobs {
                 Settled::NotCommitted | Settled::Unknown => return Err(error.into()),
             }
         }
+    }
+
+    /// Applies `f` to several jobs and stores the results in as few atomic store transactions as
+    /// the store takes (`Store::max_batch` writes each): the reconcile loop's placements cost one
+    /// durable write per batch, not per job. A job whose record is not in memory, or whose batch
+    /// conflicted or failed, goes through [`Jobs::update`] alone, so each job's result is what
+    /// `update` would have returned. Results come in the order of `ids`; each id at most once.
+    pub async fn update_many<T>(
+        &self,
+        ids: &[String],
+        f: impl Fn(&Job) -> Option<(Job, T)>,
+    ) -> Vec<Updated<T>> {
+        let mut results: Vec<Option<Updated<T>>> = (0..ids.len()).map(|_| None).collect();
+        let mut alone = Vec::new();
+        {
+            let _w = self.inner.write.lock().await;
+            let mut writes = Vec::new();
+            for (i, id) in ids.iter().enumerate() {
+                let cached = self.inner.table.lock().unwrap().cached(id);
+                let Some((current, version)) = cached else {
+                    alone.push(i);
+                    continue;
+                };
+                match f(&current) {
+                    None => results[i] = Some(Ok(None)),
+                    Some((next, extra)) if next == *current => {
+                        results[i] = Some(Ok(Some((next, extra))))
+                    }
+                    Some((next, extra)) => {
+                        let value = serde_json::to_vec(&next).expect("a job always serializes");
+                        writes.push((i, next, extra, value, version));
+                    }
+                }
+            }
+            let max = self.inner.store.max_batch().max(1);
+            while !writes.is_empty() {
+                let rest = writes.split_off(writes.len().min(max));
+                let batch = std::mem::replace(&mut writes, rest);
+                let puts = batch
+                    .iter()
+                    .map(|(_, next, _, value, version)| {
+                        (
+                            key(&next.id),
+                            value.clone(),
+                            Precondition::Version(*version),
+                        )
+                    })
+                    .collect();
+                match self.inner.store.put_all(puts).await {
+                    Ok(versions) => {
+                        for ((i, next, extra, _, _), v) in batch.into_iter().zip(versions) {
+                            self.publish(Arc::new(next.clone()), v);
+                            results[i] = Some(Ok(Some((next, extra))));
+                        }
+                    }
+                    Err(StoreError::Conflict { .. }) => alone.extend(batch.iter().map(|w| w.0)),
+                    Err(error) => {
+                        warn!(%error, jobs = batch.len(), "batched job write failed; settling each job");
+                        for (i, next, extra, value, _) in batch {
+                            match self.settle(&next.id, &value).await {
+                                Settled::Committed(v) => {
+                                    self.publish(Arc::new(next.clone()), v);
+                                    results[i] = Some(Ok(Some((next, extra))));
+                                }
+                                Settled::NotCommitted | Settled::Unknown => alone.push(i),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for i in alone {
+            results[i] = Some(self.update(&ids[i], &f).await);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every job has a result"))
+            .collect()
     }
 
     /// Deletes a job record. Returns the deleted job, or `None` if there was none.

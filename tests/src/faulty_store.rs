@@ -27,6 +27,8 @@ struct Faults {
     broken: HashSet<String>,
     unreadable_once: HashSet<String>,
     injected: usize,
+    puts: usize,
+    batches: usize,
 }
 
 /// See the module docs.
@@ -50,7 +52,8 @@ impl FaultyStore {
         })
     }
 
-    /// The next `put` of `key` fails as `fault` says (faults queue up per key).
+    /// The next `put` of `key` fails as `fault` says (faults queue up per key; `put_all` only
+    /// honours broken keys).
     pub fn arm(&self, key: &str, fault: Fault) {
         let mut f = self.faults.lock().unwrap();
         f.armed.entry(key.to_string()).or_default().push_back(fault);
@@ -68,6 +71,12 @@ impl FaultyStore {
     /// How many faults have been injected so far.
     pub fn injected(&self) -> usize {
         self.faults.lock().unwrap().injected
+    }
+
+    /// Calls of `put` and of `put_all` so far.
+    pub fn writes(&self) -> (usize, usize) {
+        let f = self.faults.lock().unwrap();
+        (f.puts, f.batches)
     }
 
     /// Whether armed faults are still waiting.
@@ -110,6 +119,7 @@ impl Store for FaultyStore {
     async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<u64, StoreError> {
         let fault = {
             let mut f = self.faults.lock().unwrap();
+            f.puts += 1;
             let fault = if f.broken.contains(key) {
                 Some(Fault::Fail)
             } else {
@@ -139,6 +149,29 @@ impl Store for FaultyStore {
                 self.inner.put(key, value, pre).await
             }
         }
+    }
+
+    /// Any fault armed for one of the keys fails the whole batch before anything is written
+    /// (faults are used up as by `put`); otherwise it passes through.
+    async fn put_all(
+        &self,
+        writes: Vec<(String, Vec<u8>, Precondition)>,
+    ) -> Result<Vec<u64>, StoreError> {
+        {
+            let mut f = self.faults.lock().unwrap();
+            f.batches += 1;
+            for (key, ..) in &writes {
+                if f.broken.contains(key) {
+                    f.injected += 1;
+                    return Err(injected(key, "write failed"));
+                }
+            }
+        }
+        self.inner.put_all(writes).await
+    }
+
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -278,6 +278,60 @@ async fn one_failing_job_does_not_stop_the_others(b: Backend) {
     assert_eq!(assigned.len(), 2, "{assigned:?}");
 }
 
+/// Many jobs are written in one transaction; a batch that meets another writer's change falls
+/// back to one update per job, and every job still gets its change.
+async fn batched_updates(b: Backend) {
+    let faulty = FaultyStore::new(b.store.clone());
+    let jobs = Jobs::load(faulty.clone()).await.unwrap();
+    let ids: Vec<String> = (0..5).map(|i| format!("job{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        jobs.create(new_job(id, i as u64)).await.unwrap();
+    }
+    let reason = |to: &'static str| {
+        move |j: &Job| {
+            let mut n = j.clone();
+            n.reason = Some(to.into());
+            Some((n, ()))
+        }
+    };
+    let before = faulty.writes();
+    let results = jobs.update_many(&ids, reason("one")).await;
+    assert!(results.iter().all(|r| matches!(r, Ok(Some(_)))));
+    let after = faulty.writes();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 1),
+        "one transaction"
+    );
+    for id in &ids {
+        assert_eq!(stored(&*b.store, id).await.reason.as_deref(), Some("one"));
+    }
+
+    let mut other = stored(&*b.store, "job3").await;
+    other.name = "renamed elsewhere".into();
+    b.store
+        .put(
+            "jobs/job3",
+            serde_json::to_vec(&other).unwrap(),
+            Precondition::Any,
+        )
+        .await
+        .unwrap();
+    let results = jobs.update_many(&ids, reason("two")).await;
+    assert!(results.iter().all(|r| matches!(r, Ok(Some(_)))));
+    for id in &ids {
+        assert_eq!(stored(&*b.store, id).await.reason.as_deref(), Some("two"));
+    }
+    assert_eq!(stored(&*b.store, "job3").await.name, "renamed elsewhere");
+    // Declined and unknown jobs are left alone.
+    let results = jobs
+        .update_many(&["job0".to_string(), "nope".to_string()], |_| {
+            None::<(Job, ())>
+        })
+        .await;
+    assert!(results.iter().all(|r| matches!(r, Ok(None))));
+}
+
 /// Finished jobs beyond the recent ones leave memory and are still listed, filtered and read.
 async fn history_is_read_from_the_store(b: Backend) {
     const N: usize = runyard_controller::jobs::RECENT_FINISHED + 300;
@@ -367,5 +421,6 @@ on_both_stores!(
     conflict_re_reads_and_retries,
     view_follows_the_store,
     one_failing_job_does_not_stop_the_others,
+    batched_updates,
     history_is_read_from_the_store,
 );

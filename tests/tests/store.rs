@@ -310,6 +310,52 @@ async fn list_in_pages(b: Backend) {
     assert!(s.list_page("jobs/", None, 0).await.unwrap().is_empty());
 }
 
+/// Several compare-and-swap puts in one transaction: all or nothing.
+async fn put_all_is_atomic(b: Backend) {
+    let s = b.open().await;
+    let va = s.put("a", b"a0".to_vec(), Precondition::Any).await.unwrap();
+    assert!(s.max_batch() >= 100);
+    let mut w = s.watch("");
+    // One stale precondition: nothing is written, the conflict is reported.
+    let err = s
+        .put_all(vec![
+            ("a".into(), b"a1".to_vec(), Precondition::Version(va)),
+            ("b".into(), b"b1".to_vec(), Precondition::Absent),
+            ("c".into(), b"c1".to_vec(), Precondition::Version(va + 1000)),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    assert_eq!(s.get("a").await.unwrap().unwrap().value, b"a0");
+    assert!(s.get("b").await.unwrap().is_none());
+    // All preconditions hold: every key is written, with versions above the old ones.
+    let versions = s
+        .put_all(vec![
+            ("a".into(), b"a1".to_vec(), Precondition::Version(va)),
+            ("b".into(), b"b1".to_vec(), Precondition::Absent),
+            ("c".into(), b"c1".to_vec(), Precondition::Any),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(versions.len(), 3);
+    for ((key, value), version) in [("a", "a1"), ("b", "b1"), ("c", "c1")]
+        .iter()
+        .zip(&versions)
+    {
+        let got = s.get(key).await.unwrap().unwrap();
+        assert_eq!(
+            (got.value.as_slice(), got.version),
+            (value.as_bytes(), *version)
+        );
+        assert!(*version > va);
+        assert_eq!(
+            next_event(&mut w).await,
+            put_event(key, value.as_bytes(), *version)
+        );
+    }
+    assert!(s.put_all(Vec::new()).await.unwrap().is_empty());
+}
+
 async fn delete(b: Backend) {
     let s = b.open().await;
     s.put("jobs/a", b"a".to_vec(), Precondition::Any)
@@ -476,6 +522,7 @@ conformance!(
     list_by_prefix,
     list_many,
     list_in_pages,
+    put_all_is_atomic,
     delete,
     watch_sees_puts_and_deletes,
     reopen_keeps_data,

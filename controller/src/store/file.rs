@@ -22,6 +22,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LAST_VERSION: &str = "last_version";
 /// Changes buffered per watcher before it is told it fell behind.
 const WATCH_BUFFER: usize = 4096;
+/// Writes one `put_all` takes (one transaction, one fsync).
+const MAX_BATCH: usize = 10_000;
 /// redb's page cache. Its default (1 GiB) would keep the whole history in memory once listed;
 /// the controller's hot set (active and recent jobs, agents) is far smaller.
 const CACHE_BYTES: usize = 32 << 20;
@@ -42,7 +44,8 @@ struct Inner {
 
 enum Outcome<T> {
     Done(T),
-    Conflict,
+    /// A precondition failed for this key; nothing was written.
+    Conflict(String),
 }
 
 impl FileStore {
@@ -63,10 +66,11 @@ impl FileStore {
     /// Writes many keys in one durable transaction (bulk loads: imports, benchmarks); each key
     /// gets a new version as with `put(.., Precondition::Any)`, and watchers see every write.
     pub async fn put_many(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
-        let inner = self.inner.clone();
-        blocking(move || inner.put_many(entries))
-            .await?
-            .map_err(write_err("(bulk)"))
+        let writes = entries
+            .into_iter()
+            .map(|(k, v)| (k, v, Precondition::Any))
+            .collect();
+        self.put_all(writes).await.map(|_| ())
     }
 }
 
@@ -190,68 +194,55 @@ impl Inner {
         Ok(out)
     }
 
-    fn put(
+    /// Writes every entry in one transaction if every precondition holds; else writes nothing
+    /// and names the first key whose precondition failed.
+    fn put_all(
         &self,
-        key: String,
-        value: Vec<u8>,
-        pre: Precondition,
-    ) -> Result<Outcome<u64>, redb::Error> {
+        writes: Vec<(String, Vec<u8>, Precondition)>,
+    ) -> Result<Outcome<Vec<u64>>, redb::Error> {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let txn = self.db.begin_write()?;
-        let version = {
+        let mut events = Vec::with_capacity(writes.len());
+        let mut versions = Vec::with_capacity(writes.len());
+        let conflict = {
             let mut entries = txn.open_table(ENTRIES)?;
-            let current = entries.get(key.as_str())?.map(|g| g.value().0);
-            let allowed = match (pre, current) {
-                (Precondition::Any, _) | (Precondition::Absent, None) => true,
-                (Precondition::Version(want), Some(have)) => want == have,
-                (Precondition::Absent, Some(_)) | (Precondition::Version(_), None) => false,
-            };
-            if !allowed {
-                None
-            } else {
-                let mut meta = txn.open_table(META)?;
-                let version = meta.get(LAST_VERSION)?.map_or(0, |g| g.value()) + 1;
-                meta.insert(LAST_VERSION, version)?;
-                entries.insert(key.as_str(), (version, value.as_slice()))?;
-                Some(version)
-            }
-        };
-        let Some(version) = version else {
-            txn.abort()?;
-            return Ok(Outcome::Conflict);
-        };
-        txn.commit()?;
-        // No receivers is fine: nobody is watching.
-        let _ = self.events.send(WatchEvent::Put {
-            key,
-            value: Versioned { value, version },
-        });
-        Ok(Outcome::Done(version))
-    }
-
-    fn put_many(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), redb::Error> {
-        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let txn = self.db.begin_write()?;
-        let mut events = Vec::with_capacity(entries.len());
-        {
-            let mut table = txn.open_table(ENTRIES)?;
             let mut meta = txn.open_table(META)?;
             let mut version = meta.get(LAST_VERSION)?.map_or(0, |g| g.value());
-            for (key, value) in entries {
+            let mut conflict = None;
+            for (key, value, pre) in writes {
+                let current = entries.get(key.as_str())?.map(|g| g.value().0);
+                let allowed = match (pre, current) {
+                    (Precondition::Any, _) | (Precondition::Absent, None) => true,
+                    (Precondition::Version(want), Some(have)) => want == have,
+                    (Precondition::Absent, Some(_)) | (Precondition::Version(_), None) => false,
+                };
+                if !allowed {
+                    conflict = Some(key);
+                    break;
+                }
                 version += 1;
-                table.insert(key.as_str(), (version, value.as_slice()))?;
+                entries.insert(key.as_str(), (version, value.as_slice()))?;
+                versions.push(version);
                 events.push(WatchEvent::Put {
                     key,
                     value: Versioned { value, version },
                 });
             }
-            meta.insert(LAST_VERSION, version)?;
+            if conflict.is_none() {
+                meta.insert(LAST_VERSION, version)?;
+            }
+            conflict
+        };
+        if let Some(key) = conflict {
+            txn.abort()?;
+            return Ok(Outcome::Conflict(key));
         }
         txn.commit()?;
+        // No receivers is fine: nobody is watching.
         for e in events {
             let _ = self.events.send(e);
         }
-        Ok(())
+        Ok(Outcome::Done(versions))
     }
 
     fn delete(&self, key: String) -> Result<(), redb::Error> {
@@ -301,17 +292,30 @@ impl Store for FileStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<u64, StoreError> {
-        let inner = self.inner.clone();
-        let k = key.to_string();
-        match blocking(move || inner.put(k, value, pre))
-            .await?
-            .map_err(write_err(key))?
-        {
-            Outcome::Done(version) => Ok(version),
-            Outcome::Conflict => Err(StoreError::Conflict {
-                key: key.to_string(),
-            }),
+        let versions = self.put_all(vec![(key.to_string(), value, pre)]).await?;
+        Ok(versions[0])
+    }
+
+    async fn put_all(
+        &self,
+        writes: Vec<(String, Vec<u8>, Precondition)>,
+    ) -> Result<Vec<u64>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
         }
+        let first = writes[0].0.clone();
+        let inner = self.inner.clone();
+        match blocking(move || inner.put_all(writes))
+            .await?
+            .map_err(write_err(&first))?
+        {
+            Outcome::Done(versions) => Ok(versions),
+            Outcome::Conflict(key) => Err(StoreError::Conflict { key }),
+        }
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

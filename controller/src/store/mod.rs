@@ -129,6 +129,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(String, Versioned)>, StoreError>;
     /// Compare-and-swap put; returns the new version. Conflict when the precondition fails.
     async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<u64, StoreError>;
+    /// Several compare-and-swap puts in one atomic transaction: all are written, or none
+    /// (`Conflict` when any precondition fails). Returns the new versions in order. At most
+    /// [`Store::max_batch`] writes, each key at most once.
+    async fn put_all(
+        &self,
+        writes: Vec<(String, Vec<u8>, Precondition)>,
+    ) -> Result<Vec<u64>, StoreError>;
+    /// The most writes one [`Store::put_all`] takes.
+    fn max_batch(&self) -> usize;
     /// Removes the key; removing an absent key succeeds and changes nothing.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Changes under prefix from now on. An `Err` item is the last one: the watcher missed or may
