@@ -419,6 +419,11 @@ impl Session {
                 warn!(job = %st.job_id, attempt = st.attempt, have, want = st.log_lines, reports, "terminal status before its lines; waiting");
                 return;
             }
+            // Every line is here: the count of lines dropped over the size limit is final.
+            if let Err(error) = self.ctl.logs.seal(&st.job_id, st.attempt).await {
+                warn!(job = %st.job_id, attempt = st.attempt, %error, "cannot write the log limit marker; the agent will resend the status");
+                return;
+            }
         }
         let now = Timestamp::now();
         let updated = self

@@ -29,10 +29,23 @@ struct Inner {
     changed: watch::Sender<u64>,
 }
 
+/// What `Jobs::remove` did.
+#[derive(Debug)]
+pub enum Removed {
+    /// The job was removed from the store and the cache; this was its last state.
+    Gone(Job),
+    /// `only_if` declined: the job stays as it is.
+    Kept(Job),
+    /// No such job.
+    Unknown,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
     #[error("job store: {0}")]
     Store(#[from] StoreError),
+    #[error("job {0} changed in the store while being removed; retry")]
+    Changed(String),
     #[error("job record {key} is unreadable: {source}")]
     Decode {
         key: String,
@@ -165,6 +178,33 @@ impl Jobs {
             .insert(id.to_string(), (next.clone(), new_version));
         self.inner.changed.send_modify(|v| *v += 1);
         Ok(Some((next, extra)))
+    }
+}
+
+impl Jobs {
+    /// Removes the job if `only_if` accepts its current state. Under the writer lock, so no
+    /// update interleaves; the store's version is compared with the cached one first (the store
+    /// has no conditional delete), so a record another writer changed is kept.
+    pub async fn remove(
+        &self,
+        id: &str,
+        only_if: impl FnOnce(&Job) -> bool,
+    ) -> Result<Removed, JobsError> {
+        let _w = self.inner.write.lock().await;
+        let Some((current, version)) = self.inner.cache.lock().unwrap().get(id).cloned() else {
+            return Ok(Removed::Unknown);
+        };
+        if !only_if(&current) {
+            return Ok(Removed::Kept(current));
+        }
+        let stored = self.inner.store.get(&key(id)).await?;
+        if stored.is_some_and(|v| v.version != version) {
+            return Err(JobsError::Changed(id.to_string()));
+        }
+        self.inner.store.delete(&key(id)).await?;
+        self.inner.cache.lock().unwrap().remove(id);
+        self.inner.changed.send_modify(|v| *v += 1);
+        Ok(Removed::Gone(current))
     }
 }
 

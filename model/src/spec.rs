@@ -35,7 +35,7 @@ impl ValidationError {
 }
 
 /// A validated, normalized job spec.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// Display name; defaults to the script's file stem.
@@ -62,7 +62,8 @@ pub struct JobSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub compute: Compute,
-    /// Wall-clock limit of one attempt; `None` = no limit.
+    /// Wall-clock limit of one attempt (`2h`, `90m`); absent = no limit.
+    #[schema(value_type = Option<String>, example = "2h")]
     #[serde(
         default,
         with = "opt_duration",
@@ -72,7 +73,8 @@ pub struct JobSpec {
     /// How many times a failing script is run again.
     #[serde(default)]
     pub retries: u32,
-    /// Grace between SIGTERM and SIGKILL on stop.
+    /// Grace between SIGTERM and SIGKILL on stop (`10s`).
+    #[schema(value_type = String, example = "10s")]
     #[serde(default = "default_grace", with = "duration")]
     pub stop_grace: Duration,
 }
