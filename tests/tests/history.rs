@@ -1,0 +1,177 @@
+//! What the controller keeps of jobs: deleting a finished job with its files, retention, and
+//! the size limit of an attempt's log.
+
+use std::time::{Duration, Instant};
+
+use runyard_tests::cluster::{AgentSpec, TestCluster};
+use runyard_tests::fixture::GitRepo;
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn spec(repo: &GitRepo, script: &str) -> Value {
+    json!({"repo": repo.url(), "script": script})
+}
+
+async fn delete(c: &TestCluster, id: &str) -> anyhow::Result<(u16, Value)> {
+    let r = c
+        .client
+        .delete(format!("{}/api/v1/jobs/{id}", c.base_url()))
+        .bearer_auth(&c.token)
+        .send()
+        .await?;
+    Ok((r.status().as_u16(), r.json().await?))
+}
+
+/// Polls until `GET /api/v1/jobs/{id}` is a 404.
+async fn wait_gone(c: &TestCluster, id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = c.get_raw(&format!("/api/v1/jobs/{id}")).await?;
+        if r.status().as_u16() == 404 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "job {id} still there after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_refuses_an_active_job_and_removes_a_finished_one_with_its_files()
+-> anyhow::Result<()> {
+    let repo = GitRepo::new(&[
+        (
+            "sleep.py",
+            "import time\nprint('started', flush=True)\ntime.sleep(120)\n",
+        ),
+        ("hello.py", "print('hello')\n"),
+    ])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    let logs_dir = c.config.data_dir.join("logs");
+
+    let running = c.submit(spec(&repo, "sleep.py")).await?;
+    c.wait_status(&running, &["running"], LONG).await?;
+    let (status, body) = delete(&c, &running).await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("stop it first"),
+        "{body}"
+    );
+    assert_eq!(
+        c.job(&running).await?["status"],
+        "running",
+        "nothing changed"
+    );
+
+    let done = c.submit(spec(&repo, "hello.py")).await?;
+    c.wait_status(&done, &["succeeded"], LONG).await?;
+    assert_eq!(c.logs(&done).await?, "hello\n");
+    assert!(logs_dir.join(&done).exists());
+    let (status, body) = delete(&c, &done).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["id"].as_str(), body["status"].as_str()),
+        (Some(done.as_str()), Some("succeeded"))
+    );
+    assert!(!logs_dir.join(&done).exists(), "its log files are gone");
+    assert_eq!(
+        c.get_raw(&format!("/api/v1/jobs/{done}")).await?.status(),
+        404
+    );
+    assert_eq!(
+        c.get_raw(&format!("/api/v1/jobs/{done}/logs"))
+            .await?
+            .status(),
+        404
+    );
+    let (status, body) = delete(&c, &done).await?;
+    assert_eq!(status, 404, "{body}");
+    let list = c.get("/api/v1/jobs").await?;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{list}");
+
+    // Stopped first, it can go.
+    c.post(&format!("/api/v1/jobs/{running}/stop"), &json!({}))
+        .await?;
+    c.wait_status(&running, &["stopped"], LONG).await?;
+    let (status, body) = delete(&c, &running).await?;
+    assert_eq!(status, 200, "{body}");
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_finished_jobs_only() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("hello.py", "print('hello')\n")])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .controller_config(|config| {
+            config.retention = Some(Duration::from_millis(300));
+            config.retention_period = Duration::from_millis(100);
+        })
+        .start()
+        .await?;
+    // Asks for a GPU no agent has: it stays pending, however old.
+    let pending = c
+        .submit(json!({"repo": repo.url(), "script": "hello.py", "compute": "gpu"}))
+        .await?;
+    let done = c.submit(spec(&repo, "hello.py")).await?;
+    c.wait_status(&done, &["succeeded"], LONG).await?;
+    wait_gone(&c, &done, LONG).await?;
+    assert!(!c.config.data_dir.join("logs").join(&done).exists());
+    assert_eq!(c.job(&pending).await?["status"], "pending");
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_past_its_limit_keeps_its_start_and_says_how_many_lines_were_dropped()
+-> anyhow::Result<()> {
+    const LINES: usize = 2000;
+    const LIMIT: u64 = 1000;
+    let repo = GitRepo::new(&[(
+        "chatty.py",
+        &format!("for i in range({LINES}):\n    print(f'line {{i}}')\n"),
+    )])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .controller_config(|config| config.max_log_size = LIMIT)
+        .start()
+        .await?;
+    let id = c.submit(spec(&repo, "chatty.py")).await?;
+    let job = c.wait_status(&id, &["succeeded", "failed"], LONG).await?;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    let started = Instant::now();
+    let text = c.logs(&id).await?;
+    let followed = c
+        .get_raw(&format!("/api/v1/jobs/{id}/logs?follow=true"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "logs return promptly"
+    );
+    assert_eq!(text, followed);
+
+    let lines: Vec<&str> = text.lines().collect();
+    let (marker, kept) = lines.split_last().unwrap();
+    let want: Vec<String> = (0..kept.len()).map(|i| format!("line {i}")).collect();
+    assert_eq!(kept, want, "the first lines are kept, in order");
+    let bytes: usize = kept.iter().map(|l| l.len() + 1).sum();
+    assert!(
+        bytes as u64 >= LIMIT && (bytes as u64) < LIMIT + 20,
+        "{bytes} bytes kept"
+    );
+    let dropped = LINES - kept.len();
+    assert_eq!(
+        *marker,
+        format!("[runyard] log limit 1000 B reached: {dropped} lines dropped")
+    );
+    assert_eq!(text.matches("[runyard] log limit").count(), 1);
+    c.shutdown().await
+}
