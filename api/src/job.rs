@@ -20,6 +20,7 @@ pub struct JobView {
     pub id: String,
     pub name: String,
     /// The spec as submitted, normalized.
+    #[serde(deserialize_with = "runyard_model::spec::known_fields")]
     pub spec: JobSpec,
     pub status: JobStatus,
     /// What users want of the job.

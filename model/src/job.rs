@@ -168,6 +168,7 @@ pub struct Job {
     pub schema_version: u32,
     pub id: String,
     pub name: String,
+    #[serde(deserialize_with = "crate::spec::known_fields")]
     pub spec: JobSpec,
     pub status: JobStatus,
     #[serde(default)]
@@ -270,6 +271,7 @@ mod tests {
         v["schema_version"] = 7.into();
         v["intent"] = serde_json::json!({"kind": "sweep", "trials": 3});
         v["placement"] = "somewhere".into();
+        v["spec"]["priority"] = 5.into();
         let job: Job = serde_json::from_value(v).expect("a newer record loads (rollback)");
         assert_eq!((job.schema_version, job.id.as_str()), (7, "01j"));
     }

@@ -181,6 +181,33 @@ impl JobSpec {
     }
 }
 
+/// Every field of `JobSpec` as it appears in JSON.
+const FIELDS: [&str; 12] = [
+    "name",
+    "repo",
+    "revision",
+    "script",
+    "args",
+    "requirements",
+    "requirements_file",
+    "env",
+    "compute",
+    "timeout",
+    "retries",
+    "stop_grace",
+];
+
+/// Reads a spec that was validated when it was submitted (a stored job, an API reply), ignoring
+/// fields this version does not know: a record written by a newer version still loads. Users'
+/// input goes through `JobSpec::from_json`, which refuses unknown fields.
+pub fn known_fields<'de, D: Deserializer<'de>>(d: D) -> Result<JobSpec, D::Error> {
+    let mut v = serde_json::Value::deserialize(d)?;
+    if let Some(fields) = v.as_object_mut() {
+        fields.retain(|k, _| FIELDS.contains(&k.as_str()));
+    }
+    JobSpec::deserialize(v).map_err(serde::de::Error::custom)
+}
+
 fn default_name(script: &str) -> String {
     let file = script.rsplit('/').next().unwrap_or(script);
     file.strip_suffix(".py").unwrap_or(file).to_string()
@@ -389,6 +416,28 @@ mod opt_duration {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn stored_specs_ignore_fields_this_version_does_not_know() {
+        let mut full = base();
+        full["requirements_file"] = json!("r.txt");
+        full["timeout"] = json!("1h");
+        let spec = JobSpec::from_value(full).unwrap();
+        let v = serde_json::to_value(&spec).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut fields = FIELDS.to_vec();
+        keys.sort();
+        fields.sort();
+        assert_eq!(keys, fields, "FIELDS lists every field");
+        let mut newer = v.clone();
+        newer["priority"] = json!(5);
+        let read = known_fields(newer.clone()).unwrap();
+        assert_eq!(read, spec);
+        assert!(
+            JobSpec::from_value(newer).is_err(),
+            "users' input still refuses it"
+        );
+    }
 
     fn base() -> serde_json::Value {
         json!({"repo": "https://github.com/acme/train.git", "script": "train.py"})
