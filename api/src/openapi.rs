@@ -3,8 +3,11 @@
 //! code; this module holds what every route shares: the info block, the bearer scheme, the
 //! schemas of the API types, and the reusable error responses.
 
+use std::collections::BTreeMap;
+
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToResponse};
+use utoipa::openapi::{Ref, RefOr, response::Response};
+use utoipa::{IntoResponses, Modify, OpenApi, ToResponse};
 
 use crate::error::ErrorBody;
 
@@ -60,6 +63,63 @@ impl Modify for BearerScheme {
                     .build(),
             ),
         );
+    }
+}
+
+/// The error responses routes share, by status, as references to the components below.
+fn refs(list: &[(&str, &str)]) -> BTreeMap<String, RefOr<Response>> {
+    list.iter()
+        .map(|(status, name)| {
+            (
+                status.to_string(),
+                RefOr::Ref(Ref::from_response_name(*name)),
+            )
+        })
+        .collect()
+}
+
+/// Every route: a wrong method (405).
+pub struct Public;
+
+impl IntoResponses for Public {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        refs(&[("405", "MethodNotAllowed")])
+    }
+}
+
+/// Routes that need the token: 401, and a wrong method (405).
+pub struct Secured;
+
+impl IntoResponses for Secured {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        refs(&[("401", "Unauthorized"), ("405", "MethodNotAllowed")])
+    }
+}
+
+/// Routes of one job (`{id}`, or `?job=`): a malformed parameter (400), no such job (404).
+pub struct OneJob;
+
+impl IntoResponses for OneJob {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        refs(&[("400", "BadRequest"), ("404", "NotFound")])
+    }
+}
+
+/// Routes whose job state may refuse the change (409).
+pub struct Refusable;
+
+impl IntoResponses for Refusable {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        refs(&[("409", "Conflict")])
+    }
+}
+
+/// Routes that write the store or read files: 503 when they cannot.
+pub struct Storage;
+
+impl IntoResponses for Storage {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        refs(&[("503", "Unavailable")])
     }
 }
 

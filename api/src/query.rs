@@ -14,6 +14,14 @@ pub const MAX_PAGE: u32 = 1000;
 /// Page size when `limit` is absent.
 pub const DEFAULT_PAGE: u32 = 50;
 
+/// The `{id}` of the routes of one job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct JobPath {
+    /// Job id.
+    pub id: String,
+}
+
 /// `GET /api/v1/jobs?limit=&cursor=&status=`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

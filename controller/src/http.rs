@@ -26,7 +26,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use runyard_api::query::{DEFAULT_PAGE, MAX_PAGE};
+use runyard_api::openapi::{
+    BadRequest, OneJob, PayloadTooLarge, Public, Refusable, Secured, Storage,
+};
+use runyard_api::query::{DEFAULT_PAGE, JobPath, MAX_PAGE};
 use runyard_api::{
     AgentList, AgentView, ErrorBody, EventsQuery, JobPage, JobView, ListJobsQuery, LogsQuery,
     MetricsResponse, MetricsSvgQuery,
@@ -282,7 +285,7 @@ async fn auth(
 #[utoipa::path(get, path = "/healthz", tag = "health",
     responses(
         (status = 200, description = "The server is up", body = String, content_type = "text/plain"),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
+        Public,
     )
 )]
 async fn healthz() -> &'static str {
@@ -300,7 +303,7 @@ static OPENAPI_JSON: LazyLock<String> = LazyLock::new(|| {
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
     responses(
         (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
+        Public,
     )
 )]
 async fn openapi_json() -> Response {
@@ -317,11 +320,9 @@ async fn openapi_json() -> Response {
     security(("bearer" = [])),
     responses(
         (status = 201, description = "The job, pending", body = JobView),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
-        (status = 413, response = runyard_api::openapi::PayloadTooLarge),
-        (status = 503, response = runyard_api::openapi::Unavailable),
+        (status = 400, response = BadRequest),
+        (status = 413, response = PayloadTooLarge),
+        Secured, Storage,
     )
 )]
 async fn submit(
@@ -348,9 +349,8 @@ async fn submit(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of jobs", body = JobPage),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
+        (status = 400, response = BadRequest),
+        Secured,
     )
 )]
 async fn list(
@@ -403,14 +403,11 @@ async fn list(
 
 /// One job.
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobPath),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The job", body = JobView),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 404, response = runyard_api::openapi::NotFound),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
+        Secured, OneJob,
     )
 )]
 async fn show(State(state): State<ApiState>, JobId(id): JobId) -> Result<Json<JobView>, ApiError> {
@@ -420,16 +417,11 @@ async fn show(State(state): State<ApiState>, JobId(id): JobId) -> Result<Json<Jo
 /// Delete a finished job with its logs, reports and checkpoints; returns its last state. A job
 /// that is not finished is refused (409): stop it first.
 #[utoipa::path(delete, path = "/api/v1/jobs/{id}", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobPath),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The job as it was when deleted", body = JobView),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 404, response = runyard_api::openapi::NotFound),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
-        (status = 409, response = runyard_api::openapi::Conflict),
-        (status = 503, response = runyard_api::openapi::Unavailable),
+        Secured, OneJob, Refusable, Storage,
     )
 )]
 async fn delete(
@@ -453,16 +445,11 @@ async fn delete(
 
 /// Stop a job: SIGTERM, then SIGKILL after its stop grace.
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/stop", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobPath),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The job, stopping or stopped", body = JobView),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 404, response = runyard_api::openapi::NotFound),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
-        (status = 409, response = runyard_api::openapi::Conflict),
-        (status = 503, response = runyard_api::openapi::Unavailable),
+        Secured, OneJob, Refusable, Storage,
     )
 )]
 async fn stop(State(state): State<ApiState>, JobId(id): JobId) -> Result<Json<JobView>, ApiError> {
@@ -479,15 +466,11 @@ async fn stop(State(state): State<ApiState>, JobId(id): JobId) -> Result<Json<Jo
 
 /// The metric history of the job's current attempt, for plots.
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/metrics", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobPath),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The current attempt's metric history", body = MetricsResponse),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 404, response = runyard_api::openapi::NotFound),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
-        (status = 503, response = runyard_api::openapi::Unavailable),
+        Secured, OneJob, Storage,
     )
 )]
 async fn metrics(
@@ -534,16 +517,12 @@ async fn metric_series(
 
 /// One metric of the current attempt plotted as SVG (`?metric=NAME[&width=W&height=H]`).
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/metrics.svg", tag = "jobs",
-    params(("id" = String, Path, description = "Job id"), MetricsSvgQuery),
+    params(JobPath, MetricsSvgQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The plot", body = String, content_type = "image/svg+xml"),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 404, response = runyard_api::openapi::NotFound),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
         (status = 500, description = "The plot could not be drawn", body = ErrorBody),
-        (status = 503, response = runyard_api::openapi::Unavailable),
+        Secured, OneJob, Storage,
     )
 )]
 async fn metrics_svg(
@@ -617,16 +596,12 @@ async fn metrics_svg(
 /// The best checkpoint of the job's latest attempt that uploaded one, byte for byte; its sha256
 /// is in `x-checksum-sha256`.
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/checkpoint", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(JobPath),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The checkpoint file", body = Vec<u8>, content_type = "application/octet-stream",
             headers(("x-checksum-sha256" = String, description = "sha256 of the file, hex"))),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 404, response = runyard_api::openapi::NotFound),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
-        (status = 503, response = runyard_api::openapi::Unavailable),
+        Secured, OneJob, Storage,
     )
 )]
 async fn checkpoint(State(state): State<ApiState>, JobId(id): JobId) -> Result<Response, ApiError> {
@@ -700,8 +675,7 @@ fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The agents", body = AgentList),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
+        Secured,
     )
 )]
 async fn agents(State(state): State<ApiState>) -> Json<AgentList> {
@@ -740,10 +714,7 @@ fn sse_event(kind: &str, data: &impl serde::Serialize) -> Bytes {
     responses(
         (status = 200, description = "Server-sent events: `job` (data: a JobView) and `agents` \
             (data: an AgentList)", body = String, content_type = "text/event-stream"),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 404, response = runyard_api::openapi::NotFound),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
+        Secured, OneJob,
     )
 )]
 async fn events(
@@ -815,16 +786,13 @@ async fn events(
 /// Plain text, exactly the script's lines. With `follow=true` the body streams until the job is
 /// terminal and every line of it has been sent.
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/logs", tag = "jobs",
-    params(("id" = String, Path, description = "Job id"), LogsQuery),
+    params(JobPath, LogsQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The log lines; the attempt is in `x-runyard-attempt`",
             body = String, content_type = "text/plain",
             headers(("x-runyard-attempt" = u32, description = "The attempt whose log this is"))),
-        (status = 400, response = runyard_api::openapi::BadRequest),
-        (status = 401, response = runyard_api::openapi::Unauthorized),
-        (status = 404, response = runyard_api::openapi::NotFound),
-        (status = 405, response = runyard_api::openapi::MethodNotAllowed),
+        Secured, OneJob,
     )
 )]
 async fn logs(
