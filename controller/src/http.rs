@@ -143,6 +143,15 @@ impl ApiError {
         }
     }
 
+    /// An extractor's rejection of `field`, as a 400 naming it.
+    fn rejected(field: &str, why: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{field}: {why}"),
+            Some(field),
+        )
+    }
+
     fn not_found(id: &str) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -226,13 +235,7 @@ where
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(q)| ApiQuery(q))
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("query: {}", e.body_text()),
-                    Some("query"),
-                )
-            })
+            .map_err(|e| ApiError::rejected("query", &e.body_text()))
     }
 }
 
@@ -246,13 +249,7 @@ impl<S: Send + Sync> FromRequestParts<S> for JobId {
         Path::<String>::from_request_parts(parts, state)
             .await
             .map(|Path(id)| JobId(id))
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("id: {}", e.body_text()),
-                    Some("id"),
-                )
-            })
+            .map_err(|e| ApiError::rejected("id", &e.body_text()))
     }
 }
 

@@ -443,32 +443,26 @@ mod tests {
             .unwrap();
     }
 
+    /// Appends `count` lines numbered from `first` to attempt 1 of job `j`.
+    async fn put(logs: &LogStore, first: u64, count: u32, data: &'static str) -> Appended {
+        logs.append("j", 1, first, count, Bytes::from(data))
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn lines_past_the_limit_are_acknowledged_dropped_and_counted_once() {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::with_limit(dir.path(), 8).unwrap();
         // "aaa\n" "bbb\n" fill 8 bytes; "ccc" and the rest are dropped but acknowledged.
         assert_eq!(
-            logs.append("j", 1, 0, 3, Bytes::from("aaa\nbbb\nccc"))
-                .await
-                .unwrap(),
+            put(&logs, 0, 3, "aaa\nbbb\nccc").await,
             Appended::Through(3)
         );
-        assert_eq!(
-            logs.append("j", 1, 3, 2, Bytes::from("d\ne"))
-                .await
-                .unwrap(),
-            Appended::Through(5)
-        );
+        assert_eq!(put(&logs, 3, 2, "d\ne").await, Appended::Through(5));
         // A resend of dropped lines changes nothing; a gap is still refused.
-        assert_eq!(
-            logs.append("j", 1, 4, 1, Bytes::from("e")).await.unwrap(),
-            Appended::Through(5)
-        );
-        assert_eq!(
-            logs.append("j", 1, 9, 1, Bytes::from("z")).await.unwrap(),
-            Appended::Gap(5)
-        );
+        assert_eq!(put(&logs, 4, 1, "e").await, Appended::Through(5));
+        assert_eq!(put(&logs, 9, 1, "z").await, Appended::Gap(5));
         logs.seal("j", 1).await.unwrap();
         logs.seal("j", 1).await.unwrap();
         let (text, _) = logs.read_from("j", 1, 0, 1 << 20).await.unwrap();

@@ -329,6 +329,18 @@ impl TestCluster {
         Ok((status, r.json().await?))
     }
 
+    /// DELETEs a path; returns status and parsed body.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .client
+            .delete(format!("{}{path}", self.base_url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await?))
+    }
+
     pub async fn submit(&self, spec: Value) -> anyhow::Result<String> {
         let (status, body) = self.post("/api/v1/jobs", &spec).await?;
         if status != 201 {

@@ -14,13 +14,7 @@ fn spec(repo: &GitRepo, script: &str) -> Value {
 }
 
 async fn delete(c: &TestCluster, id: &str) -> anyhow::Result<(u16, Value)> {
-    let r = c
-        .client
-        .delete(format!("{}/api/v1/jobs/{id}", c.base_url()))
-        .bearer_auth(&c.token)
-        .send()
-        .await?;
-    Ok((r.status().as_u16(), r.json().await?))
+    c.delete(&format!("/api/v1/jobs/{id}")).await
 }
 
 /// Polls until `GET /api/v1/jobs/{id}` is a 404.
@@ -110,7 +104,7 @@ async fn retention_deletes_finished_jobs_only() -> anyhow::Result<()> {
     let c = TestCluster::builder()
         .agent(AgentSpec::new("a1"))
         .controller_config(|config| {
-            config.retention = Some(Duration::from_millis(300));
+            config.retention = Some(Duration::from_secs(1));
             config.retention_period = Duration::from_millis(100);
         })
         .start()
@@ -122,7 +116,17 @@ async fn retention_deletes_finished_jobs_only() -> anyhow::Result<()> {
     let done = c.submit(spec(&repo, "hello.py")).await?;
     c.wait_status(&done, &["succeeded"], LONG).await?;
     wait_gone(&c, &done, LONG).await?;
-    assert!(!c.config.data_dir.join("logs").join(&done).exists());
+    // The record goes first, then the files.
+    let log_dir = c.config.data_dir.join("logs").join(&done);
+    let deadline = Instant::now() + LONG;
+    while log_dir.exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} still there",
+            log_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(c.job(&pending).await?["status"], "pending");
     c.shutdown().await
 }

@@ -310,13 +310,8 @@ async fn every_documented_operation_answers_as_documented() -> anyhow::Result<()
         }
     }
     // A second delete of the finished job: gone.
-    let deleted = c
-        .client
-        .delete(format!("{}/api/v1/jobs/{done}", c.base_url()))
-        .bearer_auth(&c.token)
-        .send()
-        .await?;
-    assert_eq!(deleted.status(), 404);
+    let (status, body) = c.delete(&format!("/api/v1/jobs/{done}")).await?;
+    assert_eq!(status, 404, "{body}");
     assert!(probe.checked > 200, "{} replies checked", probe.checked);
     c.shutdown().await
 }
