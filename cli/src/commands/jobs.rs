@@ -54,8 +54,9 @@ pub async fn ls(args: LsArgs) -> Result<u8, CommandError> {
         cursor = page.value.next;
     }
     if args.client.json {
-        let body = serde_json::json!({ "jobs": jobs, "next": null });
-        output::write_json(body.to_string().as_bytes()).map_err(CommandError::Stdout)?;
+        let page = crate::client::JobPage { jobs, next: None };
+        let body = serde_json::to_vec(&page).expect("a job page always serializes");
+        output::write_json(&body).map_err(CommandError::Stdout)?;
     } else {
         let table = output::jobs_table(&jobs, Timestamp::now());
         output::write_stdout(table.as_bytes()).map_err(CommandError::Stdout)?;
