@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::artifacts::ArtifactError;
 use crate::executor::{Controller, assign_message};
@@ -339,6 +339,19 @@ impl Session {
 
     async fn logs(&self, c: v1::LogChunk) -> Result<(), Status> {
         let stream = c.stream();
+        if self.ctl.jobs.get(&c.job_id).is_none() {
+            // A deleted job (or none at all): acknowledge the lines so the agent frees its
+            // spool, and keep nothing, so no file outlives its job.
+            debug!(job = %c.job_id, attempt = c.attempt, ?stream, "lines of an unknown job dropped");
+            self.send(Msg::LogAck(v1::LogAck {
+                job_id: c.job_id,
+                attempt: c.attempt,
+                next_seq: c.first_seq + u64::from(c.count),
+                stream: stream as i32,
+            }))
+            .await;
+            return Ok(());
+        }
         let store = self.ctl.stream(stream);
         let before = store.lines(&c.job_id, c.attempt).await.unwrap_or(0);
         let appended = store

@@ -179,3 +179,66 @@ async fn a_log_past_its_limit_keeps_its_start_and_says_how_many_lines_were_dropp
     assert_eq!(text.matches("[runyard] log limit").count(), 1);
     c.shutdown().await
 }
+
+/// An agent sending lines of a deleted job (it held them in its spool) gets them acknowledged,
+/// so it frees its spool, and no file comes back for the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_of_a_deleted_job_are_acknowledged_and_not_kept() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use runyard_proto::v1::{self, agent_message, controller_message};
+    let repo = GitRepo::new(&[("hello.py", "print('hello')\n")])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    let id = c.submit(spec(&repo, "hello.py")).await?;
+    c.wait_status(&id, &["succeeded"], LONG).await?;
+    assert_eq!(delete(&c, &id).await?.0, 200);
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.grpc_addr))?
+        .connect()
+        .await?;
+    let token = format!("Bearer {}", c.agent_token);
+    let mut client = v1::agent_service_client::AgentServiceClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", token.parse().unwrap());
+            Ok(req)
+        },
+    );
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    tx.unbounded_send(v1::AgentMessage {
+        msg: Some(agent_message::Msg::Register(v1::Register {
+            name: "late".into(),
+            ..Default::default()
+        })),
+    })?;
+    tx.unbounded_send(v1::AgentMessage {
+        msg: Some(agent_message::Msg::Logs(v1::LogChunk {
+            job_id: id.clone(),
+            attempt: 1,
+            first_seq: 0,
+            count: 2,
+            data: "hello\nagain".into(),
+            stream: v1::Stream::Log as i32,
+        })),
+    })?;
+    let mut inbound = client.session(rx).await?.into_inner();
+    let ack = tokio::time::timeout(LONG, async {
+        while let Some(m) = inbound.next().await {
+            if let Some(controller_message::Msg::LogAck(ack)) = m?.msg {
+                return anyhow::Ok(ack);
+            }
+        }
+        anyhow::bail!("session ended without an acknowledgement")
+    })
+    .await??;
+    assert_eq!(
+        (ack.job_id.as_str(), ack.attempt, ack.next_seq),
+        (id.as_str(), 1, 2)
+    );
+    assert!(!c.config.data_dir.join("logs").join(&id).exists());
+    drop(tx);
+    c.shutdown().await
+}
