@@ -121,19 +121,28 @@ pub struct JobPage {
     pub next: Option<String>,
 }
 
+/// The data of a `removed` event: a job was deleted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobRemoved {
+    pub id: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The view shows exactly the stored record's fields as they were before records carried a
-    /// schema version: the API did not change when the record did.
+    /// The view shows exactly the stored record's fields as they were before the record gained
+    /// its bookkeeping (`schema_version`, `report_offset`): the API did not change when the
+    /// record did.
     #[test]
-    fn the_view_is_the_record_without_its_schema_version() {
+    fn the_view_is_the_record_without_its_bookkeeping() {
         let spec = JobSpec::from_json(br#"{"repo": "https://h/a/b.git", "script": "t.py"}"#)
             .expect("valid spec");
         let job = Job::new("01j".into(), spec, Timestamp(5));
         let mut record = serde_json::to_value(&job).unwrap();
-        record.as_object_mut().unwrap().remove("schema_version");
+        for internal in ["schema_version", "report_offset"] {
+            record.as_object_mut().unwrap().remove(internal);
+        }
         assert_eq!(serde_json::to_value(JobView::from(&job)).unwrap(), record);
     }
 }

@@ -7,7 +7,8 @@
 //! changing the API. The job spec is the exception on purpose: it *is* the submit request, and
 //! `runyard_model::JobSpec` validation stays the one validator of every entry point.
 //!
-//! - `job`: `JobView` (a job as the API shows it) and `JobPage` (one page of the job list).
+//! - `job`: `JobView` (a job as the API shows it), `JobPage` (one page of the job list) and
+//!   `JobRemoved` (the `removed` event).
 //! - `agent`: `AgentView` and `AgentList`.
 //! - `metrics`: the metric history of a job's current attempt.
 //! - `error`: `ErrorBody`, the body of every error response.
@@ -23,7 +24,7 @@ pub mod query;
 
 pub use agent::{AgentList, AgentView};
 pub use error::ErrorBody;
-pub use job::{JobPage, JobView};
+pub use job::{JobPage, JobRemoved, JobView};
 pub use metrics::MetricsResponse;
 pub use query::{EventsQuery, ListJobsQuery, LogsQuery, MetricsSvgQuery};
 /// The body of `POST /api/v1/jobs`: the job spec, checked by its one validator.

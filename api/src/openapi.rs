@@ -28,6 +28,7 @@ pub const BEARER: &str = "bearer";
             ErrorBody,
             crate::job::JobView,
             crate::job::JobPage,
+            crate::job::JobRemoved,
             crate::agent::AgentList,
             crate::metrics::MetricsResponse,
             runyard_model::JobSpec

@@ -10,7 +10,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use runyard_model::report::{self, Report};
 use runyard_model::{AgentInfo, FailureKind, GpuInfo, JobStatus, Timestamp};
 use runyard_proto::v1::{self, agent_message, controller_message::Msg};
 use tokio::sync::mpsc;
@@ -257,7 +256,7 @@ impl Session {
             }
         }
         let now = Timestamp::now();
-        for job in self.ctl.jobs.all() {
+        for job in self.ctl.jobs.active() {
             if job.agent.as_deref() != Some(&self.name)
                 || !job.status.is_on_agent()
                 || held.contains(&(job.id.clone(), job.attempt))
@@ -339,7 +338,7 @@ impl Session {
 
     async fn logs(&self, c: v1::LogChunk) -> Result<(), Status> {
         let stream = c.stream();
-        if self.ctl.jobs.get(&c.job_id).is_none() {
+        if matches!(self.ctl.jobs.fetch(&c.job_id).await, Ok(None)) {
             // A deleted job (or none at all): acknowledge the lines so the agent frees its
             // spool, and keep nothing, so no file outlives its job.
             debug!(job = %c.job_id, attempt = c.attempt, ?stream, "lines of an unknown job dropped");
@@ -369,35 +368,8 @@ impl Session {
             }
         };
         if stream == v1::Stream::Report && next_seq > before {
-            // Fold the new report lines into the job's summary.
-            let skip = (before - c.first_seq) as usize;
-            let reports: Vec<Report> = c
-                .data
-                .split(|&b| b == b'\n')
-                .skip(skip)
-                .filter_map(|l| Report::parse(&String::from_utf8_lossy(l)))
-                .collect();
-            if !reports.is_empty() {
-                let attempt = c.attempt;
-                let updated = self
-                    .ctl
-                    .jobs
-                    .update(&c.job_id, |j| {
-                        if j.attempt != attempt {
-                            return None;
-                        }
-                        let mut n = j.clone();
-                        for r in &reports {
-                            report::apply(&mut n, r);
-                        }
-                        n.updated_at = Timestamp::now();
-                        Some((n, ()))
-                    })
-                    .await;
-                if let Err(error) = updated {
-                    warn!(job = %c.job_id, %error, "cannot record reports");
-                }
-            }
+            // Folded into the job's summary in batches (see `reports.rs`).
+            self.ctl.fold.mark(&c.job_id);
         }
         self.send(Msg::LogAck(v1::LogAck {
             job_id: c.job_id,
@@ -435,6 +407,16 @@ impl Session {
             // Every line is here: the count of lines dropped over the size limit is final.
             if let Err(error) = self.ctl.logs.seal(&st.job_id, st.attempt).await {
                 warn!(job = %st.job_id, attempt = st.attempt, %error, "cannot write the log limit marker; the agent will resend the status");
+                return;
+            }
+            // The summary holds every report line before the job shows as finished.
+            if let Err(error) = self
+                .ctl
+                .fold
+                .flush(&self.ctl.jobs, &self.ctl.reports, &st.job_id)
+                .await
+            {
+                warn!(job = %st.job_id, %error, "cannot fold report lines; the agent will resend the status");
                 return;
             }
         }

@@ -3,10 +3,12 @@
 //! deletes finished jobs older than the configured retention through the same path.
 //!
 //! Invariants: only a terminal job is deleted (an active one still has an agent writing its
-//! lines); the record goes first, so a job is never shown without its files, and a failure to
-//! remove files afterwards only leaves unreachable files (logged), never a broken job. A
-//! retention pass deletes at most `RETENTION_BATCH` jobs, so one pass never holds the writer
-//! lock for long; the next pass continues.
+//! lines); a terminal job stays terminal, so checking before removing is enough. The record goes
+//! first, so a job is never shown without its files, and a failure to remove files afterwards
+//! only leaves unreachable files (logged), never a broken job. A retention pass looks at no more
+//! than `RETENTION_BATCH` finished jobs (records of old ones are read from the store), going on
+//! from where the previous pass stopped and starting over at the end, so every finished job is
+//! looked at within a bounded number of passes.
 
 use std::time::Duration;
 
@@ -15,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::executor::Controller;
-use crate::jobs::{JobsError, Removed};
+use crate::jobs::JobsError;
 
 /// How often the retention task looks for expired jobs.
 pub const RETENTION_PERIOD: Duration = Duration::from_secs(60);
-/// At most this many jobs are deleted per retention pass.
+/// At most this many finished jobs are looked at (and deleted) per retention pass.
 pub const RETENTION_BATCH: usize = 100;
 
 /// What `Controller::delete` did.
@@ -35,10 +37,14 @@ pub enum Deleted {
 impl Controller {
     /// Deletes a finished job with its logs, reports and checkpoints.
     pub async fn delete(&self, id: &str) -> Result<Deleted, JobsError> {
-        let job = match self.jobs.remove(id, |j| j.status.is_terminal()).await? {
-            Removed::Gone(job) => job,
-            Removed::Kept(job) => return Ok(Deleted::Active(job)),
-            Removed::Unknown => return Ok(Deleted::Unknown),
+        let Some(job) = self.jobs.fetch(id).await? else {
+            return Ok(Deleted::Unknown);
+        };
+        if !job.status.is_terminal() {
+            return Ok(Deleted::Active(job));
+        }
+        let Some(job) = self.jobs.remove(id).await? else {
+            return Ok(Deleted::Unknown);
         };
         let files = [
             ("logs", self.logs.remove(id).await),
@@ -60,28 +66,31 @@ impl Controller {
         Ok(Deleted::Gone(job))
     }
 
-    /// One retention pass: deletes up to `RETENTION_BATCH` jobs that finished before
-    /// `now - retention`. Returns how many it deleted.
-    pub async fn expire(&self, retention: Duration, now: Timestamp) -> Result<usize, JobsError> {
-        let expired: Vec<String> = self
-            .jobs
-            .all()
-            .into_iter()
-            .filter(|j| {
+    /// One retention pass over up to `RETENTION_BATCH` finished jobs after `cursor`: deletes
+    /// those that finished before `now - retention`. Returns how many it deleted and where the
+    /// next pass goes on (`None`: from the start).
+    pub async fn expire(
+        &self,
+        retention: Duration,
+        now: Timestamp,
+        cursor: Option<&str>,
+    ) -> Result<(usize, Option<String>), JobsError> {
+        let ids = self.jobs.finished_after(cursor, RETENTION_BATCH);
+        let next = (ids.len() == RETENTION_BATCH)
+            .then(|| ids.last().cloned())
+            .flatten();
+        let mut deleted = 0;
+        for id in &ids {
+            let expired = self.jobs.fetch(id).await?.is_some_and(|j| {
                 j.status.is_terminal()
                     && j.finished_at
                         .is_some_and(|f| now.saturating_since(f) > retention)
-            })
-            .take(RETENTION_BATCH)
-            .map(|j| j.id)
-            .collect();
-        let mut deleted = 0;
-        for id in &expired {
-            if let Deleted::Gone(_) = self.delete(id).await? {
+            });
+            if expired && matches!(self.delete(id).await?, Deleted::Gone(_)) {
                 deleted += 1;
             }
         }
-        Ok(deleted)
+        Ok((deleted, next))
     }
 
     /// Runs retention passes every `period` until cancelled.
@@ -92,16 +101,22 @@ impl Controller {
         cancel: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(period);
+        let mut cursor: Option<String> = None;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.expire(retention, Timestamp::now()).await {
-                Ok(0) => {}
-                Ok(deleted) => {
-                    info!(deleted, retention = %humantime::format_duration(retention), "expired jobs deleted")
+            match self
+                .expire(retention, Timestamp::now(), cursor.as_deref())
+                .await
+            {
+                Ok((deleted, next)) => {
+                    if deleted > 0 {
+                        info!(deleted, retention = %humantime::format_duration(retention), "expired jobs deleted");
+                    }
+                    cursor = next;
                 }
                 Err(error) => warn!(%error, "retention pass failed; retrying on the next one"),
             }

@@ -14,8 +14,7 @@
 //! response types are `runyard_api`'s. Every error body is JSON, also axum's own rejections,
 //! 405s and 413s: `json_errors` rewrites any error response that is not JSON yet.
 
-use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -31,8 +30,8 @@ use runyard_api::openapi::{
 };
 use runyard_api::query::{DEFAULT_PAGE, JobPath, MAX_PAGE};
 use runyard_api::{
-    AgentList, AgentView, ErrorBody, EventsQuery, JobPage, JobView, ListJobsQuery, LogsQuery,
-    MetricsResponse, MetricsSvgQuery,
+    AgentList, AgentView, ErrorBody, EventsQuery, JobPage, JobRemoved, JobView, ListJobsQuery,
+    LogsQuery, MetricsResponse, MetricsSvgQuery,
 };
 use runyard_model::report::MetricPoint;
 use runyard_model::{Job, JobSpec, JobStatus, ValidationError};
@@ -384,9 +383,13 @@ async fn list(
         }
     };
     let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
-    let (jobs, more) = state.ctl.jobs.page(cursor, limit, |j| {
-        status.as_ref().is_none_or(|w| w.contains(&j.status))
-    });
+    let (jobs, more) = state
+        .ctl
+        .jobs
+        .page(cursor, limit, |s| {
+            status.as_ref().is_none_or(|w| w.contains(&s))
+        })
+        .await?;
     let next = if more {
         jobs.last().map(|j| j.id.clone())
     } else {
@@ -408,7 +411,7 @@ async fn list(
     )
 )]
 async fn show(State(state): State<ApiState>, JobId(id): JobId) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(JobView::from(&job_or_404(&state, &id)?)))
+    Ok(Json(JobView::from(&job_or_404(&state, &id).await?)))
 }
 
 /// Delete a finished job with its logs, reports and checkpoints; returns its last state. A job
@@ -483,33 +486,24 @@ async fn metric_series(
     state: &ApiState,
     id: &str,
 ) -> Result<(u32, std::collections::BTreeMap<String, Vec<MetricPoint>>), ApiError> {
-    let job = job_or_404(state, id)?;
-    let mut text = Vec::new();
-    if job.attempt > 0 {
-        let mut offset = 0;
-        loop {
-            let (bytes, next) = state
-                .ctl
-                .reports
-                .read_from(id, job.attempt, offset, 4 << 20)
-                .await
-                .map_err(|e| {
-                    tracing::error!(job = %id, error = %e, "cannot read reports");
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "cannot read the job's reports; retry",
-                        None,
-                    )
-                })?;
-            if bytes.is_empty() {
-                break;
-            }
-            text.extend_from_slice(&bytes);
-            offset = next;
-        }
+    let job = job_or_404(state, id).await?;
+    if job.attempt == 0 {
+        return Ok((0, Default::default()));
     }
-    let text = String::from_utf8_lossy(&text);
-    Ok((job.attempt, runyard_model::report::series(text.lines())))
+    let series = state
+        .ctl
+        .fold
+        .series(&state.ctl.reports, id, job.attempt)
+        .await
+        .map_err(|e| {
+            tracing::error!(job = %id, error = %e, "cannot read reports");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot read the job's reports; retry",
+                None,
+            )
+        })?;
+    Ok((job.attempt, Arc::unwrap_or_clone(series)))
 }
 
 /// One metric of the current attempt plotted as SVG (`?metric=NAME[&width=W&height=H]`).
@@ -602,7 +596,7 @@ async fn metrics_svg(
     )
 )]
 async fn checkpoint(State(state): State<ApiState>, JobId(id): JobId) -> Result<Response, ApiError> {
-    let job = job_or_404(&state, &id)?;
+    let job = job_or_404(&state, &id).await?;
     let unavailable = |e: &dyn std::fmt::Display| {
         tracing::error!(job = %id, error = %e, "cannot open checkpoint");
         ApiError::new(
@@ -659,11 +653,12 @@ async fn checkpoint(State(state): State<ApiState>, JobId(id): JobId) -> Result<R
     Ok(resp)
 }
 
-fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError> {
+async fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError> {
     state
         .ctl
         .jobs
-        .get(id)
+        .fetch(id)
+        .await?
         .ok_or_else(|| ApiError::not_found(id))
 }
 
@@ -681,7 +676,7 @@ async fn agents(State(state): State<ApiState>) -> Json<AgentList> {
 
 /// Every agent with the jobs placed on it, as `/api/v1/agents` and `agents` events show them.
 fn agent_list(ctl: &Controller) -> AgentList {
-    let jobs = ctl.jobs.all();
+    let jobs = ctl.jobs.active();
     let mut agents = ctl.agents.list();
     for a in &mut agents {
         a.jobs = jobs
@@ -701,10 +696,28 @@ fn sse_event(kind: &str, data: &impl serde::Serialize) -> Bytes {
     Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
 }
 
+/// Adds a change to a batch of events: the latest change of each job, in order of last change.
+fn fold_change(
+    batch: &mut Vec<(String, Option<std::sync::Arc<Job>>)>,
+    change: crate::jobs::Change,
+    only: Option<&str>,
+) {
+    let (id, job) = match change {
+        crate::jobs::Change::Job(j) => (j.id.clone(), Some(j)),
+        crate::jobs::Change::Removed(id) => (id, None),
+    };
+    if only.is_some_and(|o| o != id) {
+        return;
+    }
+    batch.retain(|(i, _)| *i != id);
+    batch.push((id, job));
+}
+
 /// Server-sent events: `job` whenever a job changes (every job, or only `?job=ID`, which is also
-/// sent once at the start), `agents` every `EVENTS_HEARTBEAT` (a comment instead with `?job=`).
-/// A change is found by comparing each job with the copy last sent, so two updates within one
-/// millisecond of `updated_at` are not missed.
+/// sent once at the start), `removed` (`{"id"}`) when a job is deleted, `agents` every
+/// `EVENTS_HEARTBEAT` (a comment instead with `?job=`). Only changes travel: the stream follows
+/// the job table's change feed, coalesced over `EVENTS_COALESCE`; a client that falls behind is
+/// sent every active job again (and, with `?job=`, that job).
 #[utoipa::path(get, path = "/api/v1/events", tag = "jobs",
     params(EventsQuery),
     security(("bearer" = [])),
@@ -719,42 +732,44 @@ async fn events(
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let only = q.job.filter(|j| !j.is_empty());
-    if let Some(id) = &only
-        && state.ctl.jobs.get(id).is_none()
-    {
-        return Err(ApiError::not_found(id));
-    }
+    let first = match &only {
+        Some(id) => Some(job_or_404(&state, id).await?),
+        None => None,
+    };
     let ctl = state.ctl.clone();
     let shutdown = state.shutdown.clone();
     let stream = async_stream::stream! {
-        let mut job_rx = ctl.jobs.subscribe();
+        use tokio::sync::broadcast::error::RecvError;
+        let mut changes = ctl.jobs.changes();
         let mut heartbeat = tokio::time::interval(EVENTS_HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sent: HashMap<String, Job> = HashMap::new();
-        // Without `?job=` the client lists what it shows; only later changes are sent.
-        let mut announce = only.is_some();
+        if let Some(job) = &first {
+            yield Ok::<_, std::io::Error>(sse_event("job", &JobView::from(job)));
+        }
         loop {
-            job_rx.borrow_and_update();
-            let jobs = match &only {
-                Some(id) => ctl.jobs.get(id).into_iter().collect(),
-                None => ctl.jobs.all(),
-            };
-            for job in jobs {
-                if sent.get(&job.id) != Some(&job) {
-                    if announce {
-                        yield Ok::<_, std::io::Error>(sse_event("job", &JobView::from(&job)));
-                    }
-                    sent.insert(job.id.clone(), job);
-                }
-            }
-            announce = true;
+            // Changes by job id, the latest of each; `None`: removed.
+            let mut batch: Vec<(String, Option<std::sync::Arc<Job>>)> = Vec::new();
+            let mut resync = false;
             tokio::select! {
-                changed = job_rx.changed() => {
-                    if changed.is_err() {
-                        return;
+                change = changes.recv() => match change {
+                    Ok(c) => {
+                        let deadline = tokio::time::Instant::now() + EVENTS_COALESCE;
+                        let mut next = Some(c);
+                        loop {
+                            if let Some(c) = next.take() {
+                                fold_change(&mut batch, c, only.as_deref());
+                            }
+                            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                                Ok(Ok(c)) => next = Some(c),
+                                Ok(Err(RecvError::Lagged(_))) => { resync = true; break; }
+                                Ok(Err(RecvError::Closed)) => return,
+                                Err(_) => break,
+                            }
+                        }
                     }
-                    tokio::time::sleep(EVENTS_COALESCE).await;
-                }
+                    Err(RecvError::Lagged(_)) => resync = true,
+                    Err(RecvError::Closed) => return,
+                },
                 _ = heartbeat.tick() => {
                     if only.is_some() {
                         yield Ok(Bytes::from_static(b": keep-alive\n\n"));
@@ -765,6 +780,25 @@ async fn events(
                 _ = shutdown.cancelled() => {
                     yield Err(std::io::Error::other("controller shutting down"));
                     return;
+                }
+            }
+            if resync {
+                batch.clear();
+                let jobs = match &only {
+                    Some(id) => match ctl.jobs.fetch(id).await {
+                        Ok(j) => j.into_iter().collect(),
+                        Err(_) => Vec::new(),
+                    },
+                    None => ctl.jobs.active(),
+                };
+                for job in jobs {
+                    yield Ok(sse_event("job", &JobView::from(&job)));
+                }
+            }
+            for (id, job) in batch {
+                match job {
+                    Some(job) => yield Ok(sse_event("job", &JobView::from(&*job))),
+                    None => yield Ok(sse_event("removed", &JobRemoved { id })),
                 }
             }
         }
@@ -797,7 +831,7 @@ async fn logs(
     JobId(id): JobId,
     ApiQuery(q): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let job = job_or_404(&state, &id)?;
+    let job = job_or_404(&state, &id).await?;
     let follow = match q.follow.as_deref() {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") | Some("") => true,
@@ -853,7 +887,7 @@ async fn logs(
         let mut job_rx = ctl.jobs.subscribe();
         let mut attempt = first_attempt;
         let mut offset = start_offset;
-        while let Some(job) = ctl.jobs.get(&id) {
+        while let Ok(Some(job)) = ctl.jobs.fetch(&id).await {
             // Read the state before the lines: a terminal state is only visible once every
             // line is persisted, so lines read after seeing it are complete.
             let over = job.status.is_terminal() || job.attempt != attempt;

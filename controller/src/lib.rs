@@ -5,6 +5,7 @@
 //! - `agents`: the registry of agents and their live sessions.
 //! - `artifacts`: the best checkpoint of each attempt, verified by size and sha256.
 //! - `logs`: per-attempt log files with sequence-numbered, idempotent appends.
+//! - `reports`: report lines folded into jobs in batches; metric history parsed incrementally.
 //! - `scheduler`: pure placement of one job onto the fleet's free capacity.
 //! - `reconcile`: the pure job state machine (plan, apply, agent reports).
 //! - `executor`: the level-triggered loop that applies plans and talks to agents.
@@ -32,6 +33,7 @@ pub mod http;
 pub mod jobs;
 pub mod logs;
 pub mod reconcile;
+pub mod reports;
 pub mod scheduler;
 pub mod store;
 pub mod tokens;
@@ -128,13 +130,25 @@ pub async fn run(
     );
     info!(
         store = store.kind(),
-        jobs = ctl.jobs.all().len(),
+        jobs = ctl.jobs.len(),
         http = %http.local_addr().map_err(ControllerError::Http)?,
         grpc = %grpc.local_addr().map_err(ControllerError::Http)?,
         "controller started"
     );
 
     let tracker = TaskTracker::new();
+    tracker.spawn(
+        ctl.jobs
+            .clone()
+            .follow(cancel.child_token())
+            .instrument(info_span!("job_watch")),
+    );
+    tracker.spawn(
+        ctl.fold
+            .clone()
+            .run(ctl.jobs.clone(), ctl.reports.clone(), cancel.child_token())
+            .instrument(info_span!("report_fold")),
+    );
     tracker.spawn(
         ctl.clone()
             .run_loop(cancel.child_token())

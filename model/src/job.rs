@@ -213,6 +213,10 @@ pub struct Job {
     /// The environment the current attempt runs with (pinned packages, build time).
     #[serde(default)]
     pub environment: Option<Environment>,
+    /// Bytes of the current attempt's report stream folded into `progress`, `metrics`, `best`
+    /// and `environment` so far.
+    #[serde(default)]
+    pub report_offset: u64,
 }
 
 impl Job {
@@ -243,6 +247,7 @@ impl Job {
             best: None,
             best_callback: None,
             environment: None,
+            report_offset: 0,
         }
     }
 }

@@ -366,7 +366,9 @@ fn runyard_api_job() -> Value {
         runyard_model::Timestamp::now(),
     ))
     .unwrap();
-    job.as_object_mut().unwrap().remove("schema_version");
+    for internal in ["schema_version", "report_offset"] {
+        job.as_object_mut().unwrap().remove(internal);
+    }
     job["progress"] =
         json!({"epoch": 1, "max_epochs": 3, "step": 10, "max_steps": null, "fraction": 0.3});
     job["best"] = json!({"monitor": "val_loss", "mode": "min", "score": 0.5, "path": "/c/best.ckpt",

@@ -203,6 +203,42 @@ impl Store for EtcdStore {
         }
     }
 
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut client = self.client.clone();
+        let start = self.full_key(prefix).into_bytes();
+        let end = prefix_end(&start);
+        let from = match after {
+            Some(a) if a >= prefix => {
+                let mut k = self.full_key(a).into_bytes();
+                k.push(0);
+                k
+            }
+            _ => start,
+        };
+        let options = GetOptions::new()
+            .with_range(end)
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        let resp = bounded(REQUEST_TIMEOUT, client.get(from, Some(options)))
+            .await
+            .map_err(|source| StoreError::Read {
+                key: prefix.to_string(),
+                source,
+            })?;
+        self.observe(resp.header());
+        resp.kvs()
+            .iter()
+            .map(|kv| Ok((local_key(&self.prefix, kv)?, versioned(kv))))
+            .collect()
+    }
+
     async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<u64, StoreError> {
         let write_err = |source: BoxError| StoreError::Write {
             key: key.to_string(),

@@ -22,6 +22,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LAST_VERSION: &str = "last_version";
 /// Changes buffered per watcher before it is told it fell behind.
 const WATCH_BUFFER: usize = 4096;
+/// redb's page cache. Its default (1 GiB) would keep the whole history in memory once listed;
+/// the controller's hot set (active and recent jobs, agents) is far smaller.
+const CACHE_BYTES: usize = 32 << 20;
 
 /// The embedded [`Store`]; cheap to clone, all clones share one open database.
 #[derive(Clone)]
@@ -56,6 +59,15 @@ impl FileStore {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
+
+    /// Writes many keys in one durable transaction (bulk loads: imports, benchmarks); each key
+    /// gets a new version as with `put(.., Precondition::Any)`, and watchers see every write.
+    pub async fn put_many(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.put_many(entries))
+            .await?
+            .map_err(write_err("(bulk)"))
+    }
 }
 
 fn open_blocking(path: PathBuf, watch_buffer: usize) -> Result<FileStore, StoreError> {
@@ -69,7 +81,10 @@ fn open_blocking(path: PathBuf, watch_buffer: usize) -> Result<FileStore, StoreE
             source: e.into(),
         })?;
     }
-    let db = match Database::create(&path) {
+    let db = match Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
+    {
         Ok(db) => db,
         // LockProtocolMismatch: open in another process running a different redb version.
         Err(DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch) => {
@@ -143,14 +158,24 @@ impl Inner {
         }))
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, redb::Error> {
+    fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, redb::Error> {
+        use std::ops::Bound;
         let txn = self.db.begin_read()?;
         let table = txn.open_table(ENTRIES)?;
         let mut out = Vec::new();
-        for item in table.range::<&str>(prefix..)? {
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        for item in table.range::<&str>((start, Bound::Unbounded))? {
             let (k, v) = item?;
             let key = k.value();
-            if !key.starts_with(prefix) {
+            if !key.starts_with(prefix) || out.len() >= limit {
                 break;
             }
             let (version, value) = v.value();
@@ -204,6 +229,31 @@ impl Inner {
         Ok(Outcome::Done(version))
     }
 
+    fn put_many(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), redb::Error> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let txn = self.db.begin_write()?;
+        let mut events = Vec::with_capacity(entries.len());
+        {
+            let mut table = txn.open_table(ENTRIES)?;
+            let mut meta = txn.open_table(META)?;
+            let mut version = meta.get(LAST_VERSION)?.map_or(0, |g| g.value());
+            for (key, value) in entries {
+                version += 1;
+                table.insert(key.as_str(), (version, value.as_slice()))?;
+                events.push(WatchEvent::Put {
+                    key,
+                    value: Versioned { value, version },
+                });
+            }
+            meta.insert(LAST_VERSION, version)?;
+        }
+        txn.commit()?;
+        for e in events {
+            let _ = self.events.send(e);
+        }
+        Ok(())
+    }
+
     fn delete(&self, key: String) -> Result<(), redb::Error> {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let txn = self.db.begin_write()?;
@@ -231,7 +281,21 @@ impl Store for FileStore {
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
         let inner = self.inner.clone();
         let p = prefix.to_string();
-        blocking(move || inner.list(&p))
+        blocking(move || inner.list(&p, None, usize::MAX))
+            .await?
+            .map_err(read_err(prefix))
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let inner = self.inner.clone();
+        let p = prefix.to_string();
+        let a = after.map(str::to_string);
+        blocking(move || inner.list(&p, a.as_deref(), limit))
             .await?
             .map_err(read_err(prefix))
     }
@@ -299,6 +363,35 @@ mod tests {
             .expect("watch event within 5s")
             .expect("watch stream open")
             .expect("watch event ok")
+    }
+
+    #[tokio::test]
+    async fn put_many_writes_every_key_with_new_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(&dir.path().join("s.redb")).await.unwrap();
+        let v0 = store
+            .put("a", b"0".to_vec(), Precondition::Any)
+            .await
+            .unwrap();
+        let mut w = store.watch("");
+        store
+            .put_many(vec![
+                ("a".into(), b"1".to_vec()),
+                ("b".into(), b"2".to_vec()),
+            ])
+            .await
+            .unwrap();
+        let a = store.get("a").await.unwrap().unwrap();
+        let b = store.get("b").await.unwrap().unwrap();
+        assert_eq!(
+            (a.value.as_slice(), b.value.as_slice()),
+            (&b"1"[..], &b"2"[..])
+        );
+        assert!(v0 < a.version && a.version < b.version);
+        assert_eq!(next(&mut w).await.key(), "a");
+        assert_eq!(next(&mut w).await.key(), "b");
+        let v = store.put("c", vec![], Precondition::Any).await.unwrap();
+        assert!(v > b.version);
     }
 
     #[tokio::test]
