@@ -143,12 +143,7 @@ impl LogStore {
         .map_err(io::Error::other)??;
         s.sealed = true;
         s.bytes += len;
-        self.inner
-            .state
-            .lock()
-            .unwrap()
-            .insert((job.to_string(), attempt), s);
-        self.wake(job);
+        self.changed(job, attempt, s);
         Ok(())
     }
 
@@ -169,7 +164,13 @@ impl LogStore {
         .map_err(io::Error::other)?
     }
 
-    fn wake(&self, job: &str) {
+    /// Records what was written to an attempt's log and wakes its followers.
+    fn changed(&self, job: &str, attempt: u32, s: AttemptLog) {
+        self.inner
+            .state
+            .lock()
+            .unwrap()
+            .insert((job.to_string(), attempt), s);
         let notify = self.inner.notify.lock().unwrap();
         if let Some(tx) = notify.get(job) {
             tx.send_modify(|v| *v += 1);
@@ -228,12 +229,7 @@ impl LogStore {
         s.acked = end;
         s.bytes += keep as u64;
         s.kept += kept;
-        self.inner
-            .state
-            .lock()
-            .unwrap()
-            .insert((job.to_string(), attempt), s);
-        self.wake(job);
+        self.changed(job, attempt, s);
         Ok(Appended::Through(end))
     }
 
