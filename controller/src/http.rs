@@ -722,8 +722,9 @@ fn fold_change(
     params(EventsQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Server-sent events: `job` (data: a JobView) and `agents` \
-            (data: an AgentList)", body = String, content_type = "text/event-stream"),
+        (status = 200, description = "Server-sent events: `job` (data: a JobView), `removed` \
+            (data: a JobRemoved) and `agents` (data: an AgentList)", body = String,
+            content_type = "text/event-stream"),
         Secured, OneJob,
     )
 )]
