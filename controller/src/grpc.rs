@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::artifacts::ArtifactError;
 use crate::executor::{Controller, assign_message};
@@ -338,6 +338,19 @@ impl Session {
 
     async fn logs(&self, c: v1::LogChunk) -> Result<(), Status> {
         let stream = c.stream();
+        if matches!(self.ctl.jobs.fetch(&c.job_id).await, Ok(None)) {
+            // A deleted job (or none at all): acknowledge the lines so the agent frees its
+            // spool, and keep nothing, so no file outlives its job.
+            debug!(job = %c.job_id, attempt = c.attempt, ?stream, "lines of an unknown job dropped");
+            self.send(Msg::LogAck(v1::LogAck {
+                job_id: c.job_id,
+                attempt: c.attempt,
+                next_seq: c.first_seq + u64::from(c.count),
+                stream: stream as i32,
+            }))
+            .await;
+            return Ok(());
+        }
         let store = self.ctl.stream(stream);
         let before = store.lines(&c.job_id, c.attempt).await.unwrap_or(0);
         let appended = store
@@ -389,6 +402,11 @@ impl Session {
             if have < st.log_lines || reports < st.report_lines {
                 // Not all lines are here yet: the agent resends the status after the lines.
                 warn!(job = %st.job_id, attempt = st.attempt, have, want = st.log_lines, reports, "terminal status before its lines; waiting");
+                return;
+            }
+            // Every line is here: the count of lines dropped over the size limit is final.
+            if let Err(error) = self.ctl.logs.seal(&st.job_id, st.attempt).await {
+                warn!(job = %st.job_id, attempt = st.attempt, %error, "cannot write the log limit marker; the agent will resend the status");
                 return;
             }
             // The summary holds every report line before the job shows as finished.

@@ -416,6 +416,20 @@ impl Jobs {
             .collect()
     }
 
+    /// Ids of finished jobs after `after` in id (creation) order, at most `limit`: the
+    /// retention task walks them a batch at a time.
+    pub fn finished_after(&self, after: Option<&str>, limit: usize) -> Vec<String> {
+        let table = self.inner.table.lock().unwrap();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        table
+            .index
+            .range::<str, (Bound<&str>, Bound<&str>)>((lower, Bound::Unbounded))
+            .filter(|(_, e)| e.status.is_terminal())
+            .take(limit)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// How many jobs the store holds.
     pub fn len(&self) -> usize {
         self.inner.table.lock().unwrap().index.len()
