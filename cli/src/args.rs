@@ -16,6 +16,8 @@ pub const DEFAULT_AGENT_CONTROLLER_URL: &str = "http://127.0.0.1:7901";
 pub const DEFAULT_PYTHON: &str = "python3";
 /// Default embedded store of the controller.
 pub const DEFAULT_STORE: &str = "file:";
+/// Default limit of one attempt's log file (`runyard_controller::DEFAULT_MAX_LOG_SIZE`).
+pub const DEFAULT_MAX_LOG_SIZE: &str = "1GiB";
 
 /// Runyard runs Python scripts from git repositories on CPU and GPU machines.
 #[derive(Debug, Parser)]
@@ -43,6 +45,8 @@ pub enum Command {
     Logs(LogsArgs),
     /// Stop a job (SIGTERM, then SIGKILL after its stop grace).
     Stop(JobArgs),
+    /// Delete finished jobs with their logs and checkpoints (stop a running one first).
+    Rm(RmArgs),
     /// List the agents the controller knows.
     Agents(ClientArgs),
     /// Download a job's best checkpoint (verified against the controller's sha256).
@@ -81,6 +85,29 @@ pub struct UpArgs {
     /// Address of the agents' gRPC endpoint.
     #[arg(long, env = "RUNYARD_GRPC", default_value = runyard_controller::DEFAULT_GRPC_ADDR, value_name = "ADDR")]
     pub grpc: String,
+    #[command(flatten)]
+    pub history: HistoryArgs,
+}
+
+/// What the controller keeps of finished jobs (`up` and `controller`).
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    /// Delete finished jobs, with their logs and checkpoints, this long after they ended (e.g.
+    /// `30d`, `12h`). Default: keep them until deleted with `runyard rm`.
+    #[arg(long, env = "RUNYARD_RETENTION", value_parser = parse_positive_duration, value_name = "DURATION")]
+    pub retention: Option<std::time::Duration>,
+    /// Largest log of one attempt (e.g. `512MiB`, `1GiB`): further lines are dropped, and one
+    /// line at the end of the log says how many.
+    #[arg(long, env = "RUNYARD_MAX_LOG_SIZE", default_value = DEFAULT_MAX_LOG_SIZE, value_parser = parse_log_size, value_name = "SIZE")]
+    pub max_log_size: u64,
+}
+
+impl HistoryArgs {
+    /// Sets these limits on a controller configuration.
+    pub fn apply(&self, config: &mut runyard_controller::Config) {
+        config.retention = self.retention;
+        config.max_log_size = self.max_log_size;
+    }
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +127,8 @@ pub struct ControllerArgs {
     /// An agent silent for this long is lost, and so are its jobs (e.g. `30s`, `2m`).
     #[arg(long, env = "RUNYARD_AGENT_TTL", value_parser = parse_positive_duration, value_name = "DURATION")]
     pub agent_ttl: Option<std::time::Duration>,
+    #[command(flatten)]
+    pub history: HistoryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -257,6 +286,15 @@ pub struct JobArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Ids of the jobs to delete.
+    #[arg(required = true, value_name = "ID")]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct LogsArgs {
     #[command(flatten)]
     pub client: ClientArgs,
@@ -290,6 +328,13 @@ pub struct DownloadArgs {
 
 fn parse_status(s: &str) -> Result<JobStatus, String> {
     s.parse()
+}
+
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    match runyard_agent::cache::parse_size(s)? {
+        0 => Err("must be positive".into()),
+        n => Ok(n),
+    }
 }
 
 fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -348,6 +393,48 @@ mod tests {
             ("01J", Some(PathBuf::from("out.ckpt")), true)
         );
         assert!(Cli::try_parse_from(["runyard", "download"]).is_err());
+    }
+
+    #[test]
+    fn retention_and_log_size_are_human() {
+        for cmd in ["controller", "up"] {
+            let cli = Cli::try_parse_from([
+                "runyard",
+                cmd,
+                "--retention",
+                "30d",
+                "--max-log-size",
+                "512MiB",
+            ])
+            .unwrap();
+            let h = match cli.command {
+                Command::Controller(c) => c.history,
+                Command::Up(u) => u.history,
+                _ => panic!("not {cmd}"),
+            };
+            assert_eq!(
+                h.retention,
+                Some(std::time::Duration::from_secs(30 * 86400))
+            );
+            assert_eq!(h.max_log_size, 512 << 20);
+        }
+        let Command::Controller(c) = Cli::try_parse_from(["runyard", "controller"])
+            .unwrap()
+            .command
+        else {
+            panic!("not controller");
+        };
+        assert_eq!(c.history.retention, None, "kept forever by default");
+        assert_eq!(
+            c.history.max_log_size,
+            runyard_controller::DEFAULT_MAX_LOG_SIZE
+        );
+        assert!(Cli::try_parse_from(["runyard", "up", "--max-log-size", "0"]).is_err());
+        assert!(Cli::try_parse_from(["runyard", "up", "--retention", "0s"]).is_err());
+        assert!(
+            Cli::try_parse_from(["runyard", "rm"]).is_err(),
+            "rm needs an id"
+        );
     }
 
     #[test]

@@ -3,15 +3,16 @@
 //! Invariants: every request carries the bearer token when one is known; every failure becomes a
 //! `ClientError` whose message is one line a user can act on (an API error shows the API's own
 //! message, which names the field at fault); replies keep the raw body so `--json` prints exactly
-//! what the API sent.
+//! what the API sent. Requests and replies are `runyard_api`'s types, the ones the controller
+//! serves.
 
 use std::path::Path;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use reqwest::{Method, StatusCode, Url};
-use runyard_model::{AgentInfo, Job, JobSpec, JobStatus};
-use serde::Deserialize;
+use reqwest::{Method, RequestBuilder, StatusCode, Url};
+use runyard_api::{AgentList, AgentView, ErrorBody, JobView, ListJobsQuery, LogsQuery};
+use runyard_model::{JobSpec, JobStatus};
 use serde::de::DeserializeOwned;
 
 use runyard_controller::tokens::ADMIN_TOKEN_FILE;
@@ -58,25 +59,7 @@ pub struct Reply<T> {
     pub raw: Vec<u8>,
 }
 
-/// One page of `GET /api/v1/jobs`.
-#[derive(Debug, Deserialize)]
-pub struct JobPage {
-    pub jobs: Vec<Job>,
-    #[serde(default)]
-    pub next: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct AgentList {
-    agents: Vec<AgentInfo>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ApiErrorBody {
-    error: String,
-    #[serde(default)]
-    field: Option<String>,
-}
+pub use runyard_api::JobPage;
 
 /// A client of one controller.
 #[derive(Clone, Debug)]
@@ -125,35 +108,32 @@ impl ApiClient {
         url
     }
 
+    /// A request to `url` carrying the token.
+    fn request(&self, method: Method, url: &Url) -> RequestBuilder {
+        let req = self.http.request(method, url.clone());
+        match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        }
+    }
+
     /// Sends one request and turns transport failures and non-2xx replies into errors.
     async fn send(
         &self,
-        method: Method,
-        url: Url,
-        query: &[(&str, String)],
-        body: Option<&JobSpec>,
+        mut req: RequestBuilder,
+        url: &Url,
         stream: bool,
     ) -> Result<reqwest::Response, ClientError> {
-        let mut req = self.http.request(method, url.clone());
-        if !query.is_empty() {
-            req = req.query(query);
-        }
-        if let Some(token) = &self.token {
-            req = req.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            req = req.json(body);
-        }
         if !stream {
             req = req.timeout(REQUEST_TIMEOUT);
         }
-        let resp = req.send().await.map_err(|e| self.transport(&url, &e))?;
+        let resp = req.send().await.map_err(|e| self.transport(url, &e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
         let raw = resp.bytes().await.unwrap_or_default();
-        Err(self.api_error(&url, status, &raw))
+        Err(self.api_error(url, status, &raw))
     }
 
     fn transport(&self, url: &Url, e: &reqwest::Error) -> ClientError {
@@ -172,7 +152,7 @@ impl ApiClient {
     }
 
     fn api_error(&self, url: &Url, status: StatusCode, raw: &[u8]) -> ClientError {
-        let (message, field) = match serde_json::from_slice::<ApiErrorBody>(raw) {
+        let (message, field) = match serde_json::from_slice::<ErrorBody>(raw) {
             Ok(b) => (one_line(&b.error), b.field),
             Err(_) => {
                 let text = String::from_utf8_lossy(raw);
@@ -202,12 +182,10 @@ impl ApiClient {
 
     async fn json<T: DeserializeOwned>(
         &self,
-        method: Method,
+        req: RequestBuilder,
         url: Url,
-        query: &[(&str, String)],
-        body: Option<&JobSpec>,
     ) -> Result<Reply<T>, ClientError> {
-        let resp = self.send(method, url.clone(), query, body, false).await?;
+        let resp = self.send(req, &url, false).await?;
         let raw = resp.bytes().await.map_err(|e| ClientError::Body {
             url: url.to_string(),
             cause: one_line(&cause_of(&e)),
@@ -223,9 +201,10 @@ impl ApiClient {
     }
 
     /// `POST /api/v1/jobs`.
-    pub async fn submit(&self, spec: &JobSpec) -> Result<Reply<Job>, ClientError> {
+    pub async fn submit(&self, spec: &JobSpec) -> Result<Reply<JobView>, ClientError> {
         let url = self.url(&["api", "v1", "jobs"]);
-        self.json(Method::POST, url, &[], Some(spec)).await
+        self.json(self.request(Method::POST, &url).json(spec), url)
+            .await
     }
 
     /// `GET /api/v1/jobs`, one page.
@@ -235,36 +214,34 @@ impl ApiClient {
         limit: Option<u32>,
         cursor: Option<&str>,
     ) -> Result<Reply<JobPage>, ClientError> {
-        let mut query = Vec::new();
-        if let Some(limit) = limit {
-            query.push(("limit", limit.to_string()));
-        }
-        if let Some(cursor) = cursor {
-            query.push(("cursor", cursor.to_string()));
-        }
-        if let Some(status) = status {
-            query.push(("status", status.as_str().to_string()));
-        }
+        let query = ListJobsQuery::new(status, limit, cursor);
         let url = self.url(&["api", "v1", "jobs"]);
-        self.json(Method::GET, url, &query, None).await
+        self.json(self.request(Method::GET, &url).query(&query), url)
+            .await
     }
 
     /// `GET /api/v1/jobs/{id}`.
-    pub async fn job(&self, id: &str) -> Result<Reply<Job>, ClientError> {
+    pub async fn job(&self, id: &str) -> Result<Reply<JobView>, ClientError> {
         let url = self.url(&["api", "v1", "jobs", id]);
-        self.json(Method::GET, url, &[], None).await
+        self.json(self.request(Method::GET, &url), url).await
     }
 
     /// `POST /api/v1/jobs/{id}/stop`.
-    pub async fn stop(&self, id: &str) -> Result<Reply<Job>, ClientError> {
+    pub async fn stop(&self, id: &str) -> Result<Reply<JobView>, ClientError> {
         let url = self.url(&["api", "v1", "jobs", id, "stop"]);
-        self.json(Method::POST, url, &[], None).await
+        self.json(self.request(Method::POST, &url), url).await
+    }
+
+    /// `DELETE /api/v1/jobs/{id}`: the job as it was when deleted.
+    pub async fn delete(&self, id: &str) -> Result<Reply<JobView>, ClientError> {
+        let url = self.url(&["api", "v1", "jobs", id]);
+        self.json(self.request(Method::DELETE, &url), url).await
     }
 
     /// `GET /api/v1/agents`.
-    pub async fn agents(&self) -> Result<Reply<Vec<AgentInfo>>, ClientError> {
+    pub async fn agents(&self) -> Result<Reply<Vec<AgentView>>, ClientError> {
         let url = self.url(&["api", "v1", "agents"]);
-        let reply: Reply<AgentList> = self.json(Method::GET, url, &[], None).await?;
+        let reply: Reply<AgentList> = self.json(self.request(Method::GET, &url), url).await?;
         Ok(Reply {
             value: reply.value.agents,
             raw: reply.raw,
@@ -274,7 +251,9 @@ impl ApiClient {
     /// `GET /api/v1/jobs/{id}/checkpoint`: the headers now, the bytes through `Checkpoint::chunk`.
     pub async fn checkpoint(&self, id: &str) -> Result<Checkpoint, ClientError> {
         let url = self.url(&["api", "v1", "jobs", id, "checkpoint"]);
-        let response = self.send(Method::GET, url.clone(), &[], None, true).await?;
+        let response = self
+            .send(self.request(Method::GET, &url), &url, true)
+            .await?;
         let headers = response.headers();
         let header = |name: reqwest::header::HeaderName| {
             headers
@@ -310,16 +289,9 @@ impl ApiClient {
         from: Option<(u32, u64)>,
     ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
         let url = self.url(&["api", "v1", "jobs", id, "logs"]);
-        let mut query = Vec::new();
-        if follow {
-            query.push(("follow", "true".to_string()));
-        }
-        if let Some((attempt, offset)) = from {
-            query.push(("attempt", attempt.to_string()));
-            query.push(("offset", offset.to_string()));
-        }
+        let query = LogsQuery::new(follow, from);
         let resp = self
-            .send(Method::GET, url.clone(), &query, None, true)
+            .send(self.request(Method::GET, &url).query(&query), &url, true)
             .await?;
         let url = url.to_string();
         Ok(resp.bytes_stream().map(move |chunk| {

@@ -6,7 +6,8 @@
 use std::io::Write;
 use std::time::Duration;
 
-use runyard_model::{AgentInfo, Best, Job, Timestamp};
+use runyard_api::{AgentView, JobView};
+use runyard_model::{Best, Timestamp};
 
 use crate::progress;
 
@@ -57,7 +58,7 @@ pub fn age(now: Timestamp, then: Timestamp) -> String {
 }
 
 /// The `runyard ls` table.
-pub fn jobs_table(jobs: &[Job], now: Timestamp) -> String {
+pub fn jobs_table(jobs: &[JobView], now: Timestamp) -> String {
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
@@ -75,7 +76,7 @@ pub fn jobs_table(jobs: &[Job], now: Timestamp) -> String {
 }
 
 /// The `runyard agents` table.
-pub fn agents_table(agents: &[AgentInfo], now: Timestamp) -> String {
+pub fn agents_table(agents: &[AgentView], now: Timestamp) -> String {
     let rows: Vec<Vec<String>> = agents
         .iter()
         .map(|a| {
@@ -103,7 +104,7 @@ pub fn agents_table(agents: &[AgentInfo], now: Timestamp) -> String {
 }
 
 /// The `runyard status` block: one `key: value` line per field, `-` when absent.
-pub fn job_details(job: &Job, now: Timestamp) -> String {
+pub fn job_details(job: &JobView, now: Timestamp) -> String {
     let opt = |v: Option<String>| v.unwrap_or_else(|| NONE.into());
     let time = |t: Option<Timestamp>| {
         t.map(|t| format!("{t} ({} ago)", age(now, t)))
@@ -187,7 +188,7 @@ pub fn job_details(job: &Job, now: Timestamp) -> String {
 
 /// What a training run reported, only the parts it did report: progress, latest metrics, the
 /// best checkpoint and its upload, the environment.
-fn training_fields(job: &Job) -> Vec<(&'static str, String)> {
+fn training_fields(job: &JobView) -> Vec<(&'static str, String)> {
     let mut fields = Vec::new();
     if let Some(p) = &job.progress {
         fields.push((
@@ -294,7 +295,7 @@ pub fn size(bytes: u64) -> String {
 }
 
 /// The final line `submit --follow` writes to stderr.
-pub fn final_status(job: &Job) -> String {
+pub fn final_status(job: &JobView) -> String {
     match &job.reason {
         Some(reason) if !reason.is_empty() => {
             format!("job {} {}: {reason}", job.id, job.status)
@@ -339,18 +340,18 @@ pub fn write_json(raw: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use runyard_model::{Compute, GpuInfo, JobSpec, JobStatus};
+    use runyard_model::{Compute, GpuInfo, Job, JobSpec, JobStatus};
 
     const NOW: Timestamp = Timestamp(1_700_000_000_000);
 
-    fn job(id: &str, name: &str) -> Job {
+    fn job(id: &str, name: &str) -> JobView {
         let spec = JobSpec::from_value(serde_json::json!({
             "repo": "https://example.com/a/b.git",
             "script": "train.py",
             "name": name,
         }))
         .unwrap();
-        Job::new(id.into(), spec, NOW.plus(Duration::from_secs(0)))
+        JobView::from(&Job::new(id.into(), spec, NOW.plus(Duration::from_secs(0))))
     }
 
     #[test]
@@ -393,7 +394,7 @@ ID   NAME                STATUS   COMPUTE    AGENT      AGE
             memory_used_bytes: 0,
             utilization_percent: 0,
         };
-        let a = AgentInfo {
+        let a = AgentView {
             name: "box".into(),
             connected: true,
             cpu_small_slots: 4,

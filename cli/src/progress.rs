@@ -17,7 +17,8 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use runyard_model::{Job, Progress};
+use runyard_api::JobView;
+use runyard_model::Progress;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -131,7 +132,7 @@ pub fn position(p: &Progress, separator: &str) -> String {
 }
 
 /// The metric the bar shows: the one the best checkpoint monitors, else the first by name.
-fn shown_metric(job: &Job) -> Option<(&str, f64)> {
+fn shown_metric(job: &JobView) -> Option<(&str, f64)> {
     let monitor = job.best.as_ref().and_then(|b| b.monitor.as_deref());
     if let Some((name, value)) = monitor.and_then(|m| job.metrics.get_key_value(m)) {
         return Some((name, *value));
@@ -169,7 +170,7 @@ fn trim_fraction(s: &str) -> &str {
 
 /// The bar line for `job`, cut to fit `columns` (one column is left free so the terminal
 /// never wraps it); `None` when the job reports no progress.
-pub fn bar_line(job: &Job, eta: Option<Duration>, columns: usize) -> Option<String> {
+pub fn bar_line(job: &JobView, eta: Option<Duration>, columns: usize) -> Option<String> {
     let p = job.progress.as_ref()?;
     let fraction = if p.fraction.is_finite() {
         p.fraction.clamp(0.0, 1.0)
@@ -388,7 +389,7 @@ async fn poll_and_draw(
 ) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut job: Option<Job> = None;
+    let mut job: Option<JobView> = None;
     let mut eta = Eta::default();
     let mut polled: Option<Instant> = None;
     loop {
@@ -468,15 +469,15 @@ fn terminal_columns() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use runyard_model::{Best, JobSpec, Timestamp};
+    use runyard_model::{Best, Job, JobSpec, Timestamp};
 
-    fn job(progress: Option<Progress>) -> Job {
+    fn job(progress: Option<Progress>) -> JobView {
         let spec = JobSpec::from_value(serde_json::json!({
             "repo": "file:///r",
             "script": "train.py",
         }))
         .unwrap();
-        let mut j = Job::new("j".into(), spec, Timestamp(0));
+        let mut j = JobView::from(&Job::new("j".into(), spec, Timestamp(0)));
         j.progress = progress;
         j
     }

@@ -1139,3 +1139,63 @@ async fn on_a_terminal_a_progress_bar_stays_below_the_log() {
         .collect();
     assert_eq!(log, ["epoch 1 loss 0.5", "epoch 2 loss 0.25"], "{screen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_reports_each_id_and_fails_if_any_failed() {
+    use axum::extract::Path;
+    let deleted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = deleted.clone();
+    let router = Router::new().route(
+        "/api/v1/jobs/{id}",
+        axum::routing::delete(move |Path(id): Path<String>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(id.clone());
+                match id.as_str() {
+                    "01RUN" => json_response(
+                        StatusCode::CONFLICT,
+                        json!({"error": "job `01RUN` is running: stop it first (`runyard stop 01RUN`), then delete it", "field": null}),
+                    ),
+                    "01NOPE" => json_response(
+                        StatusCode::NOT_FOUND,
+                        json!({"error": "no job with id `01NOPE`", "field": null}),
+                    ),
+                    _ => json_response(
+                        StatusCode::OK,
+                        serde_json::to_value(job(&id, JobStatus::Succeeded)).unwrap(),
+                    ),
+                }
+            }
+        }),
+    );
+    let mock = Mock::start(router).await;
+    let home = tempfile::tempdir().unwrap();
+    let out = output(runyard(
+        &home,
+        &[
+            "rm",
+            "01A",
+            "01RUN",
+            "01NOPE",
+            "01B",
+            "--controller",
+            &mock.url,
+        ],
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(1), "one failed: exit 1");
+    assert_eq!(text(&out.stdout), "01A deleted\n01B deleted\n");
+    let stderr = text(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        errors,
+        [
+            "error: 01RUN: job `01RUN` is running: stop it first (`runyard stop 01RUN`), then delete it",
+            "error: 01NOPE: no job with id `01NOPE`",
+        ]
+    );
+    assert_eq!(*deleted.lock().unwrap(), ["01A", "01RUN", "01NOPE", "01B"]);
+
+    let out = output(runyard(&home, &["rm", "01A", "--controller", &mock.url])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use runyard_model::{AgentInfo, GpuInfo, Timestamp};
+use runyard_model::{AgentInfo, AgentRecord, GpuInfo, Timestamp};
 use runyard_proto::v1::ControllerMessage;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -92,7 +92,7 @@ impl Agents {
     pub async fn load(store: Arc<dyn Store>, now: Timestamp) -> Result<Agents, StoreError> {
         let mut agents = BTreeMap::new();
         for (_, v) in store.list(PREFIX).await? {
-            if let Ok(mut info) = serde_json::from_slice::<AgentInfo>(&v.value) {
+            if let Ok(AgentRecord { mut info, .. }) = serde_json::from_slice(&v.value) {
                 info.connected = false;
                 info.last_seen = info.last_seen.max(now);
                 agents.insert(
@@ -355,7 +355,8 @@ impl Agents {
     }
 
     async fn persist(&self, info: &AgentInfo) {
-        let value = serde_json::to_vec(info).expect("agent info serializes");
+        let value =
+            serde_json::to_vec(&AgentRecord::new(info.clone())).expect("agent info serializes");
         if let Err(error) = self
             .inner
             .store

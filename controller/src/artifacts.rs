@@ -58,6 +58,8 @@ pub trait ArtifactStore: Send + Sync + 'static {
         job: &str,
         attempt: u32,
     ) -> Result<Option<(ArtifactMeta, ArtifactReader)>, ArtifactError>;
+    /// Removes every attempt's artifact of a job; removing nothing succeeds.
+    async fn remove(&self, job: &str) -> Result<(), ArtifactError>;
 }
 
 pub type ArtifactReader = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
@@ -239,6 +241,16 @@ impl ArtifactStore for DirStore {
             Err(e) => Err(e.into()),
         }
     }
+
+    async fn remove(&self, job: &str) -> Result<(), ArtifactError> {
+        if job.is_empty() || job.contains('/') || job.starts_with('.') {
+            return Err(ArtifactError::FileName(job.into()));
+        }
+        match tokio::fs::remove_dir_all(self.root.join(job)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -332,5 +344,10 @@ mod tests {
             0,
             "no temp file left"
         );
+        // Deleting the job removes its directory; deleting nothing succeeds.
+        store.remove("j").await.unwrap();
+        store.remove("j").await.unwrap();
+        assert!(!dir.path().join("j").exists());
+        assert!(store.remove("..").await.is_err());
     }
 }

@@ -6,7 +6,8 @@
 //! only delays work by one resync period. Every action is idempotent (`reconcile::apply` returns
 //! `None` for a job that moved on), so running a pass twice is harmless.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runyard_model::{Desired, Job, JobSpec, JobStatus, Timestamp};
@@ -20,9 +21,13 @@ use crate::artifacts::ArtifactStore;
 use crate::jobs::{Jobs, JobsError};
 use crate::logs::LogStore;
 use crate::reconcile::{self, Action};
+use crate::reports::ReportFolder;
 
 /// Periodic resync of the reconcile loop.
 pub const RESYNC: Duration = Duration::from_millis(1000);
+/// First wait before a job whose action failed is tried again; doubles up to the cap.
+pub const RETRY_MIN: Duration = Duration::from_millis(200);
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct Controller {
@@ -34,7 +39,33 @@ pub struct Controller {
     /// Best checkpoints uploaded by agents.
     pub artifacts: Arc<dyn ArtifactStore>,
     pub agent_ttl: Duration,
+    /// Folds report lines into jobs in batches; keeps metric history parsed.
+    pub fold: ReportFolder,
     kick: Arc<Notify>,
+    /// Jobs whose last action failed, and until when they are left alone.
+    retry: Arc<Mutex<HashMap<String, Retry>>>,
+}
+
+/// One job's failed-action backoff (kube-runtime's error policy: requeue that object, keep
+/// going with the others).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retry {
+    pub failures: u32,
+    pub until: Timestamp,
+}
+
+impl Retry {
+    /// The backoff after one more failure at `now`.
+    pub fn next(previous: Option<Retry>, now: Timestamp) -> Retry {
+        let failures = previous.map_or(0, |r| r.failures).saturating_add(1);
+        let wait = RETRY_MIN
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(RETRY_MAX);
+        Retry {
+            failures,
+            until: now.plus(wait),
+        }
+    }
 }
 
 impl Controller {
@@ -53,7 +84,9 @@ impl Controller {
             agents,
             logs,
             agent_ttl,
+            fold: ReportFolder::default(),
             kick: Arc::new(Notify::new()),
+            retry: Arc::default(),
         }
     }
 
@@ -115,22 +148,49 @@ impl Controller {
         }
     }
 
-    /// One reconcile pass: plan, apply, notify agents.
-    pub async fn reconcile_once(&self) -> Result<(), JobsError> {
-        let jobs = self.jobs.all();
-        let refs: Vec<&Job> = jobs.iter().filter(|j| !j.status.is_terminal()).collect();
+    /// One reconcile pass: plan, apply, notify agents. An action that fails puts its job in
+    /// backoff and the pass goes on with the others; returns how many actions failed.
+    pub async fn reconcile_once(&self) -> usize {
+        let jobs = self.jobs.active();
+        let refs: Vec<&Job> = jobs.iter().collect();
         let agents = self.agents.views();
         let now = Timestamp::now();
         let plan = reconcile::reconcile(&refs, &agents, now, self.agent_ttl);
-        for action in plan {
-            let applied = self
-                .jobs
-                .update(action.job(), |j| {
-                    reconcile::apply(j, &action, now).map(|n| (n, ()))
-                })
-                .await?;
+        let mut failed = 0;
+        let ready: Vec<Action> = {
+            let retry = self.retry.lock().unwrap();
+            plan.into_iter()
+                .filter(|a| retry.get(a.job()).is_none_or(|r| r.until <= now))
+                .collect()
+        };
+        let ids: Vec<String> = ready.iter().map(|a| a.job().to_string()).collect();
+        // Reconcile plans at most one action per job.
+        let by_id: HashMap<&str, &Action> = ready.iter().map(|a| (a.job(), a)).collect();
+        let results = self
+            .jobs
+            .update_many(&ids, |j| {
+                let action = by_id.get(j.id.as_str())?;
+                reconcile::apply(j, action, now).map(|n| (n, ()))
+            })
+            .await;
+        for (action, result) in ready.iter().zip(results) {
+            let id = action.job();
+            let applied = match result {
+                Ok(applied) => {
+                    self.retry.lock().unwrap().remove(id);
+                    applied
+                }
+                Err(error) => {
+                    failed += 1;
+                    let mut retry = self.retry.lock().unwrap();
+                    let next = Retry::next(retry.get(id).copied(), now);
+                    retry.insert(id.to_string(), next);
+                    warn!(job = %id, %error, failures = next.failures, "job action failed; retrying it later");
+                    continue;
+                }
+            };
             let Some((job, ())) = applied else { continue };
-            match &action {
+            match action {
                 Action::Place { agent, .. } => {
                     info!(job = %job.id, attempt = job.attempt, %agent, gpus = ?job.gpus, "job placed");
                     self.agents.send(agent, assign_message(&job));
@@ -145,7 +205,17 @@ impl Controller {
                 Action::Wait { reason, .. } => debug!(job = %job.id, %reason, "job waits"),
             }
         }
-        Ok(())
+        // Forget the backoff of jobs that finished or went away.
+        self.retry
+            .lock()
+            .unwrap()
+            .retain(|id, _| jobs.iter().any(|j| j.id == *id));
+        failed
+    }
+
+    /// The backoff of a job whose last action failed.
+    pub fn retry_of(&self, id: &str) -> Option<Retry> {
+        self.retry.lock().unwrap().get(id).copied()
     }
 
     /// The level-triggered loop; returns when cancelled.
@@ -158,12 +228,12 @@ impl Controller {
                 _ = self.kick.notified() => {}
                 _ = tick.tick() => {}
             }
-            if let Err(error) = self
+            let failed = self
                 .reconcile_once()
                 .instrument(info_span!("reconcile"))
-                .await
-            {
-                warn!(%error, "reconcile pass failed; retrying on the next resync");
+                .await;
+            if failed > 0 {
+                debug!(failed, "reconcile pass done with failed actions");
             }
         }
     }

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use runyard_model::report::{self, Report};
 use runyard_model::{AgentInfo, FailureKind, GpuInfo, Job, JobStatus, Timestamp, is_job_id};
 use runyard_proto::v1::{self, agent_message, controller_message::Msg};
 use tokio::sync::mpsc;
@@ -28,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::agents::AdmitError;
 use crate::artifacts::ArtifactError;
@@ -127,14 +126,25 @@ enum Refusal {
     UnknownJob,
     /// The attempt was not placed on the calling agent.
     NotPlacedHere,
+    /// The job store cannot be read now; the agent resends later.
+    Unavailable,
 }
 
 /// The job, if the controller placed `attempt` of it on `agent`.
-fn placed_on(ctl: &Controller, agent: &str, job_id: &str, attempt: u32) -> Result<Job, Refusal> {
+async fn placed_on(
+    ctl: &Controller,
+    agent: &str,
+    job_id: &str,
+    attempt: u32,
+) -> Result<Job, Refusal> {
     if !is_job_id(job_id) {
         return Err(Refusal::BadId);
     }
-    let job = ctl.jobs.get(job_id).ok_or(Refusal::UnknownJob)?;
+    let job = match ctl.jobs.fetch(job_id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return Err(Refusal::UnknownJob),
+        Err(_) => return Err(Refusal::Unavailable),
+    };
     if job.placed_on(attempt) == Some(agent) {
         Ok(job)
     } else {
@@ -175,7 +185,7 @@ impl v1::agent_service_server::AgentService for AgentService {
                 ));
             }
         };
-        if let Err(why) = placed_on(&self.ctl, &name, &header.job_id, header.attempt) {
+        if let Err(why) = placed_on(&self.ctl, &name, &header.job_id, header.attempt).await {
             refused(&name, "checkpoint", &header.job_id, header.attempt, &why);
             return Err(Status::permission_denied(format!(
                 "attempt {} of job {:?} was not placed on agent {name}",
@@ -391,7 +401,7 @@ impl Session {
     async fn reattach(&self, attempts: Vec<v1::AttemptReport>) {
         let mut held = HashSet::new();
         for a in attempts {
-            match placed_on(&self.ctl, &self.name, &a.job_id, a.attempt) {
+            match placed_on(&self.ctl, &self.name, &a.job_id, a.attempt).await {
                 Ok(_) => {}
                 Err(Refusal::UnknownJob) => {
                     // Not the controller's (a wiped store?): stop it; its final status is
@@ -426,7 +436,7 @@ impl Session {
             }
         }
         let now = Timestamp::now();
-        for job in self.ctl.jobs.all() {
+        for job in self.ctl.jobs.active() {
             if job.agent.as_deref() != Some(&self.name)
                 || !job.status.is_on_agent()
                 || held.contains(&(job.id.clone(), job.attempt))
@@ -532,11 +542,33 @@ impl Session {
 
     async fn logs(&self, c: v1::LogChunk) -> Result<(), Status> {
         let stream = c.stream();
-        if let Err(why) = placed_on(&self.ctl, &self.name, &c.job_id, c.attempt) {
-            refused(&self.name, "lines", &c.job_id, c.attempt, &why);
-            return Ok(());
+        match placed_on(&self.ctl, &self.name, &c.job_id, c.attempt).await {
+            Ok(_) => {}
+            Err(Refusal::UnknownJob) => {
+                // A deleted job (or none at all): acknowledge the lines so the agent frees its
+                // spool, and keep nothing, so no file outlives its job.
+                debug!(job = %c.job_id, attempt = c.attempt, ?stream, "lines of an unknown job dropped");
+                self.send(Msg::LogAck(v1::LogAck {
+                    job_id: c.job_id,
+                    attempt: c.attempt,
+                    next_seq: c.first_seq + u64::from(c.count),
+                    stream: stream as i32,
+                }))
+                .await;
+                return Ok(());
+            }
+            Err(Refusal::Unavailable) => {
+                return Err(Status::unavailable(
+                    "controller cannot read its jobs; retry",
+                ));
+            }
+            Err(why) => {
+                refused(&self.name, "lines", &c.job_id, c.attempt, &why);
+                return Ok(());
+            }
         }
         let store = self.ctl.stream(stream);
+        let before = store.lines(&c.job_id, c.attempt).await.unwrap_or(0);
         let appended = store
             .append(&c.job_id, c.attempt, c.first_seq, c.count, c.data.clone())
             .await
@@ -544,40 +576,16 @@ impl Session {
                 warn!(job = %c.job_id, attempt = c.attempt, error = %e, ?stream, "cannot persist lines");
                 Status::unavailable("controller cannot persist log lines; retry")
             })?;
-        if let Appended::Gap(n) = appended {
-            warn!(job = %c.job_id, attempt = c.attempt, have = n, got = c.first_seq, ?stream, "gap; asking the agent to resend");
-        }
-        let (new, next_seq) = added(appended, c.first_seq);
-        if stream == v1::Stream::Report && !new.is_empty() {
-            // Fold the new report lines (and only those) into the job's summary.
-            let reports: Vec<Report> = c
-                .data
-                .split(|&b| b == b'\n')
-                .skip((new.start - c.first_seq) as usize)
-                .take((new.end - new.start) as usize)
-                .filter_map(|l| Report::parse(&String::from_utf8_lossy(l)))
-                .collect();
-            if !reports.is_empty() {
-                let attempt = c.attempt;
-                let updated = self
-                    .ctl
-                    .jobs
-                    .update(&c.job_id, |j| {
-                        if j.attempt != attempt {
-                            return None;
-                        }
-                        let mut n = j.clone();
-                        for r in &reports {
-                            report::apply(&mut n, r);
-                        }
-                        n.updated_at = Timestamp::now();
-                        Some((n, ()))
-                    })
-                    .await;
-                if let Err(error) = updated {
-                    warn!(job = %c.job_id, %error, "cannot record reports");
-                }
+        let next_seq = match appended {
+            Appended::Through(n) => n,
+            Appended::Gap(n) => {
+                warn!(job = %c.job_id, attempt = c.attempt, have = n, got = c.first_seq, ?stream, "gap; asking the agent to resend");
+                n
             }
+        };
+        if stream == v1::Stream::Report && next_seq > before {
+            // Folded into the job's summary in batches (see `reports.rs`).
+            self.ctl.fold.mark(&c.job_id);
         }
         self.send(Msg::LogAck(v1::LogAck {
             job_id: c.job_id,
@@ -594,7 +602,7 @@ impl Session {
             warn!(job = %st.job_id, state = st.state, "status update with an unknown state");
             return;
         };
-        match placed_on(&self.ctl, &self.name, &st.job_id, st.attempt) {
+        match placed_on(&self.ctl, &self.name, &st.job_id, st.attempt).await {
             Ok(_) => {}
             // Not a job of this controller: nothing to change; let the agent stop and forget it.
             Err(Refusal::UnknownJob) => {
@@ -629,6 +637,21 @@ impl Session {
             if have < st.log_lines || reports < st.report_lines {
                 // Not all lines are here yet: the agent resends the status after the lines.
                 warn!(job = %st.job_id, attempt = st.attempt, have, want = st.log_lines, reports, "terminal status before its lines; waiting");
+                return;
+            }
+            // Every line is here: the count of lines dropped over the size limit is final.
+            if let Err(error) = self.ctl.logs.seal(&st.job_id, st.attempt).await {
+                warn!(job = %st.job_id, attempt = st.attempt, %error, "cannot write the log limit marker; the agent will resend the status");
+                return;
+            }
+            // The summary holds every report line before the job shows as finished.
+            if let Err(error) = self
+                .ctl
+                .fold
+                .flush(&self.ctl.jobs, &self.ctl.reports, &st.job_id)
+                .await
+            {
+                warn!(job = %st.job_id, %error, "cannot fold report lines; the agent will resend the status");
                 return;
             }
         }
@@ -687,17 +710,6 @@ impl Session {
     }
 }
 
-/// The lines an append added (to fold them once) and the next sequence number to ask for. The
-/// range comes from the append itself, under the store's lock: a count read before it may be
-/// stale when another session appended meanwhile.
-fn added(appended: Appended, first_seq: u64) -> (std::ops::Range<u64>, u64) {
-    match appended {
-        // The chunk starts at or before `to`; lines before `from` were there already.
-        Appended::Through { from, to } => (from.max(first_seq).min(to)..to, to),
-        Appended::Gap(n) => (n..n, n),
-    }
-}
-
 fn attempt_status(st: &v1::StatusUpdate) -> Option<AttemptStatus> {
     let state = match v1::AttemptState::try_from(st.state).ok()? {
         v1::AttemptState::Preparing => AttemptState::Preparing,
@@ -738,20 +750,6 @@ mod tests {
         )
     }
 
-    /// Regression: the fold skipped `before - first_seq` lines with `before` read outside the
-    /// append; when another session had appended meanwhile, `first_seq > before` underflowed.
-    #[test]
-    fn the_lines_an_append_added_never_underflow() {
-        let through = |from, to| Appended::Through { from, to };
-        // A chunk starting past the old end (the store calls that a gap; still no underflow).
-        assert_eq!(added(through(10, 15), 12), (12..15, 15));
-        // The chunk started before the stored end: only the tail is new.
-        assert_eq!(added(through(10, 15), 7), (10..15, 15));
-        // A full duplicate adds nothing; a gap adds nothing and asks for the end.
-        assert_eq!(added(through(15, 15), 3), (15..15, 15));
-        assert_eq!(added(Appended::Gap(15), 40), (15..15, 15));
-    }
-
     /// The heartbeat TTL under tokio's paused clock: an agent whose stream stays open but which
     /// sends nothing (hung) has its session ended after the TTL, is last seen at its last
     /// message, and reconcile (pure, `now` passed in) loses its job one TTL after that.
@@ -776,7 +774,7 @@ mod tests {
             ..Default::default()
         };
         let id = session.open(reg, Duration::from_secs(1)).await;
-        ctl.reconcile_once().await.unwrap();
+        ctl.reconcile_once().await;
         assert_eq!(ctl.jobs.get(&job.id).unwrap().status, JobStatus::Scheduled);
 
         let started = tokio::time::Instant::now();
@@ -791,7 +789,7 @@ mod tests {
         ctl.agents.disconnect("a", id, seen).await;
         let views = ctl.agents.views();
         assert!(!views[0].connected);
-        let jobs = ctl.jobs.all();
+        let jobs = ctl.jobs.active();
         let refs: Vec<&runyard_model::Job> = jobs.iter().collect();
         let at = |ms: u64| Timestamp(seen.0 + ms);
         let ttl_ms = TTL.as_millis() as u64;

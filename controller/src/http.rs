@@ -7,23 +7,39 @@
 //! job JSON whenever a job changes, `agents` events every few seconds; with `?job=ID` that job
 //! only). It is cut, not ended, at shutdown so clients reconnect and re-read what they show.
 //! The web page (`crate::ui`) is served from `/` without a token; it holds no data.
+//!
+//! Every route is declared once, with its `#[utoipa::path]` annotation, in `api_routes` or
+//! `public_routes`: the router and the OpenAPI document (`GET /api/v1/openapi.json`, no token)
+//! are built from the same list, so the document names exactly the routes served. Request and
+//! response types are `runyard_api`'s. Every error body is JSON, also axum's own rejections,
+//! 405s and 413s: `json_errors` rewrites any error response that is not JSON yet.
 
-use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
+use runyard_api::openapi::{
+    BadRequest, OneJob, PayloadTooLarge, Public, Refusable, Secured, Storage,
+};
+use runyard_api::query::{DEFAULT_PAGE, JobPath, MAX_PAGE};
+use runyard_api::{
+    AgentList, AgentView, ErrorBody, EventsQuery, JobPage, JobRemoved, JobView, ListJobsQuery,
+    LogsQuery, MetricsResponse, MetricsSvgQuery,
+};
 use runyard_model::report::MetricPoint;
 use runyard_model::{Job, JobSpec, JobStatus, ValidationError};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::executor::Controller;
 use crate::jobs::JobsError;
@@ -31,8 +47,10 @@ use crate::tokens::token_eq;
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1 << 20;
-const DEFAULT_PAGE: usize = 50;
-const MAX_PAGE: usize = 1000;
+/// Where the OpenAPI document is served.
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
+/// Error bodies longer than this (from a rejection) are cut in `json_errors`.
+const MAX_ERROR_TEXT: usize = 1024;
 /// How often the event stream sends the agents (or a keep-alive with `?job=`).
 const EVENTS_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Changes closer together than this go out in one batch of events.
@@ -46,25 +64,58 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
 }
 
+/// The routes that need the admin token.
+fn api_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit, list))
+        .routes(routes!(show, delete))
+        .routes(routes!(stop))
+        .routes(routes!(logs))
+        .routes(routes!(metrics))
+        .routes(routes!(metrics_svg))
+        .routes(routes!(events))
+        .routes(routes!(checkpoint))
+        .routes(routes!(agents))
+        .routes(routes!(remove_agent))
+}
+
+/// The routes served without a token (besides the web page's static files).
+fn public_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI 3.1 document of every route above.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    OpenApiRouter::with_openapi(runyard_api::openapi::ApiDoc::openapi())
+        .merge(api_routes())
+        .merge(public_routes())
+        .into_openapi()
+}
+
 pub fn router(state: ApiState) -> Router {
-    let api = Router::new()
-        .route("/api/v1/jobs", post(submit).get(list))
-        .route("/api/v1/jobs/{id}", get(show))
-        .route("/api/v1/jobs/{id}/stop", post(stop))
-        .route("/api/v1/jobs/{id}/logs", get(logs))
-        .route("/api/v1/jobs/{id}/metrics", get(metrics))
-        .route("/api/v1/jobs/{id}/metrics.svg", get(metrics_svg))
-        .route("/api/v1/events", get(events))
-        .route("/api/v1/jobs/{id}/checkpoint", get(checkpoint))
-        .route("/api/v1/agents", get(agents))
-        .route("/api/v1/agents/{name}", axum::routing::delete(remove_agent))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+    let api = api_routes().route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    let (routes, _) = OpenApiRouter::new()
         .merge(api)
+        .merge(public_routes())
+        .split_for_parts();
+    routes
         .merge(crate::ui::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", None) })
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "method {} is not allowed on {}",
+                    req.method(),
+                    req.uri().path()
+                ),
+                None,
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(json_errors))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let path = req
                 .extensions()
@@ -90,6 +141,15 @@ impl ApiError {
             message: message.into(),
             field: field.map(str::to_string),
         }
+    }
+
+    /// An extractor's rejection of `field`, as a 400 naming it.
+    fn rejected(field: &str, why: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{field}: {why}"),
+            Some(field),
+        )
     }
 
     fn not_found(id: &str) -> ApiError {
@@ -124,11 +184,72 @@ impl From<JobsError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": self.message, "field": self.field})),
-        )
-            .into_response()
+        let body = ErrorBody {
+            error: self.message,
+            field: self.field,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Any error response that is not JSON yet (axum's rejections, a 405, a 413 from a body limit)
+/// becomes `{"error": its text, "field": null}` with the same status.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = match axum::body::to_bytes(resp.into_body(), MAX_ERROR_TEXT).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).trim().to_string(),
+        _ => String::new(),
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_lowercase()
+    } else {
+        text
+    };
+    let field = (status == StatusCode::PAYLOAD_TOO_LARGE).then_some("body");
+    ApiError::new(status, message, field).into_response()
+}
+
+/// `Query<T>` whose rejection is an `ApiError` naming the query.
+struct ApiQuery<T>(T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|e| ApiError::rejected("query", &e.body_text()))
+    }
+}
+
+/// The `{id}` of a path, with a JSON rejection.
+struct JobId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| JobId(id))
+            .map_err(|e| ApiError::rejected("id", &e.body_text()))
     }
 }
 
@@ -157,6 +278,50 @@ async fn auth(
     }
 }
 
+/// `GET /healthz`: `ok` while the HTTP server runs.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses(
+        (status = 200, description = "The server is up", body = String, content_type = "text/plain"),
+        Public,
+    )
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The document, rendered once.
+static OPENAPI_JSON: LazyLock<String> = LazyLock::new(|| {
+    openapi()
+        .to_json()
+        .expect("the OpenAPI document always serializes")
+});
+
+/// `GET /api/v1/openapi.json`: this API's OpenAPI 3.1 document (no token needed).
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object),
+        Public,
+    )
+)]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI_JSON.as_str(),
+    )
+        .into_response()
+}
+
+/// Submit a job. The body is the job spec; every field error names the field.
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs",
+    request_body = runyard_api::SubmitRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The job, pending", body = JobView),
+        (status = 400, response = BadRequest),
+        (status = 413, response = PayloadTooLarge),
+        Secured, Storage,
+    )
+)]
 async fn submit(
     State(state): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
@@ -172,17 +337,27 @@ async fn submit(
     })?;
     let spec = JobSpec::from_json(&body)?;
     let job = state.ctl.submit(spec).await?;
-    Ok((StatusCode::CREATED, Json(job)))
+    Ok((StatusCode::CREATED, Json(JobView::from(&job))))
 }
 
+/// List jobs, newest first, one page at a time.
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
+    params(ListJobsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One page of jobs", body = JobPage),
+        (status = 400, response = BadRequest),
+        Secured,
+    )
+)]
 async fn list(
     State(state): State<ApiState>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Result<impl IntoResponse, ApiError> {
-    let limit = match q.get("limit") {
-        None => DEFAULT_PAGE,
+    ApiQuery(q): ApiQuery<ListJobsQuery>,
+) -> Result<Json<JobPage>, ApiError> {
+    let limit = match &q.limit {
+        None => DEFAULT_PAGE as usize,
         Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            Ok(n) if (1..=MAX_PAGE as usize).contains(&n) => n,
             _ => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -192,7 +367,7 @@ async fn list(
             }
         },
     };
-    let status = match q.get("status").filter(|s| !s.is_empty()) {
+    let status = match q.status.as_ref().filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => {
             let mut wanted = Vec::new();
@@ -208,37 +383,77 @@ async fn list(
             Some(wanted)
         }
     };
-    let cursor = q
-        .get("cursor")
-        .filter(|c| !c.is_empty())
-        .map(String::as_str);
-    let (jobs, more) = state.ctl.jobs.page(cursor, limit, |j| {
-        status.as_ref().is_none_or(|w| w.contains(&j.status))
-    });
+    let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
+    let (jobs, more) = state
+        .ctl
+        .jobs
+        .page(cursor, limit, |s| {
+            status.as_ref().is_none_or(|w| w.contains(&s))
+        })
+        .await?;
     let next = if more {
         jobs.last().map(|j| j.id.clone())
     } else {
         None
     };
-    Ok(Json(json!({"jobs": jobs, "next": next})))
+    Ok(Json(JobPage {
+        jobs: jobs.iter().map(JobView::from).collect(),
+        next,
+    }))
 }
 
-async fn show(
-    State(state): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    state
-        .ctl
-        .jobs
-        .get(&id)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(&id))
+/// One job.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
+    params(JobPath),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        Secured, OneJob,
+    )
+)]
+async fn show(State(state): State<ApiState>, JobId(id): JobId) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(JobView::from(&job_or_404(&state, &id).await?)))
 }
 
-async fn stop(
+/// Delete a finished job with its logs, reports and checkpoints; returns its last state. A job
+/// that is not finished is refused (409): stop it first.
+#[utoipa::path(delete, path = "/api/v1/jobs/{id}", tag = "jobs",
+    params(JobPath),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The job as it was when deleted", body = JobView),
+        Secured, OneJob, Refusable, Storage,
+    )
+)]
+async fn delete(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
+    JobId(id): JobId,
+) -> Result<Json<JobView>, ApiError> {
+    use crate::history::Deleted;
+    match state.ctl.delete(&id).await? {
+        Deleted::Gone(job) => Ok(Json(JobView::from(&job))),
+        Deleted::Active(job) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "job `{id}` is {}: stop it first (`runyard stop {id}`), then delete it",
+                job.status
+            ),
+            None,
+        )),
+        Deleted::Unknown => Err(ApiError::not_found(&id)),
+    }
+}
+
+/// Stop a job: SIGTERM, then SIGKILL after its stop grace.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/stop", tag = "jobs",
+    params(JobPath),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The job, stopping or stopped", body = JobView),
+        Secured, OneJob, Refusable, Storage,
+    )
+)]
+async fn stop(State(state): State<ApiState>, JobId(id): JobId) -> Result<Json<JobView>, ApiError> {
     match state.ctl.stop(&id).await? {
         None => Err(ApiError::not_found(&id)),
         Some(Err(msg)) => Err(ApiError::new(
@@ -246,17 +461,25 @@ async fn stop(
             format!("{msg}: nothing to stop"),
             None,
         )),
-        Some(Ok(job)) => Ok(Json(job)),
+        Some(Ok(job)) => Ok(Json(JobView::from(&job))),
     }
 }
 
 /// The metric history of the job's current attempt, for plots.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/metrics", tag = "jobs",
+    params(JobPath),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The current attempt's metric history", body = MetricsResponse),
+        Secured, OneJob, Storage,
+    )
+)]
 async fn metrics(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
+    JobId(id): JobId,
+) -> Result<Json<MetricsResponse>, ApiError> {
     let (attempt, series) = metric_series(&state, &id).await?;
-    Ok(Json(json!({"attempt": attempt, "series": series})))
+    Ok(Json(MetricsResponse { attempt, series }))
 }
 
 /// The current attempt's number and its metric history, read from its report stream.
@@ -264,49 +487,50 @@ async fn metric_series(
     state: &ApiState,
     id: &str,
 ) -> Result<(u32, std::collections::BTreeMap<String, Vec<MetricPoint>>), ApiError> {
-    let job = job_or_404(state, id)?;
-    let mut text = Vec::new();
-    if job.attempt > 0 {
-        let mut offset = 0;
-        loop {
-            let (bytes, next) = state
-                .ctl
-                .reports
-                .read_from(id, job.attempt, offset, 4 << 20)
-                .await
-                .map_err(|e| {
-                    tracing::error!(job = %id, error = %e, "cannot read reports");
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "cannot read the job's reports; retry",
-                        None,
-                    )
-                })?;
-            if bytes.is_empty() {
-                break;
-            }
-            text.extend_from_slice(&bytes);
-            offset = next;
-        }
+    let job = job_or_404(state, id).await?;
+    if job.attempt == 0 {
+        return Ok((0, Default::default()));
     }
-    let text = String::from_utf8_lossy(&text);
-    Ok((job.attempt, runyard_model::report::series(text.lines())))
+    let series = state
+        .ctl
+        .fold
+        .series(&state.ctl.reports, id, job.attempt)
+        .await
+        .map_err(|e| {
+            tracing::error!(job = %id, error = %e, "cannot read reports");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot read the job's reports; retry",
+                None,
+            )
+        })?;
+    Ok((job.attempt, Arc::unwrap_or_clone(series)))
 }
 
 /// One metric of the current attempt plotted as SVG (`?metric=NAME[&width=W&height=H]`).
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/metrics.svg", tag = "jobs",
+    params(JobPath, MetricsSvgQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The plot", body = String, content_type = "image/svg+xml"),
+        (status = 500, description = "The plot could not be drawn", body = ErrorBody),
+        Secured, OneJob, Storage,
+    )
+)]
 async fn metrics_svg(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    JobId(id): JobId,
+    ApiQuery(q): ApiQuery<MetricsSvgQuery>,
 ) -> Result<Response, ApiError> {
-    let Some(metric) = q.get("metric").filter(|m| !m.is_empty()) else {
+    let Some(metric) = q.metric.as_ref().filter(|m| !m.is_empty()) else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "metric: name the metric to plot, as in ?metric=val_loss",
             Some("metric"),
         ));
     };
-    let dimension = |key: &str, default: u32, lo: u32, hi: u32| match q.get(key) {
+    let dimension = |key: &str, value: &Option<String>, default: u32, lo: u32, hi: u32| match value
+    {
         None => Ok(default),
         Some(v) => match v.parse::<u32>() {
             Ok(n) if (lo..=hi).contains(&n) => Ok(n),
@@ -323,8 +547,8 @@ async fn metrics_svg(
         crate::ui::chart::DEFAULT_SIZE,
     );
     let size = (
-        dimension("width", default.0, min.0, max.0)?,
-        dimension("height", default.1, min.1, max.1)?,
+        dimension("width", &q.width, default.0, min.0, max.0)?,
+        dimension("height", &q.height, default.1, min.1, max.1)?,
     );
     let (_, series) = metric_series(&state, &id).await?;
     let Some(points) = series.get(metric.as_str()) else {
@@ -361,12 +585,19 @@ async fn metrics_svg(
     Ok(resp)
 }
 
-/// The best checkpoint of the job's latest attempt that uploaded one, byte for byte.
-async fn checkpoint(
-    State(state): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let job = job_or_404(&state, &id)?;
+/// The best checkpoint of the job's latest attempt that uploaded one, byte for byte; its sha256
+/// is in `x-checksum-sha256`.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/checkpoint", tag = "jobs",
+    params(JobPath),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The checkpoint file", body = Vec<u8>, content_type = "application/octet-stream",
+            headers(("x-checksum-sha256" = String, description = "sha256 of the file, hex"))),
+        Secured, OneJob, Storage,
+    )
+)]
+async fn checkpoint(State(state): State<ApiState>, JobId(id): JobId) -> Result<Response, ApiError> {
+    let job = job_or_404(&state, &id).await?;
     let unavailable = |e: &dyn std::fmt::Display| {
         tracing::error!(job = %id, error = %e, "cannot open checkpoint");
         ApiError::new(
@@ -423,19 +654,38 @@ async fn checkpoint(
     Ok(resp)
 }
 
-fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError> {
+async fn job_or_404(state: &ApiState, id: &str) -> Result<runyard_model::Job, ApiError> {
     state
         .ctl
         .jobs
-        .get(id)
+        .fetch(id)
+        .await?
         .ok_or_else(|| ApiError::not_found(id))
 }
 
-async fn agents(State(state): State<ApiState>) -> impl IntoResponse {
-    Json(agents_json(&state.ctl))
+/// Every agent the controller knows, with the jobs placed on it.
+#[utoipa::path(get, path = "/api/v1/agents", tag = "agents",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The agents", body = AgentList),
+        Secured,
+    )
+)]
+async fn agents(State(state): State<ApiState>) -> Json<AgentList> {
+    Json(agent_list(&state.ctl))
 }
 
-/// Forgets an agent and its enrolment (owned by `agents.rs`), so its name can be enrolled again.
+/// Forget a gone agent and its enrolment, so its name can be enrolled again (see README
+/// "Agents: identity"). Its jobs are lost after the TTL like those of any silent agent.
+#[utoipa::path(delete, path = "/api/v1/agents/{name}", tag = "agents",
+    params(("name" = String, Path, description = "The agent's name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "`{\"removed\": name}`", body = serde_json::Value),
+        (status = 404, description = "No agent with that name", body = runyard_api::ErrorBody),
+        Secured, Storage,
+    )
+)]
 async fn remove_agent(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -444,7 +694,7 @@ async fn remove_agent(
         Ok(true) => {
             tracing::warn!(agent = %name, "agent removed by an admin");
             state.ctl.kick();
-            Ok(Json(json!({"removed": name})))
+            Ok(Json(serde_json::json!({"removed": name})))
         }
         Ok(false) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -456,8 +706,8 @@ async fn remove_agent(
 }
 
 /// Every agent with the jobs placed on it, as `/api/v1/agents` and `agents` events show them.
-fn agents_json(ctl: &Controller) -> serde_json::Value {
-    let jobs = ctl.jobs.all();
+fn agent_list(ctl: &Controller) -> AgentList {
+    let jobs = ctl.jobs.active();
     let mut agents = ctl.agents.list();
     for a in &mut agents {
         a.jobs = jobs
@@ -466,7 +716,9 @@ fn agents_json(ctl: &Controller) -> serde_json::Value {
             .map(|j| j.id.clone())
             .collect();
     }
-    json!({"agents": agents})
+    AgentList {
+        agents: agents.iter().map(AgentView::from).collect(),
+    }
 }
 
 /// One server-sent event; `data` is compact JSON, so it holds no newline.
@@ -475,61 +727,110 @@ fn sse_event(kind: &str, data: &impl serde::Serialize) -> Bytes {
     Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
 }
 
+/// Adds a change to a batch of events: the latest change of each job, in order of last change.
+fn fold_change(
+    batch: &mut Vec<(String, Option<std::sync::Arc<Job>>)>,
+    change: crate::jobs::Change,
+    only: Option<&str>,
+) {
+    let (id, job) = match change {
+        crate::jobs::Change::Job(j) => (j.id.clone(), Some(j)),
+        crate::jobs::Change::Removed(id) => (id, None),
+    };
+    if only.is_some_and(|o| o != id) {
+        return;
+    }
+    batch.retain(|(i, _)| *i != id);
+    batch.push((id, job));
+}
+
 /// Server-sent events: `job` whenever a job changes (every job, or only `?job=ID`, which is also
-/// sent once at the start), `agents` every `EVENTS_HEARTBEAT` (a comment instead with `?job=`).
-/// A change is found by comparing each job with the copy last sent, so two updates within one
-/// millisecond of `updated_at` are not missed.
+/// sent once at the start), `removed` (`{"id"}`) when a job is deleted, `agents` every
+/// `EVENTS_HEARTBEAT` (a comment instead with `?job=`). Only changes travel: the stream follows
+/// the job table's change feed, coalesced over `EVENTS_COALESCE`; a client that falls behind is
+/// sent every active job again (and, with `?job=`, that job).
+#[utoipa::path(get, path = "/api/v1/events", tag = "jobs",
+    params(EventsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Server-sent events: `job` (data: a JobView), `removed` \
+            (data: a JobRemoved) and `agents` (data: an AgentList)", body = String,
+            content_type = "text/event-stream"),
+        Secured, OneJob,
+    )
+)]
 async fn events(
     State(state): State<ApiState>,
-    Query(q): Query<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    let only = q.get("job").filter(|j| !j.is_empty()).cloned();
-    if let Some(id) = &only
-        && state.ctl.jobs.get(id).is_none()
-    {
-        return Err(ApiError::not_found(id));
-    }
+    let only = q.job.filter(|j| !j.is_empty());
+    let first = match &only {
+        Some(id) => Some(job_or_404(&state, id).await?),
+        None => None,
+    };
     let ctl = state.ctl.clone();
     let shutdown = state.shutdown.clone();
     let stream = async_stream::stream! {
-        let mut job_rx = ctl.jobs.subscribe();
+        use tokio::sync::broadcast::error::RecvError;
+        let mut changes = ctl.jobs.changes();
         let mut heartbeat = tokio::time::interval(EVENTS_HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sent: HashMap<String, Job> = HashMap::new();
-        // Without `?job=` the client lists what it shows; only later changes are sent.
-        let mut announce = only.is_some();
+        if let Some(job) = &first {
+            yield Ok::<_, std::io::Error>(sse_event("job", &JobView::from(job)));
+        }
         loop {
-            job_rx.borrow_and_update();
-            let jobs = match &only {
-                Some(id) => ctl.jobs.get(id).into_iter().collect(),
-                None => ctl.jobs.all(),
-            };
-            for job in jobs {
-                if sent.get(&job.id) != Some(&job) {
-                    if announce {
-                        yield Ok::<_, std::io::Error>(sse_event("job", &job));
-                    }
-                    sent.insert(job.id.clone(), job);
-                }
-            }
-            announce = true;
+            // Changes by job id, the latest of each; `None`: removed.
+            let mut batch: Vec<(String, Option<std::sync::Arc<Job>>)> = Vec::new();
+            let mut resync = false;
             tokio::select! {
-                changed = job_rx.changed() => {
-                    if changed.is_err() {
-                        return;
+                change = changes.recv() => match change {
+                    Ok(c) => {
+                        let deadline = tokio::time::Instant::now() + EVENTS_COALESCE;
+                        let mut next = Some(c);
+                        loop {
+                            if let Some(c) = next.take() {
+                                fold_change(&mut batch, c, only.as_deref());
+                            }
+                            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                                Ok(Ok(c)) => next = Some(c),
+                                Ok(Err(RecvError::Lagged(_))) => { resync = true; break; }
+                                Ok(Err(RecvError::Closed)) => return,
+                                Err(_) => break,
+                            }
+                        }
                     }
-                    tokio::time::sleep(EVENTS_COALESCE).await;
-                }
+                    Err(RecvError::Lagged(_)) => resync = true,
+                    Err(RecvError::Closed) => return,
+                },
                 _ = heartbeat.tick() => {
                     if only.is_some() {
                         yield Ok(Bytes::from_static(b": keep-alive\n\n"));
                     } else {
-                        yield Ok(sse_event("agents", &agents_json(&ctl)));
+                        yield Ok(sse_event("agents", &agent_list(&ctl)));
                     }
                 }
                 _ = shutdown.cancelled() => {
                     yield Err(std::io::Error::other("controller shutting down"));
                     return;
+                }
+            }
+            if resync {
+                batch.clear();
+                let jobs = match &only {
+                    Some(id) => match ctl.jobs.fetch(id).await {
+                        Ok(j) => j.into_iter().collect(),
+                        Err(_) => Vec::new(),
+                    },
+                    None => ctl.jobs.active(),
+                };
+                for job in jobs {
+                    yield Ok(sse_event("job", &JobView::from(&job)));
+                }
+            }
+            for (id, job) in batch {
+                match job {
+                    Some(job) => yield Ok(sse_event("job", &JobView::from(&*job))),
+                    None => yield Ok(sse_event("removed", &JobRemoved { id })),
                 }
             }
         }
@@ -547,13 +848,23 @@ async fn events(
 
 /// Plain text, exactly the script's lines. With `follow=true` the body streams until the job is
 /// terminal and every line of it has been sent.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/logs", tag = "jobs",
+    params(JobPath, LogsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The log lines; the attempt is in `x-runyard-attempt`",
+            body = String, content_type = "text/plain",
+            headers(("x-runyard-attempt" = u32, description = "The attempt whose log this is"))),
+        Secured, OneJob,
+    )
+)]
 async fn logs(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    JobId(id): JobId,
+    ApiQuery(q): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let job = job_or_404(&state, &id)?;
-    let follow = match q.get("follow").map(String::as_str) {
+    let job = job_or_404(&state, &id).await?;
+    let follow = match q.follow.as_deref() {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") | Some("") => true,
         Some(other) => {
@@ -564,7 +875,7 @@ async fn logs(
             ));
         }
     };
-    let fixed_attempt = match q.get("attempt") {
+    let fixed_attempt = match &q.attempt {
         None => None,
         Some(a) => match a.parse::<u32>() {
             Ok(n) if n >= 1 && n <= job.attempt => Some(n),
@@ -580,7 +891,7 @@ async fn logs(
             }
         },
     };
-    let start_offset = match q.get("offset") {
+    let start_offset = match &q.offset {
         None => 0,
         Some(o) => match (o.parse::<u64>(), fixed_attempt) {
             (Ok(n), Some(_)) => n,
@@ -608,7 +919,7 @@ async fn logs(
         let mut job_rx = ctl.jobs.subscribe();
         let mut attempt = first_attempt;
         let mut offset = start_offset;
-        while let Some(job) = ctl.jobs.get(&id) {
+        while let Ok(Some(job)) = ctl.jobs.fetch(&id).await {
             // Read the state before the lines: a terminal state is only visible once every
             // line is persisted, so lines read after seeing it are complete.
             let over = job.status.is_terminal() || job.attempt != attempt;
@@ -662,4 +973,114 @@ async fn logs(
     resp.headers_mut()
         .insert("x-runyard-attempt", HeaderValue::from(first_attempt));
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// Every route of the API, as `METHOD path`.
+    const ROUTES: [&str; 14] = [
+        "DELETE /api/v1/agents/{name}",
+        "DELETE /api/v1/jobs/{id}",
+        "GET /api/v1/agents",
+        "GET /api/v1/events",
+        "GET /api/v1/jobs",
+        "GET /api/v1/jobs/{id}",
+        "GET /api/v1/jobs/{id}/checkpoint",
+        "GET /api/v1/jobs/{id}/logs",
+        "GET /api/v1/jobs/{id}/metrics",
+        "GET /api/v1/jobs/{id}/metrics.svg",
+        "GET /api/v1/openapi.json",
+        "GET /healthz",
+        "POST /api/v1/jobs",
+        "POST /api/v1/jobs/{id}/stop",
+    ];
+
+    fn documented() -> Vec<String> {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let mut routes = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                routes.push(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+        routes.sort();
+        routes
+    }
+
+    async fn state(dir: &std::path::Path) -> ApiState {
+        let store = crate::store::open("file:", dir).await.unwrap();
+        let ctl = Controller::new(
+            crate::jobs::Jobs::load(store.clone()).await.unwrap(),
+            crate::agents::Agents::load(store, runyard_model::Timestamp::now())
+                .await
+                .unwrap(),
+            crate::logs::LogStore::open(dir.join("logs")).unwrap(),
+            crate::logs::LogStore::open(dir.join("reports")).unwrap(),
+            std::sync::Arc::new(crate::artifacts::DirStore::open(dir.join("artifacts")).unwrap()),
+            Duration::from_secs(30),
+        );
+        ApiState {
+            ctl,
+            admin_token: "rya_test".into(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    async fn send(router: &Router, method: &str, path: &str) -> (StatusCode, serde_json::Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[test]
+    fn the_document_lists_exactly_the_routes() {
+        assert_eq!(documented(), ROUTES);
+        let doc = serde_json::to_value(openapi()).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+    }
+
+    /// The router serves every documented route (a token is asked for, or it answers), and
+    /// nothing else under `/api/`: an unknown path is a JSON 404, a wrong method a JSON 405.
+    #[tokio::test]
+    async fn the_router_serves_exactly_the_documented_routes() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = router(state(dir.path()).await);
+        for route in ROUTES {
+            let (method, path) = route.split_once(' ').unwrap();
+            let path = path.replace("{id}", "nope");
+            let (status, body) = send(&router, method, &path).await;
+            let public = path == "/healthz" || path == OPENAPI_PATH;
+            let want = if public {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            assert_eq!(status, want, "{route}: {body}");
+            let (status, body) = send(&router, "PATCH", &path).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{route}");
+            assert!(body["error"].as_str().unwrap().contains("PATCH"), "{body}");
+            assert!(body["field"].is_null(), "{body}");
+        }
+        let (status, body) = send(&router, "GET", "/api/v1/nothing").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "no such endpoint");
+    }
 }

@@ -5,9 +5,11 @@
 //! - `agents`: the registry of agents: enrolment, one live session each, message delivery.
 //! - `artifacts`: the best checkpoint of each attempt, verified by size and sha256.
 //! - `logs`: per-attempt log files with sequence-numbered, idempotent appends.
+//! - `reports`: report lines folded into jobs in batches; metric history parsed incrementally.
 //! - `scheduler`: pure placement of one job onto the fleet's free capacity.
 //! - `reconcile`: the pure job state machine (plan, apply, agent reports).
 //! - `executor`: the level-triggered loop that applies plans and talks to agents.
+//! - `history`: deleting finished jobs with their files, and the retention task.
 //! - `grpc`: the agent-facing `Session` stream: translator and trust boundary.
 //! - `http`: the user-facing JSON API.
 //! - `tokens`: admin and agent join tokens in the data dir.
@@ -26,10 +28,12 @@ pub mod agents;
 pub mod artifacts;
 pub mod executor;
 pub mod grpc;
+pub mod history;
 pub mod http;
 pub mod jobs;
 pub mod logs;
 pub mod reconcile;
+pub mod reports;
 pub mod scheduler;
 pub mod store;
 pub mod tokens;
@@ -44,6 +48,8 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7900";
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:7901";
 /// An agent silent for this long is lost, and so are its jobs.
 pub const DEFAULT_AGENT_TTL: Duration = Duration::from_secs(30);
+/// Bytes an attempt's log file may reach before further lines are dropped.
+pub const DEFAULT_MAX_LOG_SIZE: u64 = 1 << 30;
 /// How long shutdown waits for connections to drain.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -55,6 +61,12 @@ pub struct Config {
     /// `file:` (embedded, under the data dir) or `etcd://host:port[,host:port...]`.
     pub store: String,
     pub agent_ttl: Duration,
+    /// Finished jobs older than this are deleted; `None` keeps them forever.
+    pub retention: Option<Duration>,
+    /// How often the retention task runs (`history::RETENTION_PERIOD`; tests shorten it).
+    pub retention_period: Duration,
+    /// Bytes an attempt's log file may reach; further lines are dropped (and counted).
+    pub max_log_size: u64,
 }
 
 impl Config {
@@ -63,6 +75,9 @@ impl Config {
             data_dir: data_dir.as_ref().to_path_buf(),
             store: "file:".into(),
             agent_ttl: DEFAULT_AGENT_TTL,
+            retention: None,
+            retention_period: history::RETENTION_PERIOD,
+            max_log_size: DEFAULT_MAX_LOG_SIZE,
         }
     }
 }
@@ -96,7 +111,8 @@ pub async fn run(
         source,
     };
     let tokens = ensure_tokens(&config.data_dir).map_err(data_err)?;
-    let log_store = logs::LogStore::open(config.data_dir.join("logs")).map_err(data_err)?;
+    let log_store = logs::LogStore::with_limit(config.data_dir.join("logs"), config.max_log_size)
+        .map_err(data_err)?;
     let report_store = logs::LogStore::open(config.data_dir.join("reports")).map_err(data_err)?;
     let artifact_store = std::sync::Arc::new(
         artifacts::DirStore::open(config.data_dir.join("artifacts")).map_err(data_err)?,
@@ -114,7 +130,7 @@ pub async fn run(
     );
     info!(
         store = store.kind(),
-        jobs = ctl.jobs.all().len(),
+        jobs = ctl.jobs.len(),
         http = %http.local_addr().map_err(ControllerError::Http)?,
         grpc = %grpc.local_addr().map_err(ControllerError::Http)?,
         "controller started"
@@ -122,10 +138,29 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     tracker.spawn(
+        ctl.jobs
+            .clone()
+            .follow(cancel.child_token())
+            .instrument(info_span!("job_watch")),
+    );
+    tracker.spawn(
+        ctl.fold
+            .clone()
+            .run(ctl.jobs.clone(), ctl.reports.clone(), cancel.child_token())
+            .instrument(info_span!("report_fold")),
+    );
+    tracker.spawn(
         ctl.clone()
             .run_loop(cancel.child_token())
             .instrument(info_span!("reconcile_loop")),
     );
+    if let Some(retention) = config.retention {
+        tracker.spawn(
+            ctl.clone()
+                .run_retention(retention, config.retention_period, cancel.child_token())
+                .instrument(info_span!("retention")),
+        );
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<runyard_proto::v1::agent_service_server::AgentServiceServer<grpc::AgentService>>().await;

@@ -7,6 +7,15 @@
 //! duplicate a line; a gap (lines missing before the chunk) is refused, and the agent resends from
 //! the acknowledged position. Job ids name directories, so every entry point refuses an id that
 //! is not a job id (`runyard_model::is_job_id`), whoever the caller.
+//!
+//! Size limit (`LogStore::with_limit`): once an attempt's file reaches the limit, further lines
+//! are still acknowledged (the agent frees its spool) but dropped. The file then no longer holds
+//! every sequence number, so the acknowledged count is kept beside it in `<attempt>.acked`
+//! (written with the dropping append, before the acknowledgement) and `lines()` reads it from
+//! there, also after a restart. The one marker line saying how many lines were dropped is
+//! written by `seal`, when the attempt's terminal status arrives: only then is the count final,
+//! and the terminal state is not visible before it, so a reader that saw the job finished reads
+//! the marker too.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -16,6 +25,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+/// No limit on an attempt's file.
+pub const UNLIMITED: u64 = u64::MAX;
+
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Inner>,
@@ -23,61 +35,149 @@ pub struct LogStore {
 
 struct Inner {
     root: PathBuf,
-    /// Persisted line count per (job, attempt), loaded lazily from the files.
-    lines: Mutex<HashMap<(String, u32), u64>>,
+    /// Bytes an attempt's file may reach before lines are dropped.
+    limit: u64,
+    /// Per (job, attempt), loaded lazily from the files.
+    state: Mutex<HashMap<(String, u32), AttemptLog>>,
     /// Bumped on every append to a job, for followers.
     notify: Mutex<HashMap<String, watch::Sender<u64>>>,
     /// Serializes appends per process; appends are short.
     write: tokio::sync::Mutex<()>,
 }
 
+/// What is known of one attempt's log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct AttemptLog {
+    /// Acknowledged lines (sequence numbers), kept or dropped.
+    acked: u64,
+    /// Bytes in the file.
+    bytes: u64,
+    /// Lines written to the file (less than `acked` once lines were dropped).
+    kept: u64,
+    /// The marker line is written.
+    sealed: bool,
+}
+
+impl AttemptLog {
+    fn dropped(&self) -> u64 {
+        self.acked - self.kept
+    }
+}
+
 /// What an append did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Appended {
-    /// Persisted; the attempt had `from` lines before this append and now has `to` (lines
-    /// `from..to` are new; none when equal).
-    Through { from: u64, to: u64 },
+    /// Persisted; the attempt now has this many lines.
+    Through(u64),
     /// The chunk starts after the persisted end: resend from this sequence number.
     Gap(u64),
 }
 
 impl LogStore {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<LogStore> {
+        LogStore::with_limit(root, UNLIMITED)
+    }
+
+    /// A store whose attempt files stop growing at about `limit` bytes (whole lines).
+    pub fn with_limit(root: impl Into<PathBuf>, limit: u64) -> io::Result<LogStore> {
         let root = root.into();
         fs::create_dir_all(&root)?;
         Ok(LogStore {
             inner: Arc::new(Inner {
                 root,
-                lines: Mutex::new(HashMap::new()),
+                limit,
+                state: Mutex::new(HashMap::new()),
                 notify: Mutex::new(HashMap::new()),
                 write: tokio::sync::Mutex::new(()),
             }),
         })
     }
 
-    /// The file of an attempt; refuses an id that is not a job id (it would name another path).
-    pub fn path(&self, job: &str, attempt: u32) -> io::Result<PathBuf> {
-        if !runyard_model::is_job_id(job) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("not a job id: {job:?}"),
-            ));
-        }
-        Ok(self.inner.root.join(job).join(format!("{attempt}.log")))
+    pub fn path(&self, job: &str, attempt: u32) -> PathBuf {
+        self.inner.root.join(job).join(format!("{attempt}.log"))
     }
 
-    /// Number of persisted lines of an attempt.
+    fn acked_path(&self, job: &str, attempt: u32) -> PathBuf {
+        self.inner.root.join(job).join(format!("{attempt}.acked"))
+    }
+
+    /// Number of acknowledged lines of an attempt (persisted, or dropped over the limit).
     pub async fn lines(&self, job: &str, attempt: u32) -> io::Result<u64> {
+        Ok(self.state(job, attempt).await?.acked)
+    }
+
+    async fn state(&self, job: &str, attempt: u32) -> io::Result<AttemptLog> {
+        check(job)?;
         let key = (job.to_string(), attempt);
-        if let Some(n) = self.inner.lines.lock().unwrap().get(&key) {
-            return Ok(*n);
+        if let Some(s) = self.inner.state.lock().unwrap().get(&key) {
+            return Ok(*s);
         }
-        let path = self.path(job, attempt)?;
-        let n = tokio::task::spawn_blocking(move || count_lines(&path))
+        let (path, acked_path) = (self.path(job, attempt), self.acked_path(job, attempt));
+        let s = tokio::task::spawn_blocking(move || load_state(&path, &acked_path))
             .await
             .map_err(io::Error::other)??;
-        self.inner.lines.lock().unwrap().entry(key).or_insert(n);
-        Ok(n)
+        Ok(*self.inner.state.lock().unwrap().entry(key).or_insert(s))
+    }
+
+    /// Writes the marker line if lines of the attempt were dropped (once; idempotent). Call it
+    /// when every line of the attempt is acknowledged, before its end is made visible.
+    pub async fn seal(&self, job: &str, attempt: u32) -> io::Result<()> {
+        let _w = self.inner.write.lock().await;
+        let mut s = self.state(job, attempt).await?;
+        if s.sealed || s.dropped() == 0 {
+            return Ok(());
+        }
+        let marker = format!(
+            "[runyard] log limit {} reached: {} lines dropped\n",
+            format_size(self.inner.limit),
+            s.dropped()
+        );
+        let (path, acked_path) = (self.path(job, attempt), self.acked_path(job, attempt));
+        let acked = s.acked;
+        let len = marker.len() as u64;
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+            f.write_all(marker.as_bytes())?;
+            f.sync_data()?;
+            write_acked(&acked_path, acked, true)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        s.sealed = true;
+        s.bytes += len;
+        self.changed(job, attempt, s);
+        Ok(())
+    }
+
+    /// Removes every attempt's lines of a job.
+    pub async fn remove(&self, job: &str) -> io::Result<()> {
+        check(job)?;
+        let _w = self.inner.write.lock().await;
+        self.inner
+            .state
+            .lock()
+            .unwrap()
+            .retain(|(j, _), _| j != job);
+        let dir = self.inner.root.join(job);
+        tokio::task::spawn_blocking(move || match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Records what was written to an attempt's log and wakes its followers.
+    fn changed(&self, job: &str, attempt: u32, s: AttemptLog) {
+        self.inner
+            .state
+            .lock()
+            .unwrap()
+            .insert((job.to_string(), attempt), s);
+        let notify = self.inner.notify.lock().unwrap();
+        if let Some(tx) = notify.get(job) {
+            tx.send_modify(|v| *v += 1);
+        }
     }
 
     /// Appends `count` lines (`data` = lines joined by `\n`) numbered from `first_seq`.
@@ -90,16 +190,14 @@ impl LogStore {
         data: bytes::Bytes,
     ) -> io::Result<Appended> {
         let _w = self.inner.write.lock().await;
-        let have = self.lines(job, attempt).await?;
+        let mut s = self.state(job, attempt).await?;
+        let have = s.acked;
         if first_seq > have {
             return Ok(Appended::Gap(have));
         }
         let end = first_seq + count as u64;
         if end <= have || count == 0 {
-            return Ok(Appended::Through {
-                from: have,
-                to: have,
-            });
+            return Ok(Appended::Through(have));
         }
         let skip = (have - first_seq) as usize;
         let start = nth_line_start(&data, skip).ok_or_else(|| {
@@ -108,33 +206,34 @@ impl LogStore {
                 format!("log chunk has fewer than {count} lines"),
             )
         })?;
-        let path = self.path(job, attempt)?;
+        let new = end - have;
+        let mut buf = data.slice(start..).to_vec();
+        buf.push(b'\n');
+        let (keep, kept) = fitting_lines(&buf, new, s.bytes, self.inner.limit);
+        buf.truncate(keep);
+        let dropping = kept < new || s.dropped() > 0;
+        let (path, acked_path) = (self.path(job, attempt), self.acked_path(job, attempt));
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             if let Some(dir) = path.parent() {
                 fs::create_dir_all(dir)?;
             }
-            let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
-            let mut buf = Vec::with_capacity(data.len() - start + 1);
-            buf.extend_from_slice(&data[start..]);
-            buf.push(b'\n');
-            f.write_all(&buf)?;
-            f.sync_data()
+            if !buf.is_empty() {
+                let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+                f.write_all(&buf)?;
+                f.sync_data()?;
+            }
+            if dropping {
+                write_acked(&acked_path, end, false)?;
+            }
+            Ok(())
         })
         .await
         .map_err(io::Error::other)??;
-        self.inner
-            .lines
-            .lock()
-            .unwrap()
-            .insert((job.to_string(), attempt), end);
-        let notify = self.inner.notify.lock().unwrap();
-        if let Some(tx) = notify.get(job) {
-            tx.send_modify(|v| *v += 1);
-        }
-        Ok(Appended::Through {
-            from: have,
-            to: end,
-        })
+        s.acked = end;
+        s.bytes += keep as u64;
+        s.kept += kept;
+        self.changed(job, attempt, s);
+        Ok(Appended::Through(end))
     }
 
     /// Wakes up whenever lines are appended to any attempt of `job`.
@@ -155,11 +254,95 @@ impl LogStore {
         offset: u64,
         max: usize,
     ) -> io::Result<(Vec<u8>, u64)> {
-        let path = self.path(job, attempt)?;
+        check(job)?;
+        let path = self.path(job, attempt);
         tokio::task::spawn_blocking(move || read_complete_lines(&path, offset, max))
             .await
             .map_err(io::Error::other)?
     }
+}
+
+/// Refuses an id that is not a job id: it would name another path (`..`, an absolute path).
+fn check(job: &str) -> io::Result<()> {
+    if runyard_model::is_job_id(job) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a job id: {job:?}"),
+        ))
+    }
+}
+
+/// Of `lines` lines in `buf` (each ended by `\n`), how many bytes and lines to keep in a file of
+/// `bytes` bytes so that it stops growing once it has reached `limit`.
+fn fitting_lines(buf: &[u8], lines: u64, bytes: u64, limit: u64) -> (usize, u64) {
+    let mut size = bytes;
+    let (mut keep, mut kept) = (0, 0);
+    for line in buf.split_inclusive(|&b| b == b'\n') {
+        if size >= limit || kept == lines {
+            break;
+        }
+        size += line.len() as u64;
+        keep += line.len();
+        kept += 1;
+    }
+    (keep, kept)
+}
+
+/// `<attempt>.acked`: `<acked lines>[ sealed]`, replaced atomically.
+fn write_acked(path: &Path, acked: u64, sealed: bool) -> io::Result<()> {
+    let tmp = path.with_extension("acked.tmp");
+    let text = if sealed {
+        format!("{acked} sealed\n")
+    } else {
+        format!("{acked}\n")
+    };
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_data()?;
+    fs::rename(&tmp, path)
+}
+
+fn load_state(path: &Path, acked_path: &Path) -> io::Result<AttemptLog> {
+    let kept = count_lines(path)?;
+    let bytes = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let (mut acked, mut sealed) = (kept, false);
+    match fs::read_to_string(acked_path) {
+        Ok(text) => {
+            let mut words = text.split_whitespace();
+            if let Some(n) = words.next().and_then(|w| w.parse().ok()) {
+                acked = n;
+            }
+            sealed = words.next() == Some("sealed");
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // The marker line is in the file but is no sequence number.
+    let kept = if sealed { kept.saturating_sub(1) } else { kept };
+    Ok(AttemptLog {
+        acked: acked.max(kept),
+        bytes,
+        kept,
+        sealed,
+    })
+}
+
+/// `1 GiB`, `512 MiB`, `1500 B`: the largest binary unit that divides the size.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut n = bytes;
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && n >= 1024 && n.is_multiple_of(1024) {
+        n /= 1024;
+        unit += 1;
+    }
+    format!("{n} {}", UNITS[unit])
 }
 
 fn count_lines(path: &Path) -> io::Result<u64> {
@@ -216,14 +399,10 @@ fn read_complete_lines(path: &Path, offset: u64, max: usize) -> io::Result<(Vec<
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use bytes::Bytes;
-
     const J: &str = "01hzx3k8m9q2r4s5t6v7w8x9yz";
 
-    fn through(from: u64, to: u64) -> Appended {
-        Appended::Through { from, to }
-    }
+    use super::*;
+    use bytes::Bytes;
 
     #[tokio::test]
     async fn appends_are_idempotent_and_gapless() {
@@ -231,19 +410,19 @@ mod tests {
         let logs = LogStore::open(dir.path()).unwrap();
         assert_eq!(
             logs.append(J, 1, 0, 2, Bytes::from("a\nb")).await.unwrap(),
-            through(0, 2)
+            Appended::Through(2)
         );
         // Resent overlapping chunk adds only the tail.
         assert_eq!(
             logs.append(J, 1, 1, 3, Bytes::from("b\nc\nd"))
                 .await
                 .unwrap(),
-            through(2, 4)
+            Appended::Through(4)
         );
         // Full duplicate: nothing.
         assert_eq!(
             logs.append(J, 1, 0, 1, Bytes::from("a")).await.unwrap(),
-            through(4, 4)
+            Appended::Through(4)
         );
         // Gap: refused.
         assert_eq!(
@@ -253,7 +432,7 @@ mod tests {
         // Empty lines are lines.
         assert_eq!(
             logs.append(J, 1, 4, 2, Bytes::from("\n")).await.unwrap(),
-            through(4, 6)
+            Appended::Through(6)
         );
         let (text, off) = logs.read_from(J, 1, 0, 1 << 20).await.unwrap();
         assert_eq!(text, b"a\nb\nc\nd\n\n\n");
@@ -276,6 +455,63 @@ mod tests {
             .unwrap();
     }
 
+    /// Appends `count` lines numbered from `first` to attempt 1 of job `j`.
+    async fn put(logs: &LogStore, first: u64, count: u32, data: &'static str) -> Appended {
+        logs.append(J, 1, first, count, Bytes::from(data))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn lines_past_the_limit_are_acknowledged_dropped_and_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::with_limit(dir.path(), 8).unwrap();
+        // "aaa\n" "bbb\n" fill 8 bytes; "ccc" and the rest are dropped but acknowledged.
+        assert_eq!(
+            put(&logs, 0, 3, "aaa\nbbb\nccc").await,
+            Appended::Through(3)
+        );
+        assert_eq!(put(&logs, 3, 2, "d\ne").await, Appended::Through(5));
+        // A resend of dropped lines changes nothing; a gap is still refused.
+        assert_eq!(put(&logs, 4, 1, "e").await, Appended::Through(5));
+        assert_eq!(put(&logs, 9, 1, "z").await, Appended::Gap(5));
+        logs.seal(J, 1).await.unwrap();
+        logs.seal(J, 1).await.unwrap();
+        let (text, _) = logs.read_from(J, 1, 0, 1 << 20).await.unwrap();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            "aaa\nbbb\n[runyard] log limit 8 B reached: 3 lines dropped\n"
+        );
+        assert_eq!(logs.lines(J, 1).await.unwrap(), 5);
+        // After a restart the acknowledged count and the seal are still known.
+        let again = LogStore::with_limit(dir.path(), 8).unwrap();
+        assert_eq!(again.lines(J, 1).await.unwrap(), 5);
+        again.seal(J, 1).await.unwrap();
+        let (text, _) = again.read_from(J, 1, 0, 1 << 20).await.unwrap();
+        assert_eq!(
+            String::from_utf8(text)
+                .unwrap()
+                .matches("[runyard]")
+                .count(),
+            1
+        );
+        // Under the limit nothing is dropped and sealing writes nothing.
+        logs.append(J, 2, 0, 1, Bytes::from("x")).await.unwrap();
+        logs.seal(J, 2).await.unwrap();
+        assert_eq!(logs.read_from(J, 2, 0, 100).await.unwrap().0, b"x\n");
+        // Removing the job removes every attempt.
+        logs.remove(J).await.unwrap();
+        assert_eq!(logs.lines(J, 1).await.unwrap(), 0);
+        assert!(!dir.path().join(J).exists());
+    }
+
+    #[test]
+    fn sizes_print_in_binary_units() {
+        assert_eq!(format_size(1 << 30), "1 GiB");
+        assert_eq!(format_size(512 << 20), "512 MiB");
+        assert_eq!(format_size(1500), "1500 B");
+    }
+
     #[tokio::test]
     async fn ids_that_are_not_job_ids_touch_no_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -290,6 +526,7 @@ mod tests {
             );
             assert!(logs.lines(bad, 1).await.is_err(), "{bad}");
             assert!(logs.read_from(bad, 1, 0, 10).await.is_err(), "{bad}");
+            assert!(logs.remove(bad).await.is_err(), "{bad}");
         }
         assert!(!outside.exists());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "only logs/");

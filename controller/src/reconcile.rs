@@ -186,6 +186,7 @@ pub fn apply(job: &Job, action: &Action, now: Timestamp) -> Option<Job> {
             j.best = None;
             j.best_callback = None;
             j.environment = None;
+            j.report_offset = 0;
         }
         Action::Wait { reason, .. } => {
             if job.status != JobStatus::Pending {

@@ -23,6 +23,20 @@ impl Compute {
     }
 }
 
+/// In JSON: `cpu-small`, `gpu` or `gpu:N`.
+impl utoipa::PartialSchema for Compute {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^(cpu-small|gpu(:[1-9][0-9]*)?)$"))
+            .description(Some("What the job runs on: `cpu-small`, `gpu` or `gpu:N`"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Compute {}
+
 impl fmt::Display for Compute {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

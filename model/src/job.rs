@@ -19,7 +19,7 @@ use crate::report::{Best, Environment, Progress};
 use crate::spec::JobSpec;
 use crate::time::Timestamp;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Pending,
@@ -97,7 +97,7 @@ impl std::str::FromStr for JobStatus {
 }
 
 /// What users want of the job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Desired {
     #[default]
@@ -106,7 +106,7 @@ pub enum Desired {
 }
 
 /// Why an attempt failed, as a machine-readable kind next to the human `reason`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// The repository could not be cloned or fetched.
@@ -149,10 +149,26 @@ impl FailureKind {
 /// How many times a lost attempt is placed again before the job fails.
 pub const MAX_LOST: u32 = 3;
 
+/// The layout of job records this version writes. A record without the field is version 1; a
+/// record from a newer version loads too (unknown fields are ignored), so a rollback keeps its
+/// jobs.
+pub const JOB_SCHEMA_VERSION: u32 = 1;
+
+/// The schema version of a stored record written before records carried one.
+pub fn first_schema_version() -> u32 {
+    1
+}
+
+/// A job as the controller stores it. Not the API's view of it (`runyard_api::JobView`): this
+/// record may change without changing the API.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
+    /// Layout version of this record (`JOB_SCHEMA_VERSION` when written by this version).
+    #[serde(default = "first_schema_version")]
+    pub schema_version: u32,
     pub id: String,
     pub name: String,
+    #[serde(deserialize_with = "crate::spec::known_fields")]
     pub spec: JobSpec,
     pub status: JobStatus,
     #[serde(default)]
@@ -197,6 +213,10 @@ pub struct Job {
     /// The environment the current attempt runs with (pinned packages, build time).
     #[serde(default)]
     pub environment: Option<Environment>,
+    /// Bytes of the current attempt's report stream folded into `progress`, `metrics`, `best`
+    /// and `environment` so far.
+    #[serde(default)]
+    pub report_offset: u64,
     /// Which agent each attempt was placed on, oldest first: lines of an older attempt that
     /// arrive late are accepted from its own agent only. Empty in records written before it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -213,6 +233,7 @@ pub struct Placed {
 impl Job {
     pub fn new(id: String, spec: JobSpec, now: Timestamp) -> Job {
         Job {
+            schema_version: JOB_SCHEMA_VERSION,
             id,
             name: spec.name.clone(),
             spec,
@@ -237,6 +258,7 @@ impl Job {
             best: None,
             best_callback: None,
             environment: None,
+            report_offset: 0,
             placements: Vec::new(),
         }
     }
@@ -269,7 +291,7 @@ pub fn is_job_id(id: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+mod trust_tests {
     use super::*;
 
     #[test]
@@ -320,5 +342,35 @@ mod tests {
         ] {
             assert!(!is_job_id(bad), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored() -> serde_json::Value {
+        let spec = JobSpec::from_json(br#"{"repo": "https://h/a/b.git", "script": "t.py"}"#)
+            .expect("valid spec");
+        serde_json::to_value(Job::new("01j".into(), spec, Timestamp(1))).unwrap()
+    }
+
+    #[test]
+    fn a_record_without_schema_version_is_version_1() {
+        let mut v = stored();
+        v.as_object_mut().unwrap().remove("schema_version");
+        let job: Job = serde_json::from_value(v).expect("an old record loads (upgrade)");
+        assert_eq!(job.schema_version, 1);
+    }
+
+    #[test]
+    fn a_newer_record_with_unknown_fields_loads() {
+        let mut v = stored();
+        v["schema_version"] = 7.into();
+        v["intent"] = serde_json::json!({"kind": "sweep", "trials": 3});
+        v["placement"] = "somewhere".into();
+        v["spec"]["priority"] = 5.into();
+        let job: Job = serde_json::from_value(v).expect("a newer record loads (rollback)");
+        assert_eq!((job.schema_version, job.id.as_str()), (7, "01j"));
     }
 }

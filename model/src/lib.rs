@@ -14,7 +14,7 @@ pub mod report;
 pub mod spec;
 pub mod time;
 
-pub use agent::{AgentInfo, GpuInfo};
+pub use agent::{AgentInfo, AgentRecord, GpuInfo};
 pub use compute::Compute;
 pub use job::{Desired, FailureKind, Job, JobStatus, Placed, is_job_id};
 pub use report::{Best, Environment, MetricPoint, Progress, Report};

@@ -78,7 +78,7 @@ pub enum Report {
     Environment(Environment),
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub epoch: u64,
     pub max_epochs: Option<u64>,
@@ -88,7 +88,7 @@ pub struct Progress {
     pub fraction: f64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Best {
     pub monitor: Option<String>,
     pub mode: Option<String>,
@@ -105,7 +105,7 @@ pub struct Best {
     pub upload_error: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Environment {
     /// `uv`, `pip`, or `system` (no requirements: the agent's interpreter as is).
     pub installer: String,
@@ -116,7 +116,7 @@ pub struct Environment {
 }
 
 /// One point of a metric's history.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MetricPoint {
     pub step: Option<u64>,
     pub epoch: Option<u64>,

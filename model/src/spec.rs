@@ -35,7 +35,7 @@ impl ValidationError {
 }
 
 /// A validated, normalized job spec.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// Display name; defaults to the script's file stem.
@@ -62,7 +62,8 @@ pub struct JobSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub compute: Compute,
-    /// Wall-clock limit of one attempt; `None` = no limit.
+    /// Wall-clock limit of one attempt (`2h`, `90m`); absent = no limit.
+    #[schema(value_type = Option<String>, example = "2h")]
     #[serde(
         default,
         with = "opt_duration",
@@ -72,7 +73,8 @@ pub struct JobSpec {
     /// How many times a failing script is run again.
     #[serde(default)]
     pub retries: u32,
-    /// Grace between SIGTERM and SIGKILL on stop.
+    /// Grace between SIGTERM and SIGKILL on stop (`10s`).
+    #[schema(value_type = String, example = "10s")]
     #[serde(default = "default_grace", with = "duration")]
     pub stop_grace: Duration,
 }
@@ -177,6 +179,33 @@ impl JobSpec {
         }
         Ok(self)
     }
+}
+
+/// Every field of `JobSpec` as it appears in JSON.
+const FIELDS: [&str; 12] = [
+    "name",
+    "repo",
+    "revision",
+    "script",
+    "args",
+    "requirements",
+    "requirements_file",
+    "env",
+    "compute",
+    "timeout",
+    "retries",
+    "stop_grace",
+];
+
+/// Reads a spec that was validated when it was submitted (a stored job, an API reply), ignoring
+/// fields this version does not know: a record written by a newer version still loads. Users'
+/// input goes through `JobSpec::from_json`, which refuses unknown fields.
+pub fn known_fields<'de, D: Deserializer<'de>>(d: D) -> Result<JobSpec, D::Error> {
+    let mut v = serde_json::Value::deserialize(d)?;
+    if let Some(fields) = v.as_object_mut() {
+        fields.retain(|k, _| FIELDS.contains(&k.as_str()));
+    }
+    JobSpec::deserialize(v).map_err(serde::de::Error::custom)
 }
 
 fn default_name(script: &str) -> String {
@@ -387,6 +416,28 @@ mod opt_duration {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn stored_specs_ignore_fields_this_version_does_not_know() {
+        let mut full = base();
+        full["requirements_file"] = json!("r.txt");
+        full["timeout"] = json!("1h");
+        let spec = JobSpec::from_value(full).unwrap();
+        let v = serde_json::to_value(&spec).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut fields = FIELDS.to_vec();
+        keys.sort();
+        fields.sort();
+        assert_eq!(keys, fields, "FIELDS lists every field");
+        let mut newer = v.clone();
+        newer["priority"] = json!(5);
+        let read = known_fields(newer.clone()).unwrap();
+        assert_eq!(read, spec);
+        assert!(
+            JobSpec::from_value(newer).is_err(),
+            "users' input still refuses it"
+        );
+    }
 
     fn base() -> serde_json::Value {
         json!({"repo": "https://github.com/acme/train.git", "script": "train.py"})

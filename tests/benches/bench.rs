@@ -8,7 +8,12 @@
 //! - logs: one job prints ~200 MB of numbered lines while a client follows its log over HTTP;
 //!   MB/s from the first byte to the end; every line number is checked.
 //! - placement: the pure `reconcile::reconcile` (and `scheduler::place` alone) over 1,000
-//!   simulated agents and 10,000 pending jobs.
+//!   simulated agents and 10,000 pending jobs; then placements applied through each store
+//!   (batched compare-and-swap writes) with 1,000 registered agents, on the embedded store and
+//!   on a real etcd.
+//! - history: a store holding 100,000 finished jobs; the controller is started on it in a child
+//!   process (this binary with `--history-child DIR`): time until it answers a list request, its
+//!   resident memory, and list-page latencies (first page, a deep page, a status filter).
 //!
 //! Verdicts compare medians with targets. The machine is shared: the load average is printed
 //! with the results, and a failed *measurement* (lost lines, a stuck job) exits non-zero.
@@ -18,6 +23,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use runyard_controller::logs::LogStore;
 use runyard_controller::reconcile::{self, Action};
 use runyard_controller::scheduler::{self, Placement};
@@ -29,9 +35,17 @@ use runyard_tests::cluster::{AgentSpec, TestCluster};
 use runyard_tests::fixture::GitRepo;
 use serde_json::{Value, json};
 
-const LATENCY_TARGET: Duration = Duration::from_millis(100);
+const LATENCY_TARGET: Duration = Duration::from_millis(25);
 const LOG_TARGET_MB_S: f64 = 100.0;
-const PLACEMENT_TARGET: f64 = 5_000.0;
+const PLACEMENT_TARGET: f64 = 50_000.0;
+const HISTORY_JOBS: usize = 100_000;
+const HISTORY_RSS_TARGET_MB: f64 = 100.0;
+const HISTORY_START_TARGET: Duration = Duration::from_secs(3);
+const LIST_TARGET: Duration = Duration::from_millis(10);
+/// Requests per list-latency figure and start-up.
+const LIST_REQUESTS: usize = 100;
+/// Pending jobs placed through a store per run (1,000 agents).
+const APPLIED_JOBS: usize = 2_000;
 /// Poll period of the wall-clock latency measurement.
 const POLL: Duration = Duration::from_millis(2);
 /// Bound on any one job of the benchmark.
@@ -48,6 +62,7 @@ struct Opts {
     latency: bool,
     logs: bool,
     placement: bool,
+    history: bool,
     latency_jobs: usize,
     log_runs: usize,
     placement_runs: usize,
@@ -63,9 +78,10 @@ impl Opts {
                 "--quick" => quick = true,
                 // cargo passes `--bench` to every bench binary.
                 "--bench" => {}
-                "latency" | "logs" | "placement" => picked.push(a),
+                "latency" | "logs" | "placement" | "history" => picked.push(a),
                 other => bail!(
-                    "unknown argument `{other}`; usage: bench [--quick] [latency] [logs] [placement]"
+                    "unknown argument `{other}`; usage: bench [--quick] [latency] [logs] \
+                     [placement] [history]"
                 ),
             }
         }
@@ -75,6 +91,7 @@ impl Opts {
             latency: on("latency"),
             logs: on("logs"),
             placement: on("placement"),
+            history: on("history"),
             latency_jobs: if quick { 15 } else { 50 },
             log_runs: if quick { 1 } else { 3 },
             placement_runs: if quick { 3 } else { 10 },
@@ -90,7 +107,13 @@ fn load_average() -> String {
 }
 
 fn main() -> ExitCode {
-    let opts = match Opts::parse(std::env::args().skip(1)) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, dir] = args.as_slice()
+        && flag == "--history-child"
+    {
+        return history_child(std::path::Path::new(dir));
+    }
+    let opts = match Opts::parse(args.into_iter()) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("{e}");
@@ -129,6 +152,26 @@ fn main() -> ExitCode {
     }
     if opts.placement {
         placement(&opts, &mut rows, &mut notes);
+    }
+    if opts.placement || opts.history {
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if opts.placement {
+            rt.block_on(applied_placement(&opts, &mut rows, &mut notes));
+        }
+        if opts.history
+            && let Err(e) = rt.block_on(history(&opts, &mut rows, &mut notes))
+        {
+            fail(&mut rows, &mut notes, "history", e);
+        }
     }
 
     println!();
@@ -675,4 +718,328 @@ fn placement(opts: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
         AGENTS / 2,
         per_job.as_secs_f64() * 1e6
     ));
+}
+
+// ---- placement through a store ----
+
+/// Placements applied through each store: the plan of `reconcile_once` written job by job.
+async fn applied_placement(opts: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
+    let runs = if opts.quick { 1 } else { 3 };
+    for kind in ["file", "etcd"] {
+        eprintln!("placement through the {kind} store: {runs} run(s) of {APPLIED_JOBS} jobs");
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            match applied_run(kind).await {
+                Ok(rate) => rates.push(rate),
+                Err(e) => {
+                    return fail(rows, notes, &format!("placements/s applied ({kind})"), e);
+                }
+            }
+        }
+        rows.push(Row::rate(
+            &format!("placements/s applied, {kind} store"),
+            &rates,
+            "/s",
+            None,
+        ));
+    }
+    notes.push(format!(
+        "placements applied: {APPLIED_JOBS} pending jobs onto 1,000 registered agents through \
+         `Controller::reconcile_once`, from the first pass to the last placement stored; \
+         placements are written as compare-and-swap batches (one redb transaction of up to \
+         10,000 writes, etcd transactions of up to 128), each job re-tried alone on a conflict"
+    ));
+}
+
+async fn applied_run(kind: &str) -> anyhow::Result<f64> {
+    use runyard_controller::agents::Agents;
+    use runyard_controller::artifacts::DirStore;
+    use runyard_controller::jobs::Jobs;
+    use runyard_controller::store::{self, Precondition, Store};
+    use runyard_model::{AgentInfo, JobStatus};
+
+    let dir = tempfile::tempdir()?;
+    let etcd = match kind {
+        "etcd" => Some(runyard_tests::etcd::EtcdServer::start().await?),
+        _ => None,
+    };
+    let url = etcd.as_ref().map_or("file:".to_string(), |e| e.url());
+    let store: std::sync::Arc<dyn Store> = store::open(&url, dir.path()).await?;
+    let jobs = fleet::pending_jobs(APPLIED_JOBS);
+    let mut writes = futures::stream::iter(jobs.iter().map(|j| {
+        let store = store.clone();
+        let value = serde_json::to_vec(j).expect("a job serializes");
+        let key = format!("jobs/{}", j.id);
+        async move { store.put(&key, value, Precondition::Absent).await }
+    }))
+    .buffer_unordered(64);
+    while let Some(r) = writes.next().await {
+        r?;
+    }
+    let table = Jobs::load(store.clone()).await?;
+    let agents = Agents::load(store.clone(), Timestamp::now()).await?;
+    let mut sessions = Vec::new();
+    for a in fleet::agents(AGENTS) {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        sessions.push(rx);
+        let info = AgentInfo {
+            name: a.name.clone(),
+            connected: true,
+            cpu_small_slots: a.cpu_small_slots,
+            gpus: a
+                .gpus
+                .iter()
+                .map(|&index| runyard_model::GpuInfo {
+                    index,
+                    uuid: format!("GPU-{index}"),
+                    name: "bench".into(),
+                    memory_total_bytes: 80 << 30,
+                    memory_used_bytes: 0,
+                    utilization_percent: 0,
+                })
+                .collect(),
+            cpus: 8,
+            memory_bytes: 1 << 34,
+            version: "bench".into(),
+            last_seen: Timestamp::now(),
+            jobs: Vec::new(),
+        };
+        let (_turn, claim) = agents.claim(&info.name);
+        agents.connect(info, tx, claim).await;
+    }
+    let ctl = runyard_controller::Controller::new(
+        table.clone(),
+        agents,
+        LogStore::open(dir.path().join("logs"))?,
+        LogStore::open(dir.path().join("reports"))?,
+        std::sync::Arc::new(DirStore::open(dir.path().join("artifacts"))?),
+        AGENT_TTL,
+    );
+    let expected = fleet::placeable(AGENTS, APPLIED_JOBS);
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(600);
+    loop {
+        ctl.reconcile_once().await;
+        let placed = table
+            .active()
+            .iter()
+            .filter(|j| j.status == JobStatus::Scheduled)
+            .count();
+        if placed >= expected {
+            return Ok(placed as f64 / t.elapsed().as_secs_f64());
+        }
+        if Instant::now() > deadline {
+            bail!("placed {placed} of {expected} jobs within 600 s");
+        }
+    }
+}
+
+// ---- history ----
+
+/// The child process of the history case: a controller on `dir` and nothing else; prints its
+/// HTTP address on the first line of stdout.
+fn history_child(dir: &std::path::Path) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = rt.block_on(async {
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("http {}", http.local_addr()?);
+        let config = runyard_controller::Config::new(dir);
+        runyard_controller::run(
+            config,
+            http,
+            grpc,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("history child: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+async fn history(opts: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> anyhow::Result<()> {
+    use runyard_tests::bench::history::finished_job;
+    use std::io::BufRead as _;
+
+    let n = if opts.quick {
+        HISTORY_JOBS / 5
+    } else {
+        HISTORY_JOBS
+    };
+    let runs = if opts.quick { 1 } else { 3 };
+    eprintln!("history: {n} finished jobs, {runs} controller start(s)");
+    let dir = tempfile::tempdir()?;
+    let mut bytes = 0usize;
+    {
+        let path = dir
+            .path()
+            .join(runyard_controller::store::DEFAULT_FILE_NAME);
+        let store = runyard_controller::store::FileStore::open(&path).await?;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
+            let batch: Vec<_> = chunk.iter().map(|&i| finished_job(i)).collect();
+            bytes += batch.iter().map(|(_, v)| v.len()).sum::<usize>();
+            store.put_many(batch).await?;
+        }
+    }
+    let middle = finished_job(n / 2)
+        .0
+        .trim_start_matches("jobs/")
+        .to_string();
+    let http = reqwest::Client::new();
+    let (mut starts, mut rss_start, mut rss_after) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut first, mut deep, mut filtered) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg("--history-child")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let result = async {
+            let stdout = child.stdout.take().context("child stdout")?;
+            let line = tokio::task::spawn_blocking(move || {
+                let mut line = String::new();
+                std::io::BufReader::new(stdout)
+                    .read_line(&mut line)
+                    .map(|_| line)
+            })
+            .await??;
+            let addr = line
+                .trim()
+                .strip_prefix("http ")
+                .context("child address")?
+                .to_string();
+            let base = format!("http://{addr}");
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let token = loop {
+                if let Ok(t) = std::fs::read_to_string(dir.path().join("admin.token")) {
+                    break t.trim().to_string();
+                }
+                if Instant::now() > deadline {
+                    bail!("no admin token");
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            };
+            let get = |path: String| {
+                let req = http.get(format!("{base}{path}")).bearer_auth(&token);
+                async move {
+                    let resp = req.send().await?;
+                    let status = resp.status();
+                    let body: Value = resp.json().await?;
+                    anyhow::Ok((status, body))
+                }
+            };
+            loop {
+                if let Ok((status, body)) = get("/api/v1/jobs?limit=50".into()).await
+                    && status.is_success()
+                {
+                    let listed = body["jobs"].as_array().map_or(0, Vec::len);
+                    if listed != 50 {
+                        bail!("the first page lists {listed} jobs, not 50");
+                    }
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the controller did not answer within 120 s");
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            starts.push(t.elapsed());
+            rss_start.push(rss_mb(pid)?);
+            for (path, out) in [
+                ("/api/v1/jobs?limit=50".to_string(), &mut first),
+                (format!("/api/v1/jobs?limit=50&cursor={middle}"), &mut deep),
+                (
+                    "/api/v1/jobs?limit=50&status=failed".to_string(),
+                    &mut filtered,
+                ),
+            ] {
+                for _ in 0..LIST_REQUESTS {
+                    let t = Instant::now();
+                    let (status, body) = get(path.clone()).await?;
+                    out.push(t.elapsed());
+                    if !status.is_success() || body["jobs"].as_array().map_or(0, Vec::len) != 50 {
+                        bail!("{path}: {status}");
+                    }
+                }
+            }
+            rss_after.push(rss_mb(pid)?);
+            anyhow::Ok(())
+        }
+        .await;
+        let _ = child.kill();
+        let _ = child.wait();
+        result?;
+    }
+    rows.push(Row::latency(
+        &format!("controller start, {}k finished jobs", n / 1000),
+        &starts,
+        Some(HISTORY_START_TARGET),
+    ));
+    let mb_target = |samples: &[f64]| {
+        let mut r = Row::rate("", samples, "MB", None);
+        let median = percentile(samples, 50.0).unwrap_or_default();
+        r.target = format!("<= {HISTORY_RSS_TARGET_MB:.0} MB");
+        r.verdict = if median <= HISTORY_RSS_TARGET_MB {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        };
+        r
+    };
+    let mut r = mb_target(&rss_start);
+    r.metric = "  controller RSS after start".into();
+    rows.push(r);
+    let mut r = mb_target(&rss_after);
+    r.metric = "  controller RSS after 300 list requests".into();
+    rows.push(r);
+    rows.push(Row::latency(
+        "GET /jobs?limit=50 (newest)",
+        &first,
+        Some(LIST_TARGET),
+    ));
+    rows.push(Row::latency(
+        "GET /jobs?limit=50 (deep cursor)",
+        &deep,
+        Some(LIST_TARGET),
+    ));
+    rows.push(Row::latency(
+        "GET /jobs?limit=50&status=failed",
+        &filtered,
+        Some(LIST_TARGET),
+    ));
+    notes.push(format!(
+        "history: {n} finished jobs ({:.0} MB of JSON records, a tenth with a 46-package \
+         environment) in the embedded store; start = process spawn to the first answered \
+         list request; RSS from /proc/PID/status",
+        bytes as f64 / 1e6
+    ));
+    Ok(())
 }

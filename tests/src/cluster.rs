@@ -54,10 +54,14 @@ impl AgentSpec {
     }
 }
 
+/// Changes the controller's configuration before it starts.
+type ConfigFn = Box<dyn FnOnce(&mut runyard_controller::Config) + Send>;
+
 pub struct ClusterBuilder {
     agents: Vec<AgentSpec>,
     store: Option<String>,
     agent_ttl: Duration,
+    configure: Option<ConfigFn>,
 }
 
 impl Default for ClusterBuilder {
@@ -66,6 +70,7 @@ impl Default for ClusterBuilder {
             agents: vec![],
             store: None,
             agent_ttl: Duration::from_secs(3),
+            configure: None,
         }
     }
 }
@@ -87,6 +92,15 @@ impl ClusterBuilder {
         self
     }
 
+    /// Any other controller setting (retention, log size limit, ...).
+    pub fn controller_config(
+        mut self,
+        f: impl FnOnce(&mut runyard_controller::Config) + Send + 'static,
+    ) -> Self {
+        self.configure = Some(Box::new(f));
+        self
+    }
+
     pub async fn start(self) -> anyhow::Result<TestCluster> {
         crate::init_tracing();
         let dir = tempfile::tempdir()?;
@@ -98,6 +112,9 @@ impl ClusterBuilder {
         config.agent_ttl = self.agent_ttl;
         if let Some(s) = &self.store {
             config.store = s.clone();
+        }
+        if let Some(f) = self.configure {
+            f(&mut config);
         }
         let tokens = runyard_controller::ensure_tokens(&config.data_dir)?;
         let mut cluster = TestCluster {
@@ -315,6 +332,18 @@ impl TestCluster {
             .post(format!("{}{path}", self.base_url()))
             .bearer_auth(&self.token)
             .json(body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await?))
+    }
+
+    /// DELETEs a path; returns status and parsed body.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .client
+            .delete(format!("{}{path}", self.base_url()))
+            .bearer_auth(&self.token)
             .send()
             .await?;
         let status = r.status().as_u16();

@@ -8,6 +8,7 @@
 //! - `scripts`: Python scripts the tests run as jobs (a small Lightning training).
 //! - `proxy`: a loopback TCP proxy that can cut and restore connections (network partitions).
 //! - `etcd`: a real etcd server on free loopback ports.
+//! - `faulty_store`: a store wrapper that injects lost answers, failed writes and conflicts.
 //! - `fake_nvml`: builds a fake `libnvidia-ml.so` so the real NVML code path runs without a GPU.
 
 pub mod bench;
@@ -15,6 +16,7 @@ pub mod browser;
 pub mod cluster;
 pub mod etcd;
 pub mod fake_nvml;
+pub mod faulty_store;
 pub mod fixture;
 pub mod proxy;
 pub mod scripts;

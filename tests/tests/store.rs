@@ -267,6 +267,95 @@ async fn list_many(b: Backend) {
     assert_eq!(keys, want);
 }
 
+/// Paging through a prefix: every key once, in order, never a key of another prefix.
+async fn list_in_pages(b: Backend) {
+    let s = b.open().await;
+    for key in [
+        "job", "jobs/a", "jobs/b", "jobs/b/1", "jobs/c", "jobsx/a", "zz",
+    ] {
+        s.put(key, key.as_bytes().to_vec(), Precondition::Any)
+            .await
+            .unwrap();
+    }
+    for limit in [1, 2, 3, 10] {
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s.list_page("jobs/", after.as_deref(), limit).await.unwrap();
+            assert!(page.len() <= limit, "limit {limit}: {page:?}");
+            for (k, v) in &page {
+                assert_eq!(v.value, k.as_bytes());
+            }
+            match page.last() {
+                Some((k, _)) => after = Some(k.clone()),
+                None => break,
+            }
+            seen.extend(page.into_iter().map(|(k, _)| k));
+        }
+        assert_eq!(
+            seen,
+            ["jobs/a", "jobs/b", "jobs/b/1", "jobs/c"],
+            "limit {limit}"
+        );
+    }
+    // A cursor before the prefix starts at its first key; one after it finds nothing.
+    let first = s.list_page("jobs/", Some("a"), 1).await.unwrap();
+    assert_eq!(first[0].0, "jobs/a");
+    assert!(
+        s.list_page("jobs/", Some("jobs/c"), 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.list_page("jobs/", None, 0).await.unwrap().is_empty());
+}
+
+/// Several compare-and-swap puts in one transaction: all or nothing.
+async fn put_all_is_atomic(b: Backend) {
+    let s = b.open().await;
+    let va = s.put("a", b"a0".to_vec(), Precondition::Any).await.unwrap();
+    assert!(s.max_batch() >= 100);
+    let mut w = s.watch("");
+    // One stale precondition: nothing is written, the conflict is reported.
+    let err = s
+        .put_all(vec![
+            ("a".into(), b"a1".to_vec(), Precondition::Version(va)),
+            ("b".into(), b"b1".to_vec(), Precondition::Absent),
+            ("c".into(), b"c1".to_vec(), Precondition::Version(va + 1000)),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    assert_eq!(s.get("a").await.unwrap().unwrap().value, b"a0");
+    assert!(s.get("b").await.unwrap().is_none());
+    // All preconditions hold: every key is written, with versions above the old ones.
+    let versions = s
+        .put_all(vec![
+            ("a".into(), b"a1".to_vec(), Precondition::Version(va)),
+            ("b".into(), b"b1".to_vec(), Precondition::Absent),
+            ("c".into(), b"c1".to_vec(), Precondition::Any),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(versions.len(), 3);
+    for ((key, value), version) in [("a", "a1"), ("b", "b1"), ("c", "c1")]
+        .iter()
+        .zip(&versions)
+    {
+        let got = s.get(key).await.unwrap().unwrap();
+        assert_eq!(
+            (got.value.as_slice(), got.version),
+            (value.as_bytes(), *version)
+        );
+        assert!(*version > va);
+        assert_eq!(
+            next_event(&mut w).await,
+            put_event(key, value.as_bytes(), *version)
+        );
+    }
+    assert!(s.put_all(Vec::new()).await.unwrap().is_empty());
+}
+
 async fn delete(b: Backend) {
     let s = b.open().await;
     s.put("jobs/a", b"a".to_vec(), Precondition::Any)
@@ -432,6 +521,8 @@ conformance!(
     concurrent_increments,
     list_by_prefix,
     list_many,
+    list_in_pages,
+    put_all_is_atomic,
     delete,
     watch_sees_puts_and_deletes,
     reopen_keeps_data,

@@ -1,4 +1,4 @@
-//! `runyard ls | status | logs | stop | agents`: read and act on jobs through the HTTP API.
+//! `runyard ls | status | logs | stop | rm | agents`: read and act on jobs through the HTTP API.
 //!
 //! Log following survives a broken connection: logs are append-only, so after reconnecting the
 //! bytes already written are skipped and nothing is printed twice or lost. Following ends only
@@ -10,10 +10,11 @@ use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use runyard_model::{Job, Timestamp};
+use runyard_api::JobView;
+use runyard_model::Timestamp;
 
 use super::{CommandError, client_for};
-use crate::args::{ClientArgs, JobArgs, LogsArgs, LsArgs};
+use crate::args::{ClientArgs, JobArgs, LogsArgs, LsArgs, RmArgs};
 use crate::client::{ApiClient, ClientError};
 use crate::output;
 use crate::progress::FollowDisplay;
@@ -53,8 +54,9 @@ pub async fn ls(args: LsArgs) -> Result<u8, CommandError> {
         cursor = page.value.next;
     }
     if args.client.json {
-        let body = serde_json::json!({ "jobs": jobs, "next": null });
-        output::write_json(body.to_string().as_bytes()).map_err(CommandError::Stdout)?;
+        let page = crate::client::JobPage { jobs, next: None };
+        let body = serde_json::to_vec(&page).expect("a job page always serializes");
+        output::write_json(&body).map_err(CommandError::Stdout)?;
     } else {
         let table = output::jobs_table(&jobs, Timestamp::now());
         output::write_stdout(table.as_bytes()).map_err(CommandError::Stdout)?;
@@ -87,6 +89,33 @@ pub async fn stop(args: JobArgs) -> Result<u8, CommandError> {
             .map_err(CommandError::Stdout)?;
     }
     Ok(0)
+}
+
+/// `runyard rm ID...`: each id is reported, deleted on stdout (`ID deleted`, or the job's JSON
+/// with `--json`) or failed on stderr; the exit code is 1 if any failed.
+pub async fn rm(args: RmArgs) -> Result<u8, CommandError> {
+    let client = client_for(&args.client)?;
+    let mut failed = false;
+    for id in &args.ids {
+        match client.delete(id).await {
+            Ok(reply) if args.client.json => {
+                output::write_json(&reply.raw).map_err(CommandError::Stdout)?;
+            }
+            Ok(_) => {
+                output::write_stdout(format!("{id} deleted\n").as_bytes())
+                    .map_err(CommandError::Stdout)?;
+            }
+            // Nothing else can succeed: say so once, as every other command does.
+            Err(e @ (ClientError::Connect { .. } | ClientError::Unauthorized { .. })) => {
+                return Err(e.into());
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("error: {id}: {}", crate::client::one_line(&e.to_string()));
+            }
+        }
+    }
+    Ok(u8::from(failed))
 }
 
 /// `runyard agents`.
@@ -123,7 +152,7 @@ pub async fn logs(args: LogsArgs) -> Result<u8, CommandError> {
 /// the job moves on to a new attempt (its agent was lost, or a retry), a note goes to stderr and
 /// the new attempt's log follows. On a terminal, a progress bar stays below the log while the
 /// job reports progress; it is gone from the screen when this returns (also after Ctrl-C).
-pub async fn follow_logs(client: &ApiClient, id: &str) -> Result<Job, CommandError> {
+pub async fn follow_logs(client: &ApiClient, id: &str) -> Result<JobView, CommandError> {
     let display = FollowDisplay::start(client, id);
     let result = if display.has_bar() {
         // Ctrl-C would leave the bar on the screen: take it away first.
@@ -142,7 +171,7 @@ async fn follow(
     client: &ApiClient,
     id: &str,
     display: &FollowDisplay,
-) -> Result<Job, CommandError> {
+) -> Result<JobView, CommandError> {
     let mut backoff = RECONNECT_MIN;
     let mut last_contact = Instant::now();
     let mut ever_connected = false;

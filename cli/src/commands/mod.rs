@@ -3,7 +3,7 @@
 //! - `serve`: `up` and `controller` (bind listeners, run until a signal).
 //! - `agent`: `agent`, its `--compute` list and host facts.
 //! - `submit`: flags and `-f` file to a job spec, submit, optionally follow.
-//! - `jobs`: `ls`, `status`, `logs`, `stop`, `agents`.
+//! - `jobs`: `ls`, `status`, `logs`, `stop`, `rm`, `agents`.
 //! - `download`: `download` (the best checkpoint, verified, to a local file).
 //!
 //! Invariant: every command returns the process exit code or a `CommandError` whose message is
@@ -107,6 +107,7 @@ pub async fn run(command: Command) -> Result<u8, CommandError> {
         Command::Status(a) => jobs::status(a).await,
         Command::Logs(a) => jobs::logs(a).await,
         Command::Stop(a) => jobs::stop(a).await,
+        Command::Rm(a) => jobs::rm(a).await,
         Command::Agents(a) => jobs::agents(a).await,
         Command::Download(a) => download::download(a).await,
     }

@@ -46,6 +46,7 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
 
     let mut config = runyard_controller::Config::new(&data_dir);
     config.store = crate::args::DEFAULT_STORE.to_string();
+    args.history.apply(&mut config);
     info!(http = %http_url, grpc = %grpc_url, data_dir = %data_dir.display(), "controller starting");
     let controller_cancel = CancellationToken::new();
     let agent_cancel = root.child_token();
@@ -93,10 +94,13 @@ pub async fn controller(args: ControllerArgs) -> Result<u8, CommandError> {
     if let Some(ttl) = args.agent_ttl {
         config.agent_ttl = ttl;
     }
+    args.history.apply(&mut config);
     info!(
         http = %url_of(&http)?,
         grpc = %url_of(&grpc)?,
         store = %config.store,
+        retention = ?config.retention,
+        max_log_size = config.max_log_size,
         data_dir = %data_dir.display(),
         admin_token_file = %data_dir.join(ADMIN_TOKEN_FILE).display(),
         agent_token_file = %data_dir.join(AGENT_TOKEN_FILE).display(),

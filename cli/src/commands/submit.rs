@@ -9,7 +9,8 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use runyard_model::{Job, JobSpec, JobStatus, ValidationError};
+use runyard_api::JobView;
+use runyard_model::{JobSpec, JobStatus, ValidationError};
 
 use super::{CommandError, client_for, jobs};
 use crate::args::SubmitArgs;
@@ -134,7 +135,7 @@ fn with_flag_hint(e: ValidationError) -> ValidationError {
 }
 
 /// 0 if the job succeeded, the script's exit code if it failed with one, 1 otherwise.
-fn exit_code_of(job: &Job) -> u8 {
+fn exit_code_of(job: &JobView) -> u8 {
     match (job.status, job.exit_code) {
         (JobStatus::Succeeded, _) => 0,
         (JobStatus::Failed, Some(code)) if (1..=255).contains(&code) => code as u8,
@@ -365,8 +366,8 @@ mod tests {
     #[test]
     fn follow_exit_codes() {
         let spec = spec_of(&["--repo", "file:///r", "--script", "a.py"]).unwrap();
-        let mut job = Job::new("j".into(), spec, Timestamp(0));
-        let code = |job: &Job| exit_code_of(job);
+        let mut job = JobView::from(&runyard_model::Job::new("j".into(), spec, Timestamp(0)));
+        let code = |job: &JobView| exit_code_of(job);
         job.status = JobStatus::Succeeded;
         assert_eq!(code(&job), 0);
         job.status = JobStatus::Failed;

@@ -23,6 +23,8 @@ use super::{BoxError, Precondition, Store, StoreError, Versioned, WatchEvent, Wa
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for one request once connected.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Operations one etcd transaction may hold (etcd's default `--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
 /// Keys fetched per page when listing.
 const LIST_PAGE: i64 = 500;
 /// HTTP/2 pings on idle connections so that a dead peer ends watches instead of hanging them.
@@ -203,6 +205,42 @@ impl Store for EtcdStore {
         }
     }
 
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut client = self.client.clone();
+        let start = self.full_key(prefix).into_bytes();
+        let end = prefix_end(&start);
+        let from = match after {
+            Some(a) if a >= prefix => {
+                let mut k = self.full_key(a).into_bytes();
+                k.push(0);
+                k
+            }
+            _ => start,
+        };
+        let options = GetOptions::new()
+            .with_range(end)
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        let resp = bounded(REQUEST_TIMEOUT, client.get(from, Some(options)))
+            .await
+            .map_err(|source| StoreError::Read {
+                key: prefix.to_string(),
+                source,
+            })?;
+        self.observe(resp.header());
+        resp.kvs()
+            .iter()
+            .map(|kv| Ok((local_key(&self.prefix, kv)?, versioned(kv))))
+            .collect()
+    }
+
     async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<u64, StoreError> {
         let write_err = |source: BoxError| StoreError::Write {
             key: key.to_string(),
@@ -239,6 +277,54 @@ impl Store for EtcdStore {
             return Err(conflict());
         }
         Ok(revision(resp.header()))
+    }
+
+    async fn put_all(
+        &self,
+        writes: Vec<(String, Vec<u8>, Precondition)>,
+    ) -> Result<Vec<u64>, StoreError> {
+        let Some(first) = writes.first().map(|w| w.0.clone()) else {
+            return Ok(Vec::new());
+        };
+        let n = writes.len();
+        let mut compares = Vec::new();
+        let mut puts = Vec::with_capacity(n);
+        for (key, value, pre) in writes {
+            let full = self.full_key(&key);
+            match pre {
+                Precondition::Any => {}
+                Precondition::Absent => {
+                    compares.push(Compare::create_revision(full.clone(), CompareOp::Equal, 0))
+                }
+                Precondition::Version(v) => {
+                    let Ok(v) = i64::try_from(v) else {
+                        return Err(StoreError::Conflict { key });
+                    };
+                    compares.push(Compare::mod_revision(full.clone(), CompareOp::Equal, v));
+                }
+            }
+            puts.push(TxnOp::put(full, value, None));
+        }
+        let mut client = self.client.clone();
+        let txn = Txn::new().when(compares).and_then(puts);
+        let resp = bounded(REQUEST_TIMEOUT, client.txn(txn))
+            .await
+            .map_err(|source| StoreError::Write {
+                key: first.clone(),
+                source,
+            })?;
+        self.observe(resp.header());
+        if !resp.succeeded() {
+            return Err(StoreError::Conflict {
+                key: format!("{first} (or another of {n} keys written together)"),
+            });
+        }
+        // One transaction, one revision: every key's new version.
+        Ok(vec![revision(resp.header()); n])
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_TXN_OPS
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -22,6 +22,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LAST_VERSION: &str = "last_version";
 /// Changes buffered per watcher before it is told it fell behind.
 const WATCH_BUFFER: usize = 4096;
+/// Writes one `put_all` takes (one transaction, one fsync).
+const MAX_BATCH: usize = 10_000;
+/// redb's page cache. Its default (1 GiB) would keep the whole history in memory once listed;
+/// the controller's hot set (active and recent jobs, agents) is far smaller.
+const CACHE_BYTES: usize = 32 << 20;
 
 /// The embedded [`Store`]; cheap to clone, all clones share one open database.
 #[derive(Clone)]
@@ -39,7 +44,8 @@ struct Inner {
 
 enum Outcome<T> {
     Done(T),
-    Conflict,
+    /// A precondition failed for this key; nothing was written.
+    Conflict(String),
 }
 
 impl FileStore {
@@ -56,6 +62,16 @@ impl FileStore {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
+
+    /// Writes many keys in one durable transaction (bulk loads: imports, benchmarks); each key
+    /// gets a new version as with `put(.., Precondition::Any)`, and watchers see every write.
+    pub async fn put_many(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+        let writes = entries
+            .into_iter()
+            .map(|(k, v)| (k, v, Precondition::Any))
+            .collect();
+        self.put_all(writes).await.map(|_| ())
+    }
 }
 
 fn open_blocking(path: PathBuf, watch_buffer: usize) -> Result<FileStore, StoreError> {
@@ -69,7 +85,10 @@ fn open_blocking(path: PathBuf, watch_buffer: usize) -> Result<FileStore, StoreE
             source: e.into(),
         })?;
     }
-    let db = match Database::create(&path) {
+    let db = match Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
+    {
         Ok(db) => db,
         // LockProtocolMismatch: open in another process running a different redb version.
         Err(DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch) => {
@@ -143,14 +162,24 @@ impl Inner {
         }))
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, redb::Error> {
+    fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, redb::Error> {
+        use std::ops::Bound;
         let txn = self.db.begin_read()?;
         let table = txn.open_table(ENTRIES)?;
         let mut out = Vec::new();
-        for item in table.range::<&str>(prefix..)? {
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        for item in table.range::<&str>((start, Bound::Unbounded))? {
             let (k, v) = item?;
             let key = k.value();
-            if !key.starts_with(prefix) {
+            if !key.starts_with(prefix) || out.len() >= limit {
                 break;
             }
             let (version, value) = v.value();
@@ -165,43 +194,55 @@ impl Inner {
         Ok(out)
     }
 
-    fn put(
+    /// Writes every entry in one transaction if every precondition holds; else writes nothing
+    /// and names the first key whose precondition failed.
+    fn put_all(
         &self,
-        key: String,
-        value: Vec<u8>,
-        pre: Precondition,
-    ) -> Result<Outcome<u64>, redb::Error> {
+        writes: Vec<(String, Vec<u8>, Precondition)>,
+    ) -> Result<Outcome<Vec<u64>>, redb::Error> {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let txn = self.db.begin_write()?;
-        let version = {
+        let mut events = Vec::with_capacity(writes.len());
+        let mut versions = Vec::with_capacity(writes.len());
+        let conflict = {
             let mut entries = txn.open_table(ENTRIES)?;
-            let current = entries.get(key.as_str())?.map(|g| g.value().0);
-            let allowed = match (pre, current) {
-                (Precondition::Any, _) | (Precondition::Absent, None) => true,
-                (Precondition::Version(want), Some(have)) => want == have,
-                (Precondition::Absent, Some(_)) | (Precondition::Version(_), None) => false,
-            };
-            if !allowed {
-                None
-            } else {
-                let mut meta = txn.open_table(META)?;
-                let version = meta.get(LAST_VERSION)?.map_or(0, |g| g.value()) + 1;
-                meta.insert(LAST_VERSION, version)?;
+            let mut meta = txn.open_table(META)?;
+            let mut version = meta.get(LAST_VERSION)?.map_or(0, |g| g.value());
+            let mut conflict = None;
+            for (key, value, pre) in writes {
+                let current = entries.get(key.as_str())?.map(|g| g.value().0);
+                let allowed = match (pre, current) {
+                    (Precondition::Any, _) | (Precondition::Absent, None) => true,
+                    (Precondition::Version(want), Some(have)) => want == have,
+                    (Precondition::Absent, Some(_)) | (Precondition::Version(_), None) => false,
+                };
+                if !allowed {
+                    conflict = Some(key);
+                    break;
+                }
+                version += 1;
                 entries.insert(key.as_str(), (version, value.as_slice()))?;
-                Some(version)
+                versions.push(version);
+                events.push(WatchEvent::Put {
+                    key,
+                    value: Versioned { value, version },
+                });
             }
+            if conflict.is_none() {
+                meta.insert(LAST_VERSION, version)?;
+            }
+            conflict
         };
-        let Some(version) = version else {
+        if let Some(key) = conflict {
             txn.abort()?;
-            return Ok(Outcome::Conflict);
-        };
+            return Ok(Outcome::Conflict(key));
+        }
         txn.commit()?;
         // No receivers is fine: nobody is watching.
-        let _ = self.events.send(WatchEvent::Put {
-            key,
-            value: Versioned { value, version },
-        });
-        Ok(Outcome::Done(version))
+        for e in events {
+            let _ = self.events.send(e);
+        }
+        Ok(Outcome::Done(versions))
     }
 
     fn delete(&self, key: String) -> Result<(), redb::Error> {
@@ -231,23 +272,50 @@ impl Store for FileStore {
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
         let inner = self.inner.clone();
         let p = prefix.to_string();
-        blocking(move || inner.list(&p))
+        blocking(move || inner.list(&p, None, usize::MAX))
+            .await?
+            .map_err(read_err(prefix))
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let inner = self.inner.clone();
+        let p = prefix.to_string();
+        let a = after.map(str::to_string);
+        blocking(move || inner.list(&p, a.as_deref(), limit))
             .await?
             .map_err(read_err(prefix))
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<u64, StoreError> {
-        let inner = self.inner.clone();
-        let k = key.to_string();
-        match blocking(move || inner.put(k, value, pre))
-            .await?
-            .map_err(write_err(key))?
-        {
-            Outcome::Done(version) => Ok(version),
-            Outcome::Conflict => Err(StoreError::Conflict {
-                key: key.to_string(),
-            }),
+        let versions = self.put_all(vec![(key.to_string(), value, pre)]).await?;
+        Ok(versions[0])
+    }
+
+    async fn put_all(
+        &self,
+        writes: Vec<(String, Vec<u8>, Precondition)>,
+    ) -> Result<Vec<u64>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
         }
+        let first = writes[0].0.clone();
+        let inner = self.inner.clone();
+        match blocking(move || inner.put_all(writes))
+            .await?
+            .map_err(write_err(&first))?
+        {
+            Outcome::Done(versions) => Ok(versions),
+            Outcome::Conflict(key) => Err(StoreError::Conflict { key }),
+        }
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -299,6 +367,35 @@ mod tests {
             .expect("watch event within 5s")
             .expect("watch stream open")
             .expect("watch event ok")
+    }
+
+    #[tokio::test]
+    async fn put_many_writes_every_key_with_new_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(&dir.path().join("s.redb")).await.unwrap();
+        let v0 = store
+            .put("a", b"0".to_vec(), Precondition::Any)
+            .await
+            .unwrap();
+        let mut w = store.watch("");
+        store
+            .put_many(vec![
+                ("a".into(), b"1".to_vec()),
+                ("b".into(), b"2".to_vec()),
+            ])
+            .await
+            .unwrap();
+        let a = store.get("a").await.unwrap().unwrap();
+        let b = store.get("b").await.unwrap().unwrap();
+        assert_eq!(
+            (a.value.as_slice(), b.value.as_slice()),
+            (&b"1"[..], &b"2"[..])
+        );
+        assert!(v0 < a.version && a.version < b.version);
+        assert_eq!(next(&mut w).await.key(), "a");
+        assert_eq!(next(&mut w).await.key(), "b");
+        let v = store.put("c", vec![], Precondition::Any).await.unwrap();
+        assert!(v > b.version);
     }
 
     #[tokio::test]

@@ -118,8 +118,26 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
     /// All keys with this prefix, in key order, as one consistent snapshot.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
+    /// At most `limit` keys with this prefix that sort strictly after `after` (from the first
+    /// key when `None`), in key order. Pages are not one snapshot: follow a prefix by watching
+    /// first (see above) and paging through it, to read any number of keys in bounded memory.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError>;
     /// Compare-and-swap put; returns the new version. Conflict when the precondition fails.
     async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<u64, StoreError>;
+    /// Several compare-and-swap puts in one atomic transaction: all are written, or none
+    /// (`Conflict` when any precondition fails). Returns the new versions in order. At most
+    /// [`Store::max_batch`] writes, each key at most once.
+    async fn put_all(
+        &self,
+        writes: Vec<(String, Vec<u8>, Precondition)>,
+    ) -> Result<Vec<u64>, StoreError>;
+    /// The most writes one [`Store::put_all`] takes.
+    fn max_batch(&self) -> usize;
     /// Removes the key; removing an absent key succeeds and changes nothing.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Changes under prefix from now on. An `Err` item is the last one: the watcher missed or may

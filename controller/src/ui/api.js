@@ -87,7 +87,7 @@ function markDown(key, down) {
 
 /**
  * Reads `GET /api/v1/events` until `signal` aborts, reconnecting with backoff.
- * `handlers`: { job(job), agents(list), open() } — `open` runs on every (re)connect so the caller
+ * `handlers`: { job(job), removed(id), agents(list), open() } — `open` runs on every (re)connect so the caller
  * can re-read what it shows and miss nothing that changed while disconnected.
  */
 export async function events(query, handlers, signal) {
@@ -145,6 +145,7 @@ function dispatch(block, handlers) {
     return;
   }
   if (kind === "job" && handlers.job) handlers.job(value);
+  if (kind === "removed" && handlers.removed) handlers.removed(value.id);
   if (kind === "agents" && handlers.agents) handlers.agents(value.agents || []);
 }
 

@@ -205,7 +205,15 @@ export async function runPage(main, params, signal) {
   }
 
   update(job);
-  events(`job=${encodeURIComponent(id)}`, { job: update }, signal);
+  events(`job=${encodeURIComponent(id)}`, {
+    job: update,
+    removed: () => {
+      reason.hidden = false;
+      reason.className = "reason failed";
+      fill(reason, "this run was deleted");
+      stop.hidden = true;
+    },
+  }, signal);
   followLog(id, () => job, (n) => {
     if (n > 1) log.separator(`attempt ${n}`);
   }, (text) => log.append(text), signal);

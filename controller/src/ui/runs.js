@@ -113,6 +113,13 @@ export function runsPage(main, params, signal) {
       upsert(job, false);
       empty.hidden = rows.size > 0;
     },
+    removed: (id) => {
+      const had = rows.get(id);
+      if (!had) return;
+      had.tr.remove();
+      rows.delete(id);
+      empty.hidden = rows.size > 0;
+    },
   }, signal);
 
   const timer = setInterval(() => {

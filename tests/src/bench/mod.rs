@@ -3,8 +3,10 @@
 //!
 //! - `stats`: percentiles of samples and the plain-text result table.
 //! - `fleet`: a synthetic fleet and backlog for the placement benchmark.
+//! - `history`: finished job records shaped like real ones, for the history benchmark.
 //! - `lines`: the numbered-line log generator (a Python script) and its streaming checker.
 
 pub mod fleet;
+pub mod history;
 pub mod lines;
 pub mod stats;

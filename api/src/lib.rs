@@ -1,0 +1,31 @@
+//! The HTTP API's types: what `/api/v1` accepts and returns, as the controller serves it and
+//! every client (the CLI, tests) reads it. The OpenAPI document is generated from these types
+//! (`openapi`), never written by hand.
+//!
+//! Invariant: an API type is separate from the record the controller stores (`runyard_model`);
+//! each view is built by a `From<&Record>` conversion, so a stored record can change without
+//! changing the API. The job spec is the exception on purpose: it *is* the submit request, and
+//! `runyard_model::JobSpec` validation stays the one validator of every entry point.
+//!
+//! - `job`: `JobView` (a job as the API shows it), `JobPage` (one page of the job list) and
+//!   `JobRemoved` (the `removed` event).
+//! - `agent`: `AgentView` and `AgentList`.
+//! - `metrics`: the metric history of a job's current attempt.
+//! - `error`: `ErrorBody`, the body of every error response.
+//! - `query`: the query parameters of each route.
+//! - `openapi`: the document's shared parts: components, the bearer scheme, reusable responses.
+
+pub mod agent;
+pub mod error;
+pub mod job;
+pub mod metrics;
+pub mod openapi;
+pub mod query;
+
+pub use agent::{AgentList, AgentView};
+pub use error::ErrorBody;
+pub use job::{JobPage, JobRemoved, JobView};
+pub use metrics::MetricsResponse;
+pub use query::{EventsQuery, ListJobsQuery, LogsQuery, MetricsSvgQuery};
+/// The body of `POST /api/v1/jobs`: the job spec, checked by its one validator.
+pub use runyard_model::JobSpec as SubmitRequest;
