@@ -190,9 +190,10 @@ mod tests {
         let line = |step: u64, v: f64| {
             format!(r#"{{"type":"metrics","step":{step},"values":{{"loss":{v}}}}}"#)
         };
+        const JOB: &str = "01hzx3k8m9q2r4s5t6v7w8x9yz";
         store
             .append(
-                "01hzx3k8m9q2r4s5t6v7w8x9yz",
+                JOB,
                 1,
                 0,
                 2,
@@ -200,19 +201,13 @@ mod tests {
             )
             .await
             .unwrap();
-        let s = folder
-            .series(&store, "01hzx3k8m9q2r4s5t6v7w8x9yz", 1)
-            .await
-            .unwrap();
+        let s = folder.series(&store, JOB, 1).await.unwrap();
         assert_eq!(s["loss"].len(), 2);
         store
-            .append("01hzx3k8m9q2r4s5t6v7w8x9yz", 1, 2, 1, line(3, 0.3).into())
+            .append(JOB, 1, 2, 1, line(3, 0.3).into())
             .await
             .unwrap();
-        let s = folder
-            .series(&store, "01hzx3k8m9q2r4s5t6v7w8x9yz", 1)
-            .await
-            .unwrap();
+        let s = folder.series(&store, JOB, 1).await.unwrap();
         let steps: Vec<Option<u64>> = s["loss"].iter().map(|p| p.step).collect();
         assert_eq!(steps, [Some(1), Some(2), Some(3)]);
         // The cached state read up to the end: nothing is parsed twice.

@@ -135,43 +135,31 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
 
-    if opts.latency || opts.logs {
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("cannot start the runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if let Err(e) = rt.block_on(cluster_benches(&opts, &mut rows, &mut notes)) {
-            fail(&mut rows, &mut notes, "cluster benchmarks", e);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
         }
+    };
+    if (opts.latency || opts.logs)
+        && let Err(e) = rt.block_on(cluster_benches(&opts, &mut rows, &mut notes))
+    {
+        fail(&mut rows, &mut notes, "cluster benchmarks", e);
     }
     if opts.placement {
         placement(&opts, &mut rows, &mut notes);
     }
-    if opts.placement || opts.history {
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("cannot start the runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if opts.placement {
-            rt.block_on(applied_placement(&opts, &mut rows, &mut notes));
-        }
-        if opts.history
-            && let Err(e) = rt.block_on(history(&opts, &mut rows, &mut notes))
-        {
-            fail(&mut rows, &mut notes, "history", e);
-        }
+    if opts.placement {
+        rt.block_on(applied_placement(&opts, &mut rows, &mut notes));
+    }
+    if opts.history
+        && let Err(e) = rt.block_on(history(&opts, &mut rows, &mut notes))
+    {
+        fail(&mut rows, &mut notes, "history", e);
     }
 
     println!();

@@ -75,6 +75,17 @@ async fn stored(store: &dyn Store, id: &str) -> Job {
     serde_json::from_slice(&v.value).unwrap()
 }
 
+/// Another writer renames the job to "renamed elsewhere", behind the view's back.
+async fn rename_elsewhere(store: &dyn Store, id: &str) {
+    let mut other = stored(store, id).await;
+    other.name = "renamed elsewhere".into();
+    let value = serde_json::to_vec(&other).unwrap();
+    store
+        .put(&format!("jobs/{id}"), value, Precondition::Any)
+        .await
+        .unwrap();
+}
+
 /// A write that committed but whose answer was lost is reported as done, and the next writes of
 /// that job succeed (before: every later compare-and-swap on the job conflicted forever).
 async fn committed_but_timed_out_write(b: Backend) {
@@ -123,16 +134,7 @@ async fn conflict_re_reads_and_retries(b: Backend) {
     jobs.create(new_job("job1", 1)).await.unwrap();
 
     // Someone else renames the job behind this controller's back...
-    let mut other = stored(&*b.store, "job1").await;
-    other.name = "renamed elsewhere".into();
-    b.store
-        .put(
-            "jobs/job1",
-            serde_json::to_vec(&other).unwrap(),
-            Precondition::Any,
-        )
-        .await
-        .unwrap();
+    rename_elsewhere(&*b.store, "job1").await;
     // ...and another write gets in first during the next update as well.
     faulty.arm("jobs/job1", Fault::OtherWriterFirst);
     let mut calls = 0;
@@ -308,16 +310,7 @@ async fn batched_updates(b: Backend) {
         assert_eq!(stored(&*b.store, id).await.reason.as_deref(), Some("one"));
     }
 
-    let mut other = stored(&*b.store, "job3").await;
-    other.name = "renamed elsewhere".into();
-    b.store
-        .put(
-            "jobs/job3",
-            serde_json::to_vec(&other).unwrap(),
-            Precondition::Any,
-        )
-        .await
-        .unwrap();
+    rename_elsewhere(&*b.store, "job3").await;
     let results = jobs.update_many(&ids, reason("two")).await;
     assert!(results.iter().all(|r| matches!(r, Ok(Some(_)))));
     for id in &ids {
