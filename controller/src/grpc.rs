@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use runyard_model::{AgentInfo, FailureKind, GpuInfo, Job, JobStatus, Timestamp, is_job_id};
+use runyard_model::{AgentInfo, FailureKind, GpuInfo, Job, Timestamp, is_job_id};
 use runyard_proto::v1::{self, agent_message, controller_message::Msg};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,10 +31,14 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::agents::AdmitError;
 use crate::artifacts::ArtifactError;
+use crate::attach::{self, Missing};
 use crate::executor::{Controller, assign_message};
 use crate::logs::Appended;
-use crate::reconcile::{self, Action, AttemptState, AttemptStatus, Reply};
+use crate::reconcile::{self, AttemptState, AttemptStatus, Reply};
 use crate::tokens::token_eq;
+
+/// Grace period of a stop about an attempt whose job spec is not at hand.
+const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
 
 /// Outbound messages buffered per session (more wait in the agent's backlog, see `agents`).
 const SESSION_BUFFER: usize = 4096;
@@ -436,55 +440,75 @@ impl Session {
             }
         }
         let now = Timestamp::now();
-        for job in self.ctl.jobs.active() {
-            if job.agent.as_deref() != Some(&self.name)
-                || !job.status.is_on_agent()
-                || held.contains(&(job.id.clone(), job.attempt))
-            {
-                continue;
-            }
-            if job.status == JobStatus::Scheduled {
-                self.send(assign_message(&job).msg.expect("assign")).await;
-                continue;
-            }
-            // The agent came back without this attempt (it restarted): the attempt is lost.
-            let lose = Action::Lose {
-                job: job.id.clone(),
-                attempt: job.attempt,
+        let active = self.ctl.jobs.active();
+        for m in attach::missing(&active, &self.name, &held) {
+            let lose = match m {
+                Missing::Resend(id) => {
+                    if let Some(job) = active.iter().find(|j| j.id == id) {
+                        self.send(assign_message(job).msg.expect("assign")).await;
+                    }
+                    continue;
+                }
+                Missing::Lose(action) => action,
             };
             match self
                 .ctl
                 .jobs
-                .update(&job.id, |j| {
+                .update(lose.job(), |j| {
                     reconcile::apply(j, &lose, now).map(|n| (n, ()))
                 })
                 .await
             {
                 Ok(Some((j, ()))) => {
-                    warn!(job = %j.id, attempt = job.attempt, "agent returned without the attempt; marked lost")
+                    warn!(job = %j.id, attempt = j.attempt, "agent returned without the attempt; marked lost")
                 }
                 Ok(None) => {}
-                Err(error) => warn!(job = %job.id, %error, "cannot mark attempt lost"),
+                Err(error) => warn!(job = %lose.job(), %error, "cannot mark attempt lost"),
             }
         }
     }
 
     /// An attempt the agent holds but has not reported on yet: fence it if it is not current.
     async fn fence_unknown(&self, job_id: &str, attempt: u32) {
-        let current = self.ctl.jobs.get(job_id).is_some_and(|j| {
-            j.attempt == attempt
-                && j.agent.as_deref() == Some(&self.name)
-                && j.status.is_on_agent()
-                && j.status != JobStatus::Stopping
-        });
+        let current = self
+            .ctl
+            .jobs
+            .get(job_id)
+            .is_some_and(|j| attach::is_current(&j, &self.name, attempt));
         if !current {
-            self.send(Msg::Stop(v1::Stop {
-                job_id: job_id.into(),
-                attempt,
-                grace_ms: 10_000,
-                reason: "attempt replaced".into(),
-            }))
-            .await;
+            self.reply(Reply::Stop, job_id, attempt, None, "attempt replaced")
+                .await;
+        }
+    }
+
+    /// Sends what reconcile answered about an attempt.
+    async fn reply(
+        &self,
+        reply: Reply,
+        job_id: &str,
+        attempt: u32,
+        grace: Option<Duration>,
+        reason: &str,
+    ) {
+        let (job_id, grace_ms) = (
+            job_id.to_string(),
+            grace.map_or(DEFAULT_STOP_GRACE_MS, |g| g.as_millis() as u64),
+        );
+        match reply {
+            Reply::Nothing => {}
+            Reply::Release => {
+                self.send(Msg::Release(v1::Release { job_id, attempt }))
+                    .await
+            }
+            Reply::Stop => {
+                self.send(Msg::Stop(v1::Stop {
+                    job_id,
+                    attempt,
+                    grace_ms,
+                    reason: reason.into(),
+                }))
+                .await
+            }
         }
     }
 
@@ -606,18 +630,10 @@ impl Session {
             Ok(_) => {}
             // Not a job of this controller: nothing to change; let the agent stop and forget it.
             Err(Refusal::UnknownJob) => {
-                let (job_id, attempt) = (st.job_id, st.attempt);
-                let msg = if status.state.is_terminal() {
-                    Msg::Release(v1::Release { job_id, attempt })
-                } else {
-                    Msg::Stop(v1::Stop {
-                        job_id,
-                        attempt,
-                        grace_ms: 10_000,
-                        reason: "unknown job".into(),
-                    })
-                };
-                return self.send(msg).await;
+                let reply = attach::unknown_job_reply(status.state.is_terminal());
+                return self
+                    .reply(reply, &st.job_id, st.attempt, None, "unknown job")
+                    .await;
             }
             Err(why) => return refused(&self.name, "status", &st.job_id, st.attempt, &why),
         }
@@ -634,7 +650,7 @@ impl Session {
                 .lines(&st.job_id, st.attempt)
                 .await
                 .unwrap_or(0);
-            if have < st.log_lines || reports < st.report_lines {
+            if !attach::lines_complete((have, reports), (st.log_lines, st.report_lines)) {
                 // Not all lines are here yet: the agent resends the status after the lines.
                 warn!(job = %st.job_id, attempt = st.attempt, have, want = st.log_lines, reports, "terminal status before its lines; waiting");
                 return;
@@ -685,28 +701,15 @@ impl Session {
             info!(job = %job.id, attempt = st.attempt, status = %job.status, exit_code = ?job.exit_code, reason = ?job.reason, "job status");
             self.ctl.kick();
         }
-        match reply {
-            Reply::Nothing => {}
-            Reply::Release => {
-                self.send(Msg::Release(v1::Release {
-                    job_id: st.job_id,
-                    attempt: st.attempt,
-                }))
-                .await
-            }
-            Reply::Stop => {
-                let grace_ms = job
-                    .map(|j| j.spec.stop_grace.as_millis() as u64)
-                    .unwrap_or(10_000);
-                self.send(Msg::Stop(v1::Stop {
-                    job_id: st.job_id,
-                    attempt: st.attempt,
-                    grace_ms,
-                    reason: "stopped by the controller".into(),
-                }))
-                .await
-            }
-        }
+        let grace = job.map(|j| j.spec.stop_grace);
+        self.reply(
+            reply,
+            &st.job_id,
+            st.attempt,
+            grace,
+            "stopped by the controller",
+        )
+        .await;
     }
 }
 
@@ -731,7 +734,7 @@ fn attempt_status(st: &v1::StatusUpdate) -> Option<AttemptStatus> {
 
 #[cfg(test)]
 mod tests {
-    use runyard_model::JobSpec;
+    use runyard_model::{JobSpec, JobStatus};
 
     use super::*;
     use crate::{agents, artifacts, jobs, logs, reconcile, store};

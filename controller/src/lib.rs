@@ -1,9 +1,10 @@
 //! The Runyard controller: keeps the list of jobs, places them on agents, and serves the HTTP API.
 //!
 //! - `store`: the narrow state-store interface, with an embedded (redb) and an etcd backend.
-//! - `jobs`: the job table, cached in memory and written through to the store.
+//! - `jobs`: the job table: a view that follows the store (watch), finished jobs by index only.
 //! - `agents`: the registry of agents: enrolment, one live session each, message delivery.
 //! - `artifacts`: the best checkpoint of each attempt, verified by size and sha256.
+//! - `attach`: the session's decisions (re-registration, fencing, the terminal-status gate), pure.
 //! - `logs`: per-attempt log files with sequence-numbered, idempotent appends.
 //! - `reports`: report lines folded into jobs in batches; metric history parsed incrementally.
 //! - `scheduler`: pure placement of one job onto the fleet's free capacity.
@@ -26,6 +27,7 @@ use tracing::{Instrument, info, info_span};
 
 pub mod agents;
 pub mod artifacts;
+pub mod attach;
 pub mod executor;
 pub mod grpc;
 pub mod history;
