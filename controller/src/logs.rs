@@ -37,12 +37,48 @@ struct Inner {
     root: PathBuf,
     /// Bytes an attempt's file may reach before lines are dropped.
     limit: u64,
-    /// Per (job, attempt), loaded lazily from the files.
-    state: Mutex<HashMap<(String, u32), AttemptLog>>,
+    /// Per (job, attempt), loaded lazily from the files; a bounded cache (see `remember`).
+    state: Mutex<States>,
     /// Bumped on every append to a job, for followers.
     notify: Mutex<HashMap<String, watch::Sender<u64>>>,
     /// Serializes appends per process; appends are short.
     write: tokio::sync::Mutex<()>,
+}
+
+/// Attempts whose state stays cached; beyond it, the least recently changed half is dropped
+/// (the files are the truth: a dropped state is loaded again when needed).
+const STATES_CACHED: usize = 8192;
+
+/// Cached attempt states with the tick of their last change.
+#[derive(Default)]
+struct States {
+    map: HashMap<(String, u32), (AttemptLog, u64)>,
+    tick: u64,
+}
+
+impl States {
+    fn get(&self, key: &(String, u32)) -> Option<AttemptLog> {
+        self.map.get(key).map(|(s, _)| *s)
+    }
+
+    /// Records a state; `fresh`: only if none is cached (a load racing a change loses).
+    fn remember(&mut self, key: (String, u32), s: AttemptLog, fresh: bool) -> AttemptLog {
+        self.tick += 1;
+        let tick = self.tick;
+        let kept = if fresh {
+            self.map.entry(key).or_insert((s, tick)).0
+        } else {
+            self.map.insert(key, (s, tick));
+            s
+        };
+        if self.map.len() > STATES_CACHED {
+            let mut ticks: Vec<u64> = self.map.values().map(|(_, t)| *t).collect();
+            let (_, median, _) = ticks.select_nth_unstable(STATES_CACHED / 2);
+            let cut = *median;
+            self.map.retain(|_, (_, t)| *t > cut);
+        }
+        kept
+    }
 }
 
 /// What is known of one attempt's log.
@@ -86,7 +122,7 @@ impl LogStore {
             inner: Arc::new(Inner {
                 root,
                 limit,
-                state: Mutex::new(HashMap::new()),
+                state: Mutex::new(States::default()),
                 notify: Mutex::new(HashMap::new()),
                 write: tokio::sync::Mutex::new(()),
             }),
@@ -110,13 +146,13 @@ impl LogStore {
         check(job)?;
         let key = (job.to_string(), attempt);
         if let Some(s) = self.inner.state.lock().unwrap().get(&key) {
-            return Ok(*s);
+            return Ok(s);
         }
         let (path, acked_path) = (self.path(job, attempt), self.acked_path(job, attempt));
         let s = tokio::task::spawn_blocking(move || load_state(&path, &acked_path))
             .await
             .map_err(io::Error::other)??;
-        Ok(*self.inner.state.lock().unwrap().entry(key).or_insert(s))
+        Ok(self.inner.state.lock().unwrap().remember(key, s, true))
     }
 
     /// Writes the marker line if lines of the attempt were dropped (once; idempotent). Call it
@@ -157,6 +193,7 @@ impl LogStore {
             .state
             .lock()
             .unwrap()
+            .map
             .retain(|(j, _), _| j != job);
         let dir = self.inner.root.join(job);
         tokio::task::spawn_blocking(move || match fs::remove_dir_all(&dir) {
@@ -173,7 +210,7 @@ impl LogStore {
             .state
             .lock()
             .unwrap()
-            .insert((job.to_string(), attempt), s);
+            .remember((job.to_string(), attempt), s, false);
         let notify = self.inner.notify.lock().unwrap();
         if let Some(tx) = notify.get(job) {
             tx.send_modify(|v| *v += 1);
@@ -403,6 +440,48 @@ mod tests {
 
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn the_state_cache_is_bounded_and_keeps_the_recently_changed() {
+        let mut states = States::default();
+        let one = AttemptLog {
+            acked: 1,
+            ..AttemptLog::default()
+        };
+        for i in 0..STATES_CACHED * 3 {
+            states.remember((format!("job{i}"), 1), one, false);
+            // One attempt keeps changing: it is never the one dropped.
+            states.remember(("busy".into(), 1), one, false);
+        }
+        assert!(states.map.len() <= STATES_CACHED);
+        assert!(states.get(&("busy".into(), 1)).is_some());
+        assert!(
+            states
+                .get(&(format!("job{}", STATES_CACHED * 3 - 1), 1))
+                .is_some()
+        );
+        assert!(states.get(&("job0".into(), 1)).is_none());
+        // A load never replaces a state a change recorded meanwhile.
+        let newer = AttemptLog {
+            acked: 9,
+            ..AttemptLog::default()
+        };
+        states.remember(("busy".into(), 1), newer, false);
+        assert_eq!(states.remember(("busy".into(), 1), one, true).acked, 9);
+    }
+
+    #[tokio::test]
+    async fn evicted_states_load_again_from_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path()).unwrap();
+        logs.append(J, 1, 0, 2, Bytes::from("a\nb")).await.unwrap();
+        logs.inner.state.lock().unwrap().map.clear();
+        assert_eq!(logs.lines(J, 1).await.unwrap(), 2);
+        assert_eq!(
+            logs.append(J, 1, 1, 2, Bytes::from("b\nc")).await.unwrap(),
+            Appended::Through(3)
+        );
+    }
 
     #[tokio::test]
     async fn appends_are_idempotent_and_gapless() {
