@@ -278,6 +278,11 @@ impl Agents {
         agents.get(name).map(|e| e.info.last_seen)
     }
 
+    /// Queues a command to the agent's live session, as its wire message; false if it has none.
+    pub fn command(&self, name: &str, cmd: &runyard_model::AgentCommand) -> bool {
+        self.send(name, runyard_proto::command_to_wire(cmd))
+    }
+
     /// Queues a message to the agent's live session; false if it has none. Never drops a
     /// message for a live session: what does not fit waits for `forward`, in order.
     pub fn send(&self, name: &str, msg: ControllerMessage) -> bool {

@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use runyard_model::{Desired, Job, JobSpec, JobStatus, Timestamp};
-use runyard_proto::v1::{self, controller_message::Msg};
+use runyard_model::{AgentCommand, Job, JobSpec, JobStatus, Timestamp};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -90,14 +89,6 @@ impl Controller {
         }
     }
 
-    /// The store of a line stream.
-    pub fn stream(&self, stream: v1::Stream) -> &LogStore {
-        match stream {
-            v1::Stream::Log => &self.logs,
-            v1::Stream::Report => &self.reports,
-        }
-    }
-
     /// Asks the loop for a pass soon.
     pub fn kick(&self) {
         self.kick.notify_one();
@@ -144,7 +135,7 @@ impl Controller {
         if let Some(agent) = &job.agent
             && job.status == JobStatus::Stopping
         {
-            self.agents.send(agent, stop_message(job));
+            self.agents.command(agent, &AgentCommand::stop(job));
         }
     }
 
@@ -193,7 +184,7 @@ impl Controller {
             match action {
                 Action::Place { agent, .. } => {
                     info!(job = %job.id, attempt = job.attempt, %agent, gpus = ?job.gpus, "job placed");
-                    self.agents.send(agent, assign_message(&job));
+                    self.agents.command(agent, &AgentCommand::assign(&job));
                 }
                 Action::Lose { .. } => {
                     warn!(job = %job.id, attempt = job.attempt, status = %job.status, reason = ?job.reason, "attempt lost")
@@ -236,32 +227,5 @@ impl Controller {
                 debug!(failed, "reconcile pass done with failed actions");
             }
         }
-    }
-}
-
-pub fn assign_message(job: &Job) -> v1::ControllerMessage {
-    v1::ControllerMessage {
-        msg: Some(Msg::Assign(v1::Assign {
-            job_id: job.id.clone(),
-            attempt: job.attempt,
-            spec: Some(runyard_proto::spec_to_wire(&job.spec)),
-            gpus: job.gpus.clone(),
-        })),
-    }
-}
-
-pub fn stop_message(job: &Job) -> v1::ControllerMessage {
-    let reason = if job.desired == Desired::Stop {
-        "stopped by user"
-    } else {
-        "attempt replaced"
-    };
-    v1::ControllerMessage {
-        msg: Some(Msg::Stop(v1::Stop {
-            job_id: job.id.clone(),
-            attempt: job.attempt,
-            grace_ms: job.spec.stop_grace.as_millis() as u64,
-            reason: reason.into(),
-        })),
     }
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use runyard_model::{AgentInfo, FailureKind, GpuInfo, Job, Timestamp, is_job_id};
+use runyard_model::{AgentCommand, AgentInfo, FailureKind, GpuInfo, Job, Timestamp, is_job_id};
 use runyard_proto::v1::{self, agent_message, controller_message::Msg};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,10 +32,18 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::agents::AdmitError;
 use crate::artifacts::ArtifactError;
 use crate::attach::{self, Missing};
-use crate::executor::{Controller, assign_message};
+use crate::executor::Controller;
 use crate::logs::Appended;
 use crate::reconcile::{self, AttemptState, AttemptStatus, Reply};
 use crate::tokens::token_eq;
+
+/// The controller's store of a line stream.
+fn line_store(ctl: &Controller, stream: v1::Stream) -> &crate::logs::LogStore {
+    match stream {
+        v1::Stream::Log => &ctl.logs,
+        v1::Stream::Report => &ctl.reports,
+    }
+}
 
 /// Grace period of a stop about an attempt whose job spec is not at hand.
 const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
@@ -420,9 +428,7 @@ impl Session {
             }
             held.insert((a.job_id.clone(), a.attempt));
             for stream in [v1::Stream::Log, v1::Stream::Report] {
-                let next = self
-                    .ctl
-                    .stream(stream)
+                let next = line_store(&self.ctl, stream)
                     .lines(&a.job_id, a.attempt)
                     .await
                     .unwrap_or(0);
@@ -445,7 +451,10 @@ impl Session {
             let lose = match m {
                 Missing::Resend(id) => {
                     if let Some(job) = active.iter().find(|j| j.id == id) {
-                        self.send(assign_message(job).msg.expect("assign")).await;
+                        let wire = runyard_proto::command_to_wire(&AgentCommand::assign(job));
+                        if let Some(msg) = wire.msg {
+                            self.send(msg).await;
+                        }
                     }
                     continue;
                 }
@@ -591,7 +600,7 @@ impl Session {
                 return Ok(());
             }
         }
-        let store = self.ctl.stream(stream);
+        let store = line_store(&self.ctl, stream);
         let before = store.lines(&c.job_id, c.attempt).await.unwrap_or(0);
         let appended = store
             .append(&c.job_id, c.attempt, c.first_seq, c.count, c.data.clone())

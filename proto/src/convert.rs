@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use runyard_model::{Compute, GpuInfo, JobSpec};
+use runyard_model::{AgentCommand, Compute, GpuInfo, JobSpec};
 
 use crate::v1;
 
@@ -11,6 +11,36 @@ use crate::v1;
 pub struct ConvertError {
     pub field: &'static str,
     pub message: String,
+}
+
+/// The wire message of a command to an agent.
+pub fn command_to_wire(c: &AgentCommand) -> v1::ControllerMessage {
+    use v1::controller_message::Msg;
+    let msg = match c {
+        AgentCommand::Assign {
+            job_id,
+            attempt,
+            spec,
+            gpus,
+        } => Msg::Assign(v1::Assign {
+            job_id: job_id.clone(),
+            attempt: *attempt,
+            spec: Some(spec_to_wire(spec)),
+            gpus: gpus.clone(),
+        }),
+        AgentCommand::Stop {
+            job_id,
+            attempt,
+            grace,
+            reason,
+        } => Msg::Stop(v1::Stop {
+            job_id: job_id.clone(),
+            attempt: *attempt,
+            grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+            reason: reason.clone(),
+        }),
+    };
+    v1::ControllerMessage { msg: Some(msg) }
 }
 
 pub fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
@@ -94,6 +124,32 @@ mod tests {
         .unwrap();
         let back = spec_from_wire(spec_to_wire(&spec)).unwrap();
         assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn commands_become_their_wire_messages() {
+        use v1::controller_message::Msg;
+        let spec = JobSpec::from_json(br#"{"repo":"file:///r","script":"t.py","stop_grace":"3s"}"#)
+            .unwrap();
+        let mut job =
+            runyard_model::Job::new("j".into(), spec.clone(), runyard_model::Timestamp(1));
+        job.attempt = 2;
+        job.gpus = vec![1, 3];
+        match command_to_wire(&AgentCommand::assign(&job)).msg {
+            Some(Msg::Assign(a)) => {
+                assert_eq!((a.job_id.as_str(), a.attempt, a.gpus), ("j", 2, vec![1, 3]));
+                assert_eq!(spec_from_wire(a.spec.unwrap()).unwrap(), spec);
+            }
+            other => panic!("{other:?}"),
+        }
+        job.desired = runyard_model::Desired::Stop;
+        match command_to_wire(&AgentCommand::stop(&job)).msg {
+            Some(Msg::Stop(s)) => {
+                assert_eq!((s.attempt, s.grace_ms), (2, 3000));
+                assert_eq!(s.reason, "stopped by user");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1,0 +1,53 @@
+//! What the controller tells an agent to do, as domain nouns; the session turns these into wire
+//! messages (`runyard_proto::command_to_wire`), so the core never builds one.
+
+use std::time::Duration;
+
+use crate::job::{Desired, Job};
+use crate::spec::JobSpec;
+
+/// An order for one attempt on one agent. Both are idempotent on the agent.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentCommand {
+    /// Run attempt `attempt` of the job with these GPUs.
+    Assign {
+        job_id: String,
+        attempt: u32,
+        spec: Box<JobSpec>,
+        gpus: Vec<u32>,
+    },
+    /// Stop the attempt: SIGTERM, `grace`, then SIGKILL.
+    Stop {
+        job_id: String,
+        attempt: u32,
+        grace: Duration,
+        reason: String,
+    },
+}
+
+impl AgentCommand {
+    /// Run the job's current attempt.
+    pub fn assign(job: &Job) -> AgentCommand {
+        AgentCommand::Assign {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            spec: Box::new(job.spec.clone()),
+            gpus: job.gpus.clone(),
+        }
+    }
+
+    /// Stop the job's current attempt, saying why.
+    pub fn stop(job: &Job) -> AgentCommand {
+        let reason = if job.desired == Desired::Stop {
+            "stopped by user"
+        } else {
+            "attempt replaced"
+        };
+        AgentCommand::Stop {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            grace: job.spec.stop_grace,
+            reason: reason.into(),
+        }
+    }
+}
