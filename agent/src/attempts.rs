@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use runyard_model::AttemptStatus;
 use runyard_proto::v1;
 use tokio::sync::{Notify, watch};
 
@@ -28,7 +29,7 @@ pub struct Attempt {
     pub spool: Spool,
     /// Report lines (progress, metrics, checkpoints, environment) as JSON.
     pub reports: Spool,
-    status: Mutex<(v1::StatusUpdate, u64)>,
+    status: Mutex<(AttemptStatus, u64)>,
     pub stop: watch::Sender<Option<StopRequest>>,
     /// GPU indices the attempt holds.
     pub gpus: Vec<u32>,
@@ -48,16 +49,12 @@ impl Attempt {
         self.spool.acked() >= self.spool.lines() && self.reports.acked() >= self.reports.lines()
     }
 
-    pub fn status(&self) -> (v1::StatusUpdate, u64) {
+    pub fn status(&self) -> (AttemptStatus, u64) {
         self.status.lock().unwrap().clone()
     }
 
     pub fn is_terminal(&self) -> bool {
-        let s = self.status.lock().unwrap();
-        matches!(
-            v1::AttemptState::try_from(s.0.state),
-            Ok(v1::AttemptState::Succeeded | v1::AttemptState::Failed | v1::AttemptState::Stopped)
-        )
+        self.status.lock().unwrap().0.state.is_terminal()
     }
 }
 
@@ -87,12 +84,7 @@ impl Attempts {
         if map.contains_key(&key) {
             return None;
         }
-        let status = v1::StatusUpdate {
-            job_id: job_id.to_string(),
-            attempt,
-            state: v1::AttemptState::Preparing as i32,
-            ..Default::default()
-        };
+        let status = AttemptStatus::preparing(attempt);
         let a = Arc::new(Attempt {
             job_id: job_id.to_string(),
             attempt,
@@ -122,7 +114,7 @@ impl Attempts {
     }
 
     /// Updates an attempt's status and wakes the pump.
-    pub fn set_status(&self, a: &Attempt, f: impl FnOnce(&mut v1::StatusUpdate)) {
+    pub fn set_status(&self, a: &Attempt, f: impl FnOnce(&mut AttemptStatus)) {
         {
             let mut s = a.status.lock().unwrap();
             f(&mut s.0);

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runyard_model::report::{self, Best, Report};
-use runyard_model::{FailureKind, JobSpec};
-use runyard_proto::v1::AttemptState;
+use runyard_model::{AttemptState, FailureKind, JobSpec};
 use tokio::sync::mpsc;
 use tracing::{Instrument, error, info, warn};
 
@@ -138,10 +137,10 @@ pub async fn supervise(
     };
     error!(job = %a.job_id, attempt = a.attempt, %reason, "attempt task failed");
     attempts.set_status(&a, |s| {
-        s.state = AttemptState::Failed as i32;
+        s.state = AttemptState::Failed;
         s.exit_code = None;
         s.reason = reason;
-        s.failure = FailureKind::Agent.as_str().into();
+        s.failure = Some(FailureKind::Agent);
         s.log_lines = a.spool.lines();
         s.report_lines = a.reports.lines();
     });
@@ -158,13 +157,10 @@ pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
     let report_lines = a.reports.lines();
     info!(job = %a.job_id, attempt = a.attempt, state = ?end.state, exit_code = ?end.exit_code, reason = %end.reason, lines, "attempt ended");
     svc.attempts.set_status(&a, |s| {
-        s.state = end.state as i32;
+        s.state = end.state;
         s.exit_code = end.exit_code;
         s.reason = end.reason;
-        s.failure = end
-            .failure
-            .map(|f| f.as_str().to_string())
-            .unwrap_or_default();
+        s.failure = end.failure;
         s.log_lines = lines;
         s.report_lines = report_lines;
     });
@@ -282,7 +278,7 @@ async fn execute(
     };
     info!(job = %a.job_id, attempt = a.attempt, pid = proc.pid(), "process started");
     svc.attempts
-        .set_status(a, |s| s.state = AttemptState::Running as i32);
+        .set_status(a, |s| s.state = AttemptState::Running);
 
     let timeout = spec.timeout.unwrap_or(Duration::MAX);
     let end = tokio::select! {
@@ -454,7 +450,8 @@ async fn prepare(
         })?;
     drop(mirror);
     info!(job = %a.job_id, attempt = a.attempt, %commit, "checked out");
-    svc.attempts.set_status(a, |s| s.commit = commit.clone());
+    svc.attempts
+        .set_status(a, |s| s.commit = Some(commit.clone()));
     let script = resolve_script_at(src, &spec.script, &commit)
         .map_err(|m| End::failed(FailureKind::Script, m))?;
     let req_file = match &spec.requirements_file {
@@ -608,8 +605,8 @@ mod tests {
         supervise(attempts.clone(), a.clone(), injected).await;
         assert!(a.is_terminal());
         let (st, _) = a.status();
-        assert_eq!(st.state, AttemptState::Failed as i32);
-        assert_eq!(st.failure, "agent");
+        assert_eq!(st.state, AttemptState::Failed);
+        assert_eq!(st.failure, Some(FailureKind::Agent));
         assert!(
             st.reason.contains("panicked: injected failure"),
             "{}",
@@ -624,9 +621,9 @@ mod tests {
         let b = attempt(&attempts, dir.path(), 2);
         let (svc_attempts, bb) = (attempts.clone(), b.clone());
         let ends = async move {
-            svc_attempts.set_status(&bb, |s| s.state = AttemptState::Succeeded as i32);
+            svc_attempts.set_status(&bb, |s| s.state = AttemptState::Succeeded);
         };
         supervise(attempts.clone(), b.clone(), ends).await;
-        assert_eq!(b.status().0.state, AttemptState::Succeeded as i32);
+        assert_eq!(b.status().0.state, AttemptState::Succeeded);
     }
 }

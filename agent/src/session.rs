@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::RngExt;
+use runyard_model::{AttemptState, AttemptStatus, FailureKind};
 use runyard_proto::v1::{self, agent_message::Msg as Out, controller_message::Msg as In};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -186,7 +187,7 @@ impl SessionLoop {
                     attempt: a.attempt,
                     log_lines: a.spool.lines(),
                     report_lines: a.reports.lines(),
-                    status: Some(status),
+                    status: Some(runyard_proto::status_to_wire(&a.job_id, &status)),
                 }
             })
             .collect();
@@ -232,14 +233,13 @@ impl SessionLoop {
                     }
                     None => {
                         // Never started here (or long gone): confirm it is stopped.
-                        let st = v1::StatusUpdate {
-                            job_id: s.job_id,
-                            attempt: s.attempt,
-                            state: v1::AttemptState::Stopped as i32,
+                        let st = AttemptStatus {
+                            state: AttemptState::Stopped,
                             reason: req.reason,
-                            ..Default::default()
+                            ..AttemptStatus::preparing(s.attempt)
                         };
-                        let _ = tx.send(msg(Out::Status(st))).await;
+                        let wire = runyard_proto::status_to_wire(&s.job_id, &st);
+                        let _ = tx.send(msg(Out::Status(wire))).await;
                     }
                 }
             }
@@ -334,15 +334,14 @@ impl SessionLoop {
         tx: &mpsc::Sender<v1::AgentMessage>,
     ) {
         warn!(job = %job_id, attempt, %reason, "assignment refused");
-        let st = v1::StatusUpdate {
-            job_id: job_id.into(),
-            attempt,
-            state: v1::AttemptState::Failed as i32,
+        let st = AttemptStatus {
+            state: AttemptState::Failed,
             reason,
-            failure: "agent".into(),
-            ..Default::default()
+            failure: Some(FailureKind::Agent),
+            ..AttemptStatus::preparing(attempt)
         };
-        let _ = tx.send(msg(Out::Status(st))).await;
+        let wire = runyard_proto::status_to_wire(job_id, &st);
+        let _ = tx.send(msg(Out::Status(wire))).await;
     }
 }
 
@@ -409,7 +408,8 @@ async fn pump(
             }
             let (status, version) = a.status();
             if version > entry.1 && (!a.is_terminal() || all_sent) {
-                if tx.send(msg(Out::Status(status))).await.is_err() {
+                let wire = runyard_proto::status_to_wire(&a.job_id, &status);
+                if tx.send(msg(Out::Status(wire))).await.is_err() {
                     return;
                 }
                 entry.1 = version;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use runyard_model::{AgentCommand, AgentInfo, FailureKind, GpuInfo, Job, Timestamp, is_job_id};
+use runyard_model::{AgentCommand, AgentInfo, GpuInfo, Job, Timestamp, is_job_id};
 use runyard_proto::v1::{self, agent_message, controller_message::Msg};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,7 +34,7 @@ use crate::artifacts::ArtifactError;
 use crate::attach::{self, Missing};
 use crate::executor::Controller;
 use crate::logs::Appended;
-use crate::reconcile::{self, AttemptState, AttemptStatus, Reply};
+use crate::reconcile::{self, Reply};
 use crate::tokens::token_eq;
 
 /// The controller's store of a line stream.
@@ -631,7 +631,7 @@ impl Session {
     }
 
     async fn status(&self, st: v1::StatusUpdate) {
-        let Some(status) = attempt_status(&st) else {
+        let Some(status) = runyard_proto::status_from_wire(&st) else {
             warn!(job = %st.job_id, state = st.state, "status update with an unknown state");
             return;
         };
@@ -720,25 +720,6 @@ impl Session {
         )
         .await;
     }
-}
-
-fn attempt_status(st: &v1::StatusUpdate) -> Option<AttemptStatus> {
-    let state = match v1::AttemptState::try_from(st.state).ok()? {
-        v1::AttemptState::Preparing => AttemptState::Preparing,
-        v1::AttemptState::Running => AttemptState::Running,
-        v1::AttemptState::Succeeded => AttemptState::Succeeded,
-        v1::AttemptState::Failed => AttemptState::Failed,
-        v1::AttemptState::Stopped => AttemptState::Stopped,
-        v1::AttemptState::Unspecified => return None,
-    };
-    Some(AttemptStatus {
-        attempt: st.attempt,
-        state,
-        exit_code: st.exit_code,
-        reason: st.reason.clone(),
-        commit: Some(st.commit.clone()).filter(|c| !c.is_empty()),
-        failure: FailureKind::parse(&st.failure),
-    })
 }
 
 #[cfg(test)]

@@ -293,34 +293,7 @@ pub fn request_stop(job: &Job, now: Timestamp) -> Result<Job, String> {
     Ok(j)
 }
 
-/// What an agent says happened to an attempt.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AttemptStatus {
-    pub attempt: u32,
-    pub state: AttemptState,
-    pub exit_code: Option<i32>,
-    pub reason: String,
-    pub commit: Option<String>,
-    pub failure: Option<FailureKind>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttemptState {
-    Preparing,
-    Running,
-    Succeeded,
-    Failed,
-    Stopped,
-}
-
-impl AttemptState {
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            AttemptState::Succeeded | AttemptState::Failed | AttemptState::Stopped
-        )
-    }
-}
+pub use runyard_model::{AttemptState, AttemptStatus};
 
 /// How to answer the agent after its report.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -472,12 +445,8 @@ mod tests {
 
     fn status(attempt: u32, state: AttemptState) -> AttemptStatus {
         AttemptStatus {
-            attempt,
             state,
-            exit_code: None,
-            reason: String::new(),
-            commit: None,
-            failure: None,
+            ..AttemptStatus::preparing(attempt)
         }
     }
 

@@ -1,5 +1,6 @@
 //! Runyard's domain nouns. This crate does no I/O and depends on nothing else in the workspace.
 //!
+//! - `attempt`: an attempt's status as its agent reports it.
 //! - `command`: what the controller tells an agent to do (assign, stop).
 //! - `compute`: what a job asks for (`cpu-small`, `gpu`, `gpu:N`).
 //! - `spec`: the job spec users submit, its parsing and validation.
@@ -9,6 +10,7 @@
 //! - `time`: wall-clock timestamps as stored and shown (RFC 3339 in JSON).
 
 pub mod agent;
+pub mod attempt;
 pub mod command;
 pub mod compute;
 pub mod job;
@@ -17,6 +19,7 @@ pub mod spec;
 pub mod time;
 
 pub use agent::{AgentInfo, AgentRecord, GpuInfo};
+pub use attempt::{AttemptState, AttemptStatus};
 pub use command::AgentCommand;
 pub use compute::Compute;
 pub use job::{Desired, FailureKind, Job, JobStatus, Placed, is_job_id};

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use runyard_model::{AgentCommand, Compute, GpuInfo, JobSpec};
+use runyard_model::{
+    AgentCommand, AttemptState, AttemptStatus, Compute, FailureKind, GpuInfo, JobSpec,
+};
 
 use crate::v1;
 
@@ -11,6 +13,53 @@ use crate::v1;
 pub struct ConvertError {
     pub field: &'static str,
     pub message: String,
+}
+
+/// The wire status of an attempt of job `job_id`.
+pub fn status_to_wire(job_id: &str, s: &AttemptStatus) -> v1::StatusUpdate {
+    let state = match s.state {
+        AttemptState::Preparing => v1::AttemptState::Preparing,
+        AttemptState::Running => v1::AttemptState::Running,
+        AttemptState::Succeeded => v1::AttemptState::Succeeded,
+        AttemptState::Failed => v1::AttemptState::Failed,
+        AttemptState::Stopped => v1::AttemptState::Stopped,
+    };
+    v1::StatusUpdate {
+        job_id: job_id.to_string(),
+        attempt: s.attempt,
+        state: state as i32,
+        exit_code: s.exit_code,
+        reason: s.reason.clone(),
+        commit: s.commit.clone().unwrap_or_default(),
+        log_lines: s.log_lines,
+        failure: s
+            .failure
+            .map(|f| f.as_str().to_string())
+            .unwrap_or_default(),
+        report_lines: s.report_lines,
+    }
+}
+
+/// An attempt's status from the wire; `None` for a state this version does not know.
+pub fn status_from_wire(w: &v1::StatusUpdate) -> Option<AttemptStatus> {
+    let state = match v1::AttemptState::try_from(w.state).ok()? {
+        v1::AttemptState::Preparing => AttemptState::Preparing,
+        v1::AttemptState::Running => AttemptState::Running,
+        v1::AttemptState::Succeeded => AttemptState::Succeeded,
+        v1::AttemptState::Failed => AttemptState::Failed,
+        v1::AttemptState::Stopped => AttemptState::Stopped,
+        v1::AttemptState::Unspecified => return None,
+    };
+    Some(AttemptStatus {
+        attempt: w.attempt,
+        state,
+        exit_code: w.exit_code,
+        reason: w.reason.clone(),
+        commit: Some(w.commit.clone()).filter(|c| !c.is_empty()),
+        failure: FailureKind::parse(&w.failure),
+        log_lines: w.log_lines,
+        report_lines: w.report_lines,
+    })
 }
 
 /// The wire message of a command to an agent.
@@ -124,6 +173,30 @@ mod tests {
         .unwrap();
         let back = spec_from_wire(spec_to_wire(&spec)).unwrap();
         assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        let s = AttemptStatus {
+            attempt: 3,
+            state: AttemptState::Failed,
+            exit_code: Some(2),
+            reason: "script exited with code 2".into(),
+            commit: Some("abc".into()),
+            failure: Some(FailureKind::Exit),
+            log_lines: 10,
+            report_lines: 4,
+        };
+        let w = status_to_wire("j", &s);
+        assert_eq!(w.job_id, "j");
+        assert_eq!(status_from_wire(&w), Some(s));
+        let fresh = AttemptStatus::preparing(1);
+        assert_eq!(status_from_wire(&status_to_wire("j", &fresh)), Some(fresh));
+        let unknown = v1::StatusUpdate {
+            state: 99,
+            ..Default::default()
+        };
+        assert_eq!(status_from_wire(&unknown), None);
     }
 
     #[test]
