@@ -41,8 +41,31 @@ struct Inner {
     state: Mutex<States>,
     /// Bumped on every append to a job, for followers.
     notify: Mutex<HashMap<String, watch::Sender<u64>>>,
-    /// Serializes appends per process; appends are short.
-    write: tokio::sync::Mutex<()>,
+    /// Serializes appends per process; appends are short. Holds the ids of removed jobs (most
+    /// recent `REMOVED_KEPT`), so a chunk that raced a delete is acknowledged, not written.
+    write: tokio::sync::Mutex<Removed>,
+}
+
+/// Jobs whose lines were removed, remembered so that no late append recreates their files.
+const REMOVED_KEPT: usize = 16_384;
+
+#[derive(Default)]
+struct Removed {
+    ids: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Removed {
+    fn insert(&mut self, job: &str) {
+        if self.ids.insert(job.to_string()) {
+            self.order.push_back(job.to_string());
+        }
+        while self.order.len() > REMOVED_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
 }
 
 /// Attempts whose state stays cached; beyond it, the least recently changed half is dropped
@@ -124,7 +147,7 @@ impl LogStore {
                 limit,
                 state: Mutex::new(States::default()),
                 notify: Mutex::new(HashMap::new()),
-                write: tokio::sync::Mutex::new(()),
+                write: tokio::sync::Mutex::new(Removed::default()),
             }),
         })
     }
@@ -158,7 +181,10 @@ impl LogStore {
     /// Writes the marker line if lines of the attempt were dropped (once; idempotent). Call it
     /// when every line of the attempt is acknowledged, before its end is made visible.
     pub async fn seal(&self, job: &str, attempt: u32) -> io::Result<()> {
-        let _w = self.inner.write.lock().await;
+        let w = self.inner.write.lock().await;
+        if w.ids.contains(job) {
+            return Ok(());
+        }
         let mut s = self.state(job, attempt).await?;
         if s.sealed || s.dropped() == 0 {
             return Ok(());
@@ -188,7 +214,8 @@ impl LogStore {
     /// Removes every attempt's lines of a job.
     pub async fn remove(&self, job: &str) -> io::Result<()> {
         check(job)?;
-        let _w = self.inner.write.lock().await;
+        let mut w = self.inner.write.lock().await;
+        w.insert(job);
         self.inner
             .state
             .lock()
@@ -226,7 +253,11 @@ impl LogStore {
         count: u32,
         data: bytes::Bytes,
     ) -> io::Result<Appended> {
-        let _w = self.inner.write.lock().await;
+        let w = self.inner.write.lock().await;
+        if w.ids.contains(job) {
+            // The job was deleted while these lines travelled: acknowledge, keep nothing.
+            return Ok(Appended::Through(first_seq + u64::from(count)));
+        }
         let mut s = self.state(job, attempt).await?;
         let have = s.acked;
         if first_seq > have {
@@ -468,6 +499,24 @@ mod tests {
         };
         states.remember(("busy".into(), 1), newer, false);
         assert_eq!(states.remember(("busy".into(), 1), one, true).acked, 9);
+    }
+
+    #[tokio::test]
+    async fn lines_that_arrive_after_a_remove_are_acknowledged_and_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path()).unwrap();
+        logs.append(J, 1, 0, 2, Bytes::from("a\nb")).await.unwrap();
+        logs.remove(J).await.unwrap();
+        assert!(!dir.path().join(J).exists());
+        // A chunk that raced the delete: acknowledged through its end, nothing recreated.
+        assert_eq!(
+            logs.append(J, 1, 2, 3, Bytes::from("c\nd\ne"))
+                .await
+                .unwrap(),
+            Appended::Through(5)
+        );
+        logs.seal(J, 1).await.unwrap();
+        assert!(!dir.path().join(J).exists());
     }
 
     #[tokio::test]
