@@ -197,10 +197,13 @@ impl Controller {
             }
         }
         // Forget the backoff of jobs that finished or went away.
-        self.retry
-            .lock()
-            .unwrap()
-            .retain(|id, _| jobs.iter().any(|j| j.id == *id));
+        let mut retry = self.retry.lock().unwrap();
+        if !retry.is_empty() {
+            let active: std::collections::HashSet<&str> =
+                jobs.iter().map(|j| j.id.as_str()).collect();
+            retry.retain(|id, _| active.contains(id.as_str()));
+        }
+        drop(retry);
         failed
     }
 

@@ -504,7 +504,7 @@ impl Jobs {
             .await
         {
             Ok(v) => v,
-            Err(StoreError::Conflict { key }) => return Err(StoreError::Conflict { key }.into()),
+            Err(e @ StoreError::Conflict { .. }) => return Err(e.into()),
             Err(error) => match self.settle(&job.id, &value).await {
                 Settled::Committed(v) => v,
                 Settled::NotCommitted | Settled::Unknown => return Err(error.into()),

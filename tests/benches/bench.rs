@@ -102,6 +102,20 @@ impl Opts {
     }
 }
 
+/// The benchmark's tokio runtime; `None` (and a message) if it cannot start.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -137,15 +151,8 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
 
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
     };
     if (opts.latency || opts.logs)
         && let Err(e) = rt.block_on(cluster_benches(&opts, &mut rows, &mut notes))
@@ -829,15 +836,8 @@ async fn applied_run(kind: &str) -> anyhow::Result<f64> {
 /// The child process of the history case: a controller on `dir` and nothing else; prints its
 /// HTTP address on the first line of stdout.
 fn history_child(dir: &std::path::Path) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let result: anyhow::Result<()> = rt.block_on(async {
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
