@@ -247,7 +247,6 @@ async fn execute(
         report_file,
         svc.attempts.clone(),
         a.clone(),
-        spec.clone(),
         tail_done.clone(),
     ));
     let spawned = JobProcess::spawn(
@@ -311,12 +310,17 @@ async fn tail_reports(
     path: PathBuf,
     attempts: Attempts,
     a: Arc<Attempt>,
-    spec: JobSpec,
     done: tokio_util::sync::CancellationToken,
 ) -> Option<Best> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     // The same fold as the controller's, to know which checkpoint is the best one to upload.
-    let mut summary = runyard_model::Job::new(a.job_id.clone(), spec, runyard_model::Timestamp(0));
+    let mut summary = runyard_model::Placement::new(
+        &a.job_id,
+        a.attempt,
+        "",
+        Vec::new(),
+        runyard_model::Timestamp(0),
+    );
     let mut offset = 0u64;
     let mut partial: Vec<u8> = Vec::new();
     loop {

@@ -11,7 +11,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use runyard_model::report::{self, Report};
-use runyard_model::{Job, JobSpec, Timestamp};
+use runyard_model::{Placement, Timestamp};
 
 /// Bound of a plain Python script.
 const PLAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -137,9 +137,8 @@ fn reports(path: &Path) -> Vec<Report> {
         .collect()
 }
 
-fn fold(lines: &[Report]) -> Job {
-    let spec = JobSpec::from_json(br#"{"repo":"file:///r","script":"train.py"}"#).unwrap();
-    let mut job = Job::new("j".into(), spec, Timestamp(0));
+fn fold(lines: &[Report]) -> Placement {
+    let mut job = Placement::new("j", 1, "a", Vec::new(), Timestamp(0));
     for l in lines {
         report::apply(&mut job, l);
     }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use runyard_model::{AgentCommand, Job, JobSpec, JobStatus, Timestamp};
+use runyard_model::{AgentCommand, Job, JobSpec, JobState, JobStatus, Timestamp};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -98,7 +98,7 @@ impl Controller {
         let id = ulid::Ulid::new().to_string().to_lowercase();
         let job = self
             .jobs
-            .create(Job::new(id, spec, Timestamp::now()))
+            .create(JobState::new(id, spec, Timestamp::now()))
             .await?;
         info!(job = %job.id, name = %job.name, compute = %job.spec.compute, "job submitted");
         self.kick();
@@ -142,8 +142,8 @@ impl Controller {
     /// One reconcile pass: plan, apply, notify agents. An action that fails puts its job in
     /// backoff and the pass goes on with the others; returns how many actions failed.
     pub async fn reconcile_once(&self) -> usize {
-        let jobs = self.jobs.active();
-        let refs: Vec<&Job> = jobs.iter().collect();
+        let jobs = self.jobs.active_states();
+        let refs: Vec<&JobState> = jobs.iter().collect();
         let agents = self.agents.views();
         let now = Timestamp::now();
         let plan = reconcile::reconcile(&refs, &agents, now, self.agent_ttl);
@@ -160,7 +160,7 @@ impl Controller {
         let results = self
             .jobs
             .update_many(&ids, |j| {
-                let action = by_id.get(j.id.as_str())?;
+                let action = by_id.get(j.id())?;
                 reconcile::apply(j, action, now).map(|n| (n, ()))
             })
             .await;
@@ -199,8 +199,7 @@ impl Controller {
         // Forget the backoff of jobs that finished or went away.
         let mut retry = self.retry.lock().unwrap();
         if !retry.is_empty() {
-            let active: std::collections::HashSet<&str> =
-                jobs.iter().map(|j| j.id.as_str()).collect();
+            let active: std::collections::HashSet<&str> = jobs.iter().map(|j| j.id()).collect();
             retry.retain(|id, _| active.contains(id.as_str()));
         }
         drop(retry);

@@ -782,8 +782,8 @@ mod tests {
         ctl.agents.disconnect("a", id, seen).await;
         let views = ctl.agents.views();
         assert!(!views[0].connected);
-        let jobs = ctl.jobs.active();
-        let refs: Vec<&runyard_model::Job> = jobs.iter().collect();
+        let jobs = ctl.jobs.active_states();
+        let refs: Vec<&runyard_model::JobState> = jobs.iter().collect();
         let at = |ms: u64| Timestamp(seen.0 + ms);
         let ttl_ms = TTL.as_millis() as u64;
         let lose = reconcile::Action::Lose {

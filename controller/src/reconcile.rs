@@ -1,5 +1,6 @@
-//! The job state machine: a pure reconcile `(snapshot, now) -> plan`, and the pure transitions
-//! that apply a planned action or an agent's status report to a job. No I/O, no clock reads, no
+//! The job state machine: a pure reconcile `(intents with their placements, agents, now) ->
+//! plan`, and the pure transitions that apply a planned action or an agent's status report to a
+//! job's state (`JobState`: its intent and current placement). No I/O, no clock reads, no
 //! randomness: the executor (`executor.rs`) persists results and talks to agents.
 //!
 //! ```text
@@ -10,6 +11,10 @@
 //!     └──────────────── failed by the script, retries left
 //!  desired=stop: pending|lost ─▶ stopped;  on an agent ─▶ stopping ─agent─▶ stopped
 //! ```
+//! These are the job's states (its intent's `status`). Each placement keeps its attempt's own
+//! status: a placement ends `succeeded`, `failed`, `stopped` or `lost`, and a job placed again
+//! starts a new placement (`Place`), so an attempt's record is never rewritten by the next one.
+//!
 //! Every action names the attempt it was planned for; applying it to a job that has moved on is a
 //! no-op, so actions are idempotent and a stale plan can never undo newer state.
 
@@ -17,9 +22,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use runyard_model::job::MAX_LOST;
-use runyard_model::{Desired, FailureKind, Job, JobStatus, Timestamp};
+use runyard_model::{Desired, FailureKind, JobState, JobStatus, Placed, Placement, Timestamp};
 
-use crate::scheduler::{self, Capacity, Placement};
+use crate::scheduler::{self, Capacity};
 
 /// An agent as reconcile sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +39,8 @@ pub struct AgentView {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// pending -> scheduled as attempt `attempt` on `agent`, then tell the agent.
+    /// pending -> scheduled as attempt `attempt` on `agent` (a new placement), then tell the
+    /// agent.
     Place {
         job: String,
         attempt: u32,
@@ -63,9 +69,11 @@ impl Action {
     }
 }
 
-/// Plans the next actions. Pending jobs are placed oldest first.
+/// Plans the next actions. Pending jobs are placed oldest first. A job whose current placement
+/// is not known yet (the view caught between two writes of one transaction) is left for the next
+/// pass: it may hold resources that reconcile cannot see.
 pub fn reconcile(
-    jobs: &[&Job],
+    jobs: &[&JobState],
     agents: &[AgentView],
     now: Timestamp,
     agent_ttl: Duration,
@@ -91,30 +99,40 @@ pub fn reconcile(
         .map(|(i, a)| (a.name.as_str(), i))
         .collect();
 
-    for job in jobs {
+    let complete: Vec<&JobState> = jobs
+        .iter()
+        .copied()
+        .filter(|s| !s.is_incomplete())
+        .collect();
+    for s in &complete {
+        let (job, Some(p)) = (&s.intent, s.current()) else {
+            continue;
+        };
         if job.status.is_on_agent() {
-            let agent = job.agent.as_deref().unwrap_or("");
-            if expired(agent) {
+            if expired(&p.agent) {
                 plan.push(Action::Lose {
                     job: job.id.clone(),
                     attempt: job.attempt,
                 });
-            } else if let Some(&i) = index.get(agent) {
-                fleet[i].hold(job.spec.compute, &job.gpus);
+            } else if let Some(&i) = index.get(p.agent.as_str()) {
+                fleet[i].hold(job.spec.compute, &p.gpus);
             }
         }
     }
 
-    let mut pending: Vec<&&Job> = jobs
+    let mut pending: Vec<&JobState> = complete
         .iter()
-        .filter(|j| j.status == JobStatus::Pending)
+        .copied()
+        .filter(|s| s.intent.status == JobStatus::Pending)
         .collect();
     pending.sort_by(|a, b| {
-        a.created_at
-            .cmp(&b.created_at)
-            .then_with(|| a.id.cmp(&b.id))
+        a.intent
+            .created_at
+            .cmp(&b.intent.created_at)
+            .then_with(|| a.intent.id.cmp(&b.intent.id))
     });
-    for job in jobs {
+    for s in &complete {
+        let job = &s.intent;
         match (job.status, job.desired) {
             (JobStatus::Pending | JobStatus::Lost, Desired::Stop) => plan.push(Action::Cancel {
                 job: job.id.clone(),
@@ -126,18 +144,19 @@ pub fn reconcile(
             _ => {}
         }
     }
-    for job in pending {
+    for s in pending {
+        let job = &s.intent;
         if job.desired == Desired::Stop {
             continue;
         }
         match scheduler::place(job.spec.compute, &mut fleet) {
-            Placement::Placed { agent, gpus } => plan.push(Action::Place {
+            scheduler::Placement::Placed { agent, gpus } => plan.push(Action::Place {
                 job: job.id.clone(),
                 attempt: job.attempt + 1,
                 agent,
                 gpus,
             }),
-            Placement::Wait(reason) => {
+            scheduler::Placement::Wait(reason) => {
                 if job.reason.as_deref() != Some(reason.as_str()) {
                     plan.push(Action::Wait {
                         job: job.id.clone(),
@@ -151,8 +170,9 @@ pub fn reconcile(
 }
 
 /// Applies a planned action to the job's current state. `None`: nothing to do (the job moved on).
-pub fn apply(job: &Job, action: &Action, now: Timestamp) -> Option<Job> {
-    let mut j = job.clone();
+pub fn apply(state: &JobState, action: &Action, now: Timestamp) -> Option<JobState> {
+    let job = &state.intent;
+    let mut s = state.clone();
     match action {
         Action::Place {
             attempt,
@@ -166,33 +186,25 @@ pub fn apply(job: &Job, action: &Action, now: Timestamp) -> Option<Job> {
             {
                 return None;
             }
-            j.status = JobStatus::Scheduled;
-            j.attempt = *attempt;
-            j.agent = Some(agent.clone());
-            j.placements.push(runyard_model::Placed {
-                attempt: *attempt,
-                agent: agent.clone(),
-            });
-            j.gpus = gpus.clone();
-            j.reason = None;
-            j.failure = None;
-            j.exit_code = None;
-            j.scheduled_at = Some(now);
-            j.started_at = None;
-            j.finished_at = None;
-            // A new attempt reports afresh.
-            j.progress = None;
-            j.metrics.clear();
-            j.best = None;
-            j.best_callback = None;
-            j.environment = None;
-            j.report_offset = 0;
+            if let Some(p) = s.placement.take() {
+                s.earlier.push(Placed {
+                    attempt: p.attempt,
+                    agent: p.agent,
+                });
+            }
+            s.placement = Some(Placement::new(&job.id, *attempt, agent, gpus.clone(), now));
+            let i = &mut s.intent;
+            i.status = JobStatus::Scheduled;
+            i.attempt = *attempt;
+            i.reason = None;
+            i.failure = None;
+            i.finished_at = None;
         }
         Action::Wait { reason, .. } => {
             if job.status != JobStatus::Pending {
                 return None;
             }
-            j.reason = Some(reason.clone());
+            s.intent.reason = Some(reason.clone());
         }
         Action::Cancel { .. } => {
             if !matches!(job.status, JobStatus::Pending | JobStatus::Lost)
@@ -200,10 +212,9 @@ pub fn apply(job: &Job, action: &Action, now: Timestamp) -> Option<Job> {
             {
                 return None;
             }
-            finish(
-                &mut j,
+            s.intent.finish(
                 JobStatus::Stopped,
-                "stopped by user before it ran",
+                Some("stopped by user before it ran".into()),
                 None,
                 now,
             );
@@ -212,21 +223,24 @@ pub fn apply(job: &Job, action: &Action, now: Timestamp) -> Option<Job> {
             if !job.status.is_on_agent() || job.attempt != *attempt {
                 return None;
             }
-            let agent = job.agent.clone().unwrap_or_default();
+            let p = s.placement.as_mut()?;
+            let agent = p.agent.clone();
+            let lost = format!("agent {agent} lost (no heartbeat); attempt {attempt} abandoned");
+            p.end(JobStatus::Lost, Some(lost.clone()), None, now);
+            p.updated_at = now;
             if job.status == JobStatus::Stopping || job.desired == Desired::Stop {
-                finish(
-                    &mut j,
+                s.intent.finish(
                     JobStatus::Stopped,
-                    &format!("stopped by user; agent {agent} was lost before confirming"),
+                    Some(format!(
+                        "stopped by user; agent {agent} was lost before confirming"
+                    )),
                     None,
                     now,
                 );
             } else {
-                j.status = JobStatus::Lost;
-                j.lost_count += 1;
-                j.reason = Some(format!(
-                    "agent {agent} lost (no heartbeat); attempt {attempt} abandoned"
-                ));
+                s.intent.status = JobStatus::Lost;
+                s.intent.lost_count += 1;
+                s.intent.reason = Some(lost);
             }
         }
         Action::Requeue { attempt, .. } => {
@@ -234,63 +248,51 @@ pub fn apply(job: &Job, action: &Action, now: Timestamp) -> Option<Job> {
                 return None;
             }
             if job.lost_count >= MAX_LOST {
-                finish(
-                    &mut j,
+                s.intent.finish(
                     JobStatus::Failed,
-                    &format!("agent lost {} times; giving up", job.lost_count),
+                    Some(format!("agent lost {} times; giving up", job.lost_count)),
                     Some(FailureKind::AgentLost),
                     now,
                 );
             } else {
-                j.status = JobStatus::Pending;
-                j.agent = None;
-                j.gpus.clear();
-                j.reason = Some(format!(
+                s.intent.status = JobStatus::Pending;
+                s.intent.reason = Some(format!(
                     "attempt {attempt} lost with its agent; placing attempt {}",
                     attempt + 1
                 ));
             }
         }
     }
-    j.updated_at = now;
-    Some(j)
+    s.intent.updated_at = now;
+    Some(s)
 }
 
-fn finish(
-    j: &mut Job,
-    status: JobStatus,
-    reason: &str,
-    failure: Option<FailureKind>,
-    now: Timestamp,
-) {
-    j.status = status;
-    j.reason = Some(reason.to_string());
-    j.failure = failure;
-    j.finished_at = Some(now);
-}
-
-/// A user asks to stop the job. Returns the new job, or an error message for a finished job.
-pub fn request_stop(job: &Job, now: Timestamp) -> Result<Job, String> {
+/// A user asks to stop the job. Returns the new state, or an error message for a finished job.
+pub fn request_stop(state: &JobState, now: Timestamp) -> Result<JobState, String> {
+    let job = &state.intent;
     if job.status.is_terminal() {
         return Err(format!("job {} already {}", job.id, job.status));
     }
-    let mut j = job.clone();
-    j.desired = Desired::Stop;
+    let mut s = state.clone();
+    s.intent.desired = Desired::Stop;
     match job.status {
-        JobStatus::Pending | JobStatus::Lost => finish(
-            &mut j,
+        JobStatus::Pending | JobStatus::Lost => s.intent.finish(
             JobStatus::Stopped,
-            "stopped by user before it ran",
+            Some("stopped by user before it ran".into()),
             None,
             now,
         ),
         _ => {
-            j.status = JobStatus::Stopping;
-            j.reason = Some("stopping at user's request".into());
+            s.intent.status = JobStatus::Stopping;
+            s.intent.reason = Some("stopping at user's request".into());
+            if let Some(p) = s.placement.as_mut() {
+                p.status = JobStatus::Stopping;
+                p.updated_at = now;
+            }
         }
     }
-    j.updated_at = now;
-    Ok(j)
+    s.intent.updated_at = now;
+    Ok(s)
 }
 
 pub use runyard_model::{AttemptState, AttemptStatus};
@@ -305,17 +307,18 @@ pub enum Reply {
     Stop,
 }
 
-/// Applies an agent's report. Returns the new job (if it changed) and the reply.
+/// Applies an agent's report of one attempt. Returns the new state (if it changed) and the reply.
 pub fn on_status(
-    job: &Job,
+    state: &JobState,
     st: &AttemptStatus,
     agent: &str,
     now: Timestamp,
-) -> (Option<Job>, Reply) {
-    let current = st.attempt == job.attempt
-        && job.agent.as_deref() == Some(agent)
-        && job.status.is_on_agent();
-    if !current {
+) -> (Option<JobState>, Reply) {
+    let job = &state.intent;
+    let current = state
+        .current()
+        .filter(|p| st.attempt == job.attempt && p.agent == agent && job.status.is_on_agent());
+    if current.is_none() {
         // A stale attempt (fencing): stop it if it still runs, else let the agent forget it.
         return (
             None,
@@ -326,20 +329,20 @@ pub fn on_status(
             },
         );
     }
-    let mut j = job.clone();
+    let mut s = state.clone();
+    let (i, p) = (&mut s.intent, s.placement.as_mut().expect("checked above"));
     if let Some(c) = &st.commit {
-        j.commit = Some(c.clone());
+        p.commit = Some(c.clone());
     }
     let reply = match st.state {
         AttemptState::Preparing | AttemptState::Running => {
             if job.status == JobStatus::Stopping {
                 // Keep `stopping`; remind the agent.
-                j.commit = st.commit.clone().or(j.commit);
-                if j == *job {
+                if s == *state {
                     return (None, Reply::Stop);
                 }
-                j.updated_at = now;
-                return (Some(j), Reply::Stop);
+                s.placement.as_mut().expect("checked above").updated_at = now;
+                return (Some(s), Reply::Stop);
             }
             let status = if st.state == AttemptState::Running {
                 JobStatus::Running
@@ -349,76 +352,90 @@ pub fn on_status(
             if job.status == JobStatus::Running && status == JobStatus::Preparing {
                 return (None, Reply::Nothing);
             }
-            j.status = status;
-            if status == JobStatus::Running && j.started_at.is_none() {
-                j.started_at = Some(now);
+            i.status = status;
+            p.status = status;
+            if status == JobStatus::Running && p.started_at.is_none() {
+                p.started_at = Some(now);
             }
             Reply::Nothing
         }
         AttemptState::Succeeded => {
-            j.exit_code = st.exit_code;
-            finish(&mut j, JobStatus::Succeeded, "", None, now);
-            j.reason = None;
+            p.exit_code = st.exit_code;
+            p.end(JobStatus::Succeeded, None, None, now);
+            i.finish(JobStatus::Succeeded, None, None, now);
             Reply::Release
         }
         AttemptState::Stopped => {
-            j.exit_code = st.exit_code;
+            p.exit_code = st.exit_code;
             let reason = if st.reason.is_empty() {
                 "stopped by user".to_string()
             } else {
                 st.reason.clone()
             };
-            finish(&mut j, JobStatus::Stopped, &reason, None, now);
+            p.end(JobStatus::Stopped, Some(reason.clone()), None, now);
+            i.finish(JobStatus::Stopped, Some(reason), None, now);
             Reply::Release
         }
         AttemptState::Failed => {
-            j.exit_code = st.exit_code;
+            p.exit_code = st.exit_code;
+            let failure = st.failure.or(Some(FailureKind::Agent));
+            p.end(JobStatus::Failed, Some(st.reason.clone()), failure, now);
             let retryable = matches!(st.failure, Some(FailureKind::Exit | FailureKind::Timeout));
             if retryable {
-                j.failures += 1;
+                i.failures += 1;
             }
-            if retryable && job.desired == Desired::Run && j.failures <= job.spec.retries {
-                j.status = JobStatus::Pending;
-                j.agent = None;
-                j.gpus.clear();
-                j.failure = st.failure;
-                j.reason = Some(format!(
+            if retryable && job.desired == Desired::Run && i.failures <= job.spec.retries {
+                i.status = JobStatus::Pending;
+                i.failure = st.failure;
+                i.reason = Some(format!(
                     "attempt {} failed: {}; retry {} of {}",
-                    st.attempt, st.reason, j.failures, job.spec.retries
+                    st.attempt, st.reason, i.failures, job.spec.retries
                 ));
             } else {
-                finish(
-                    &mut j,
-                    JobStatus::Failed,
-                    &st.reason,
-                    st.failure.or(Some(FailureKind::Agent)),
-                    now,
-                );
+                i.finish(JobStatus::Failed, Some(st.reason.clone()), failure, now);
             }
             Reply::Release
         }
     };
-    if j == *job {
+    if s == *state {
         return (None, reply);
     }
-    j.updated_at = now;
-    (Some(j), reply)
+    if s.intent != state.intent {
+        s.intent.updated_at = now;
+    }
+    if s.placement != state.placement
+        && let Some(p) = s.placement.as_mut()
+    {
+        p.updated_at = now;
+    }
+    (Some(s), reply)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use runyard_model::JobSpec;
+    use runyard_model::{Job, JobSpec};
 
     const TTL: Duration = Duration::from_secs(30);
 
-    fn job(id: &str, compute: &str, created: u64) -> Job {
+    fn job(id: &str, compute: &str, created: u64) -> JobState {
         let spec = JobSpec::from_json(
             format!(r#"{{"repo":"file:///r","script":"t.py","compute":"{compute}","retries":1}}"#)
                 .as_bytes(),
         )
         .unwrap();
-        Job::new(id.into(), spec, Timestamp(created))
+        JobState::new(id.into(), spec, Timestamp(created))
+    }
+
+    /// A job whose attempt `attempt` is on `agent` in `status`.
+    fn placed(id: &str, attempt: u32, agent: &str, status: JobStatus) -> JobState {
+        let mut s = job(id, "cpu-small", 1);
+        s.intent.status = status;
+        s.intent.attempt = attempt;
+        let mut p = Placement::new(id, attempt, agent, vec![], Timestamp(1));
+        p.status = status;
+        s.placement = Some(p);
+        s
     }
 
     fn agent(name: &str, slots: u32, gpus: Vec<u32>) -> AgentView {
@@ -431,16 +448,20 @@ mod tests {
         }
     }
 
-    fn run_plan(jobs: &mut [Job], agents: &[AgentView], now: u64) -> Vec<Action> {
-        let refs: Vec<&Job> = jobs.iter().collect();
+    fn run_plan(jobs: &mut [JobState], agents: &[AgentView], now: u64) -> Vec<Action> {
+        let refs: Vec<&JobState> = jobs.iter().collect();
         let plan = reconcile(&refs, agents, Timestamp(now), TTL);
         for a in &plan {
-            let j = jobs.iter_mut().find(|j| j.id == a.job()).unwrap();
+            let j = jobs.iter_mut().find(|j| j.id() == a.job()).unwrap();
             if let Some(n) = apply(j, a, Timestamp(now)) {
                 *j = n;
             }
         }
         plan
+    }
+
+    fn views(jobs: &[JobState]) -> Vec<Job> {
+        jobs.iter().map(JobState::view).collect()
     }
 
     fn status(attempt: u32, state: AttemptState) -> AttemptStatus {
@@ -454,10 +475,18 @@ mod tests {
     fn oldest_pending_job_is_placed_first() {
         let mut jobs = vec![job("b", "cpu-small", 2), job("a", "cpu-small", 1)];
         run_plan(&mut jobs, &[agent("x", 1, vec![])], 10);
-        assert_eq!(jobs[1].status, JobStatus::Scheduled);
-        assert_eq!(jobs[1].attempt, 1);
-        assert_eq!(jobs[0].status, JobStatus::Pending);
-        assert!(jobs[0].reason.as_deref().unwrap().contains("cpu-small"));
+        let v = views(&jobs);
+        assert_eq!(v[1].status, JobStatus::Scheduled);
+        assert_eq!(v[1].attempt, 1);
+        assert_eq!(v[0].status, JobStatus::Pending);
+        assert!(v[0].reason.as_deref().unwrap().contains("cpu-small"));
+        // The placement is its own record; the intent only names its number.
+        let p = jobs[1].placement.as_ref().unwrap();
+        assert_eq!(
+            (p.attempt, p.agent.as_str(), p.status),
+            (1, "x", JobStatus::Scheduled)
+        );
+        assert!(jobs[0].placement.is_none());
     }
 
     #[test]
@@ -474,11 +503,11 @@ mod tests {
         let mut jobs = vec![job("a", "gpu", 1), job("b", "gpu", 2), job("c", "gpu", 3)];
         let agents = [agent("x", 0, vec![0, 1])];
         run_plan(&mut jobs, &agents, 10);
-        let held: Vec<Vec<u32>> = jobs.iter().map(|j| j.gpus.clone()).collect();
+        let held: Vec<Vec<u32>> = views(&jobs).iter().map(|j| j.gpus.clone()).collect();
         assert_eq!(held, vec![vec![0], vec![1], vec![]]);
         // Next pass: c still waits, a and b keep their GPUs.
         run_plan(&mut jobs, &agents, 11);
-        assert_eq!(jobs[2].status, JobStatus::Pending);
+        assert_eq!(jobs[2].intent.status, JobStatus::Pending);
         // a finishes: its GPU goes to c.
         let (j, _) = on_status(
             &jobs[0],
@@ -488,7 +517,28 @@ mod tests {
         );
         jobs[0] = j.unwrap();
         run_plan(&mut jobs, &agents, 13);
-        assert_eq!(jobs[2].gpus, vec![0]);
+        assert_eq!(jobs[2].view().gpus, vec![0]);
+    }
+
+    #[test]
+    fn a_job_whose_placement_is_not_known_yet_is_left_alone() {
+        // The intent names attempt 1 on an agent, but its placement has not arrived: reconcile
+        // must neither lose it (no agent known) nor give its resources away.
+        let mut s = placed("a", 1, "x", JobStatus::Running);
+        s.placement = None;
+        let waiting = job("b", "cpu-small", 2);
+        let jobs = [&s, &waiting];
+        let plan = reconcile(&jobs, &[agent("x", 1, vec![])], Timestamp(100_000), TTL);
+        assert_eq!(
+            plan,
+            vec![Action::Place {
+                job: "b".into(),
+                attempt: 1,
+                agent: "x".into(),
+                gpus: vec![]
+            }]
+        );
+        assert!(s.is_incomplete());
     }
 
     #[test]
@@ -497,38 +547,41 @@ mod tests {
         let mut agents = vec![agent("x", 1, vec![]), agent("y", 1, vec![])];
         agents[1].connected = false;
         run_plan(&mut jobs, &agents, 1_000);
-        assert_eq!(jobs[0].agent.as_deref(), Some("x"));
+        assert_eq!(jobs[0].view().agent.as_deref(), Some("x"));
         agents[0].connected = false;
         agents[0].last_seen = Timestamp(1_000);
         run_plan(&mut jobs, &agents, 20_000);
         assert_eq!(
-            jobs[0].status,
+            jobs[0].intent.status,
             JobStatus::Scheduled,
             "within the ttl nothing changes"
         );
         agents[1].connected = true;
         run_plan(&mut jobs, &agents, 32_000);
-        assert_eq!(jobs[0].status, JobStatus::Lost);
-        run_plan(&mut jobs, &agents, 33_000);
-        assert_eq!(jobs[0].status, JobStatus::Pending);
-        run_plan(&mut jobs, &agents, 34_000);
+        assert_eq!(jobs[0].intent.status, JobStatus::Lost);
         assert_eq!(
-            (jobs[0].status, jobs[0].agent.as_deref(), jobs[0].attempt),
+            jobs[0].placement.as_ref().unwrap().status,
+            JobStatus::Lost,
+            "the attempt itself is lost"
+        );
+        run_plan(&mut jobs, &agents, 33_000);
+        assert_eq!(jobs[0].intent.status, JobStatus::Pending);
+        assert_eq!(jobs[0].view().agent, None, "waiting for its next attempt");
+        assert_eq!(jobs[0].placement.as_ref().unwrap().status, JobStatus::Lost);
+        run_plan(&mut jobs, &agents, 34_000);
+        let v = jobs[0].view();
+        assert_eq!(
+            (v.status, v.agent.as_deref(), v.attempt),
             (JobStatus::Scheduled, Some("y"), 2)
         );
         // Each attempt remembers its agent: late lines of attempt 1 are still x's.
-        assert_eq!(
-            (jobs[0].placed_on(1), jobs[0].placed_on(2)),
-            (Some("x"), Some("y"))
-        );
+        assert_eq!((v.placed_on(1), v.placed_on(2)), (Some("x"), Some("y")));
     }
 
     #[test]
     fn lost_too_often_fails() {
-        let mut j = job("a", "cpu-small", 1);
-        j.status = JobStatus::Lost;
-        j.lost_count = MAX_LOST;
-        j.attempt = 3;
+        let mut j = placed("a", 3, "x", JobStatus::Lost);
+        j.intent.lost_count = MAX_LOST;
         let n = apply(
             &j,
             &Action::Requeue {
@@ -539,17 +592,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (n.status, n.failure),
+            (n.intent.status, n.intent.failure),
             (JobStatus::Failed, Some(FailureKind::AgentLost))
         );
     }
 
     #[test]
     fn stale_actions_are_no_ops() {
-        let mut j = job("a", "cpu-small", 1);
-        j.status = JobStatus::Running;
-        j.attempt = 2;
-        j.agent = Some("x".into());
+        let j = placed("a", 2, "x", JobStatus::Running);
         assert!(
             apply(
                 &j,
@@ -578,10 +628,7 @@ mod tests {
 
     #[test]
     fn stale_attempt_reports_are_fenced() {
-        let mut j = job("a", "cpu-small", 1);
-        j.status = JobStatus::Running;
-        j.attempt = 2;
-        j.agent = Some("y".into());
+        let j = placed("a", 2, "y", JobStatus::Running);
         assert_eq!(
             on_status(&j, &status(1, AttemptState::Running), "x", Timestamp(5)),
             (None, Reply::Stop)
@@ -598,10 +645,7 @@ mod tests {
 
     #[test]
     fn script_failures_retry_then_fail() {
-        let mut j = job("a", "cpu-small", 1);
-        j.status = JobStatus::Running;
-        j.attempt = 1;
-        j.agent = Some("x".into());
+        let j = placed("a", 1, "x", JobStatus::Running);
         let fail = |attempt| AttemptStatus {
             exit_code: Some(3),
             reason: "script exited with code 3".into(),
@@ -610,67 +654,108 @@ mod tests {
         };
         let (n, reply) = on_status(&j, &fail(1), "x", Timestamp(5));
         let n = n.unwrap();
-        assert_eq!((n.status, reply), (JobStatus::Pending, Reply::Release));
-        assert!(n.reason.as_deref().unwrap().contains("retry 1 of 1"));
-        let mut j2 = n;
-        j2.status = JobStatus::Running;
-        j2.attempt = 2;
-        j2.agent = Some("x".into());
-        let (n, _) = on_status(&j2, &fail(2), "x", Timestamp(6));
-        let n = n.unwrap();
+        assert_eq!(
+            (n.intent.status, reply),
+            (JobStatus::Pending, Reply::Release)
+        );
+        assert!(n.intent.reason.as_deref().unwrap().contains("retry 1 of 1"));
+        // The attempt keeps its own outcome while the job waits for the next one.
+        let p = n.placement.as_ref().unwrap();
+        assert_eq!(
+            (p.status, p.exit_code, p.failure, p.finished_at),
+            (
+                JobStatus::Failed,
+                Some(3),
+                Some(FailureKind::Exit),
+                Some(Timestamp(5))
+            )
+        );
+        let placed_again = apply(
+            &n,
+            &Action::Place {
+                job: "a".into(),
+                attempt: 2,
+                agent: "x".into(),
+                gpus: vec![],
+            },
+            Timestamp(6),
+        )
+        .unwrap();
+        let (running, _) = on_status(
+            &placed_again,
+            &status(2, AttemptState::Running),
+            "x",
+            Timestamp(7),
+        );
+        let (n, _) = on_status(&running.unwrap(), &fail(2), "x", Timestamp(8));
+        let n = n.unwrap().view();
         assert_eq!(
             (n.status, n.exit_code, n.failure),
             (JobStatus::Failed, Some(3), Some(FailureKind::Exit))
         );
+        assert_eq!(n.placed_on(1), Some("x"));
     }
 
     #[test]
     fn env_failures_are_not_retried() {
-        let mut j = job("a", "cpu-small", 1);
-        j.status = JobStatus::Preparing;
-        j.attempt = 1;
-        j.agent = Some("x".into());
+        let j = placed("a", 1, "x", JobStatus::Preparing);
         let st = AttemptStatus {
             failure: Some(FailureKind::Env),
             reason: "no such package".into(),
             ..status(1, AttemptState::Failed)
         };
         assert_eq!(
-            on_status(&j, &st, "x", Timestamp(5)).0.unwrap().status,
+            on_status(&j, &st, "x", Timestamp(5))
+                .0
+                .unwrap()
+                .intent
+                .status,
             JobStatus::Failed
         );
+    }
+
+    #[test]
+    fn a_report_of_the_placement_alone_leaves_the_intent_as_it_was() {
+        let j = placed("a", 1, "x", JobStatus::Running);
+        let st = AttemptStatus {
+            commit: Some("abc".into()),
+            ..status(1, AttemptState::Running)
+        };
+        let (n, reply) = on_status(&j, &st, "x", Timestamp(5));
+        let n = n.unwrap();
+        assert_eq!(reply, Reply::Nothing);
+        assert_eq!(n.intent, j.intent, "only the placement changed");
+        assert_eq!(n.placement.as_ref().unwrap().commit.as_deref(), Some("abc"));
+        assert_eq!(n.placement.as_ref().unwrap().updated_at, Timestamp(5));
     }
 
     #[test]
     fn stop_requests() {
         let j = job("a", "cpu-small", 1);
         let s = request_stop(&j, Timestamp(2)).unwrap();
-        assert_eq!(s.status, JobStatus::Stopped);
+        assert_eq!(s.intent.status, JobStatus::Stopped);
         assert!(request_stop(&s, Timestamp(3)).is_err());
-        let mut r = job("b", "cpu-small", 1);
-        r.status = JobStatus::Running;
-        r.attempt = 1;
-        r.agent = Some("x".into());
+        let r = placed("b", 1, "x", JobStatus::Running);
         let s = request_stop(&r, Timestamp(2)).unwrap();
-        assert_eq!(s.status, JobStatus::Stopping);
+        assert_eq!(s.intent.status, JobStatus::Stopping);
         // The agent still reports running: keep stopping, remind it.
         assert_eq!(
             on_status(&s, &status(1, AttemptState::Running), "x", Timestamp(3)).1,
             Reply::Stop
         );
         let (n, _) = on_status(&s, &status(1, AttemptState::Stopped), "x", Timestamp(4));
-        assert_eq!(n.unwrap().status, JobStatus::Stopped);
+        let n = n.unwrap();
+        assert_eq!(n.intent.status, JobStatus::Stopped);
+        assert_eq!(n.placement.unwrap().status, JobStatus::Stopped);
     }
 
     #[test]
     fn stopping_job_with_lost_agent_is_stopped() {
-        let mut j = job("a", "cpu-small", 1);
-        j.status = JobStatus::Stopping;
-        j.desired = Desired::Stop;
-        j.attempt = 1;
-        j.agent = Some("gone".into());
+        let mut j = placed("a", 1, "gone", JobStatus::Stopping);
+        j.intent.desired = Desired::Stop;
         let mut jobs = vec![j];
         run_plan(&mut jobs, &[], 100_000);
-        assert_eq!(jobs[0].status, JobStatus::Stopped);
+        assert_eq!(jobs[0].intent.status, JobStatus::Stopped);
+        assert_eq!(jobs[0].placement.as_ref().unwrap().status, JobStatus::Lost);
     }
 }

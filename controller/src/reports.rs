@@ -114,17 +114,19 @@ impl ReportFolder {
         if offset == from {
             return Ok(());
         }
-        jobs.update(id, |j| {
+        jobs.update(id, |s| {
             // Another fold got here first, or a new attempt started: nothing to do.
-            if j.attempt != attempt || j.report_offset != from {
+            let p = s.current()?;
+            if p.attempt != attempt || p.report_offset != from {
                 return None;
             }
-            let mut n = j.clone();
+            let mut n = s.clone();
+            let p = n.placement.as_mut()?;
             for r in &reports {
-                report::apply(&mut n, r);
+                report::apply(p, r);
             }
-            n.report_offset = offset;
-            n.updated_at = Timestamp::now();
+            p.report_offset = offset;
+            p.updated_at = Timestamp::now();
             Some((n, ()))
         })
         .await?;

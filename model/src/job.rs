@@ -15,6 +15,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::intent::{INTENT_SCHEMA_VERSION, Intent};
+use crate::placement::{PLACEMENT_SCHEMA_VERSION, Placement};
 use crate::report::{Best, Environment, Progress};
 use crate::spec::JobSpec;
 use crate::time::Timestamp;
@@ -149,21 +151,21 @@ impl FailureKind {
 /// How many times a lost attempt is placed again before the job fails.
 pub const MAX_LOST: u32 = 3;
 
-/// The layout of job records this version writes. A record without the field is version 1; a
-/// record from a newer version loads too (unknown fields are ignored), so a rollback keeps its
-/// jobs.
-pub const JOB_SCHEMA_VERSION: u32 = 1;
+/// The layout of job intents this version writes (see [`INTENT_SCHEMA_VERSION`]).
+pub const JOB_SCHEMA_VERSION: u32 = INTENT_SCHEMA_VERSION;
 
 /// The schema version of a stored record written before records carried one.
 pub fn first_schema_version() -> u32 {
     1
 }
 
-/// A job as the controller stores it. Not the API's view of it (`runyard_api::JobView`): this
-/// record may change without changing the API.
+/// A job as a whole: its intent composed with its current placement ([`JobState::view`]). What
+/// the controller reads and shows; what it stores are the parts ([`Intent`], [`Placement`]). Also
+/// the layout of the flat records of schema version 1, which load through
+/// [`JobState::from_legacy`]. Not the API's view of it (`runyard_api::JobView`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
-    /// Layout version of this record (`JOB_SCHEMA_VERSION` when written by this version).
+    /// Layout version of the intent (of the record, for a version 1 record).
     #[serde(default = "first_schema_version")]
     pub schema_version: u32,
     pub id: String,
@@ -223,7 +225,7 @@ pub struct Job {
     pub placements: Vec<Placed>,
 }
 
-/// One attempt's placement, kept for the trust boundary (see `Job::placed_on`).
+/// Which agent an attempt was placed on (see `Job::placed_on`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placed {
     pub attempt: u32,
@@ -231,40 +233,13 @@ pub struct Placed {
 }
 
 impl Job {
+    /// A new job as submitted: an intent with no placement yet.
     pub fn new(id: String, spec: JobSpec, now: Timestamp) -> Job {
-        Job {
-            schema_version: JOB_SCHEMA_VERSION,
-            id,
-            name: spec.name.clone(),
-            spec,
-            status: JobStatus::Pending,
-            desired: Desired::Run,
-            attempt: 0,
-            agent: None,
-            gpus: Vec::new(),
-            commit: None,
-            exit_code: None,
-            reason: None,
-            failure: None,
-            lost_count: 0,
-            failures: 0,
-            created_at: now,
-            updated_at: now,
-            scheduled_at: None,
-            started_at: None,
-            finished_at: None,
-            progress: None,
-            metrics: BTreeMap::new(),
-            best: None,
-            best_callback: None,
-            environment: None,
-            report_offset: 0,
-            placements: Vec::new(),
-        }
+        JobState::new(id, spec, now).view()
     }
 
-    /// The agent attempt `attempt` was placed on, if the record knows it: the current attempt's
-    /// agent, or an older attempt's from `placements`.
+    /// The agent attempt `attempt` was placed on, if known: the current attempt's agent, or an
+    /// older attempt's from `placements`.
     pub fn placed_on(&self, attempt: u32) -> Option<&str> {
         if attempt == 0 || attempt > self.attempt {
             return None;
@@ -279,6 +254,156 @@ impl Job {
             .rev()
             .find(|p| p.attempt == attempt)
             .map(|p| p.agent.as_str())
+    }
+}
+
+/// One job as the controller keeps it: its intent, the placement of its latest attempt, and
+/// which agents held the earlier attempts. The state machine (`reconcile`) reads and writes this;
+/// the store keeps the intent and each placement under their own keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobState {
+    pub intent: Intent,
+    /// The placement of attempt `intent.attempt`, when there is one.
+    pub placement: Option<Placement>,
+    /// Earlier attempts' agents, oldest first.
+    pub earlier: Vec<Placed>,
+}
+
+impl JobState {
+    pub fn new(id: String, spec: JobSpec, now: Timestamp) -> JobState {
+        JobState {
+            intent: Intent::new(id, spec, now),
+            placement: None,
+            earlier: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.intent.id
+    }
+
+    /// The placement of the current attempt, or `None` when the intent names one that is not
+    /// known (yet): a view caught between two watch events.
+    pub fn current(&self) -> Option<&Placement> {
+        self.placement
+            .as_ref()
+            .filter(|p| p.attempt == self.intent.attempt && p.job == self.intent.id)
+    }
+
+    /// Whether the intent names an attempt whose placement is missing from this state.
+    pub fn is_incomplete(&self) -> bool {
+        self.intent.attempt > 0 && self.current().is_none()
+    }
+
+    /// The job as a whole: the intent's status, reason and counters; the current placement's
+    /// agent, GPUs, timings, exit and reports. A job waiting for its next attempt shows no agent.
+    pub fn view(&self) -> Job {
+        let i = &self.intent;
+        let p = self.current();
+        let on_agent = p.filter(|_| i.status != JobStatus::Pending);
+        let mut placements = self.earlier.clone();
+        if let Some(p) = p {
+            placements.push(Placed {
+                attempt: p.attempt,
+                agent: p.agent.clone(),
+            });
+        }
+        Job {
+            schema_version: i.schema_version,
+            id: i.id.clone(),
+            name: i.name.clone(),
+            spec: i.spec.clone(),
+            status: i.status,
+            desired: i.desired,
+            attempt: i.attempt,
+            agent: on_agent.map(|p| p.agent.clone()),
+            gpus: on_agent.map(|p| p.gpus.clone()).unwrap_or_default(),
+            commit: p.and_then(|p| p.commit.clone()),
+            exit_code: p.and_then(|p| p.exit_code),
+            reason: i.reason.clone(),
+            failure: i.failure,
+            lost_count: i.lost_count,
+            failures: i.failures,
+            created_at: i.created_at,
+            updated_at: p.map_or(i.updated_at, |p| p.updated_at.max(i.updated_at)),
+            scheduled_at: p.map(|p| p.scheduled_at),
+            started_at: p.and_then(|p| p.started_at),
+            finished_at: i.finished_at,
+            progress: p.and_then(|p| p.progress.clone()),
+            metrics: p.map(|p| p.metrics.clone()).unwrap_or_default(),
+            best: p.and_then(|p| p.best.clone()),
+            best_callback: p.and_then(|p| p.best_callback),
+            environment: p.and_then(|p| p.environment.clone()),
+            report_offset: p.map_or(0, |p| p.report_offset),
+            placements,
+        }
+    }
+
+    /// Splits a flat job record of schema version 1 into its intent and current placement.
+    pub fn from_legacy(job: Job) -> JobState {
+        let placement = job.placements.last().filter(|_| job.attempt > 0);
+        let agent = job.agent.clone().or_else(|| {
+            placement
+                .filter(|p| p.attempt == job.attempt)
+                .map(|p| p.agent.clone())
+        });
+        let placement = agent.map(|agent| {
+            // The attempt's own status: the job's, unless the job already moved past it.
+            let status = match job.status {
+                JobStatus::Pending if job.failure.is_some() => JobStatus::Failed,
+                JobStatus::Pending => JobStatus::Lost,
+                s => s,
+            };
+            let attempt_over = status.is_terminal() || status == JobStatus::Lost;
+            Placement {
+                schema_version: PLACEMENT_SCHEMA_VERSION,
+                job: job.id.clone(),
+                attempt: job.attempt,
+                agent,
+                gpus: job.gpus.clone(),
+                status,
+                commit: job.commit.clone(),
+                exit_code: job.exit_code,
+                reason: job.reason.clone().filter(|_| attempt_over),
+                failure: job.failure.filter(|_| attempt_over),
+                scheduled_at: job.scheduled_at.unwrap_or(job.created_at),
+                started_at: job.started_at,
+                finished_at: job.finished_at,
+                updated_at: job.updated_at,
+                progress: job.progress.clone(),
+                metrics: job.metrics.clone(),
+                best: job.best.clone(),
+                best_callback: job.best_callback,
+                environment: job.environment.clone(),
+                report_offset: job.report_offset,
+            }
+        });
+        let earlier = job
+            .placements
+            .iter()
+            .filter(|p| p.attempt < job.attempt)
+            .cloned()
+            .collect();
+        JobState {
+            intent: Intent {
+                schema_version: INTENT_SCHEMA_VERSION,
+                id: job.id,
+                name: job.name,
+                spec: job.spec,
+                status: job.status,
+                desired: job.desired,
+                attempt: job.attempt,
+                reason: job.reason,
+                failure: job.failure,
+                lost_count: job.lost_count,
+                failures: job.failures,
+                created_at: job.created_at,
+                updated_at: job.updated_at,
+                finished_at: job.finished_at,
+            },
+            placement,
+            earlier,
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 //! - `command`: what the controller tells an agent to do (assign, stop).
 //! - `compute`: what a job asks for (`cpu-small`, `gpu`, `gpu:N`).
 //! - `spec`: the job spec users submit, its parsing and validation.
-//! - `job`: a job as the controller records it, and its lifecycle states.
+//! - `intent`: what a user wants of a job (stored at `jobs/ID`).
+//! - `placement`: one attempt of a job on an agent (stored at `placements/ID/N`).
+//! - `job`: a job as a whole (intent + current placement), and its lifecycle states.
 //! - `report`: progress, metrics, checkpoints and environment reported by a running job.
 //! - `agent`: what an agent offers and how the controller sees it.
 //! - `time`: wall-clock timestamps as stored and shown (RFC 3339 in JSON).
@@ -13,7 +15,9 @@ pub mod agent;
 pub mod attempt;
 pub mod command;
 pub mod compute;
+pub mod intent;
 pub mod job;
+pub mod placement;
 pub mod report;
 pub mod spec;
 pub mod time;
@@ -22,7 +26,9 @@ pub use agent::{AgentInfo, AgentRecord, GpuInfo};
 pub use attempt::{AttemptState, AttemptStatus};
 pub use command::AgentCommand;
 pub use compute::Compute;
-pub use job::{Desired, FailureKind, Job, JobStatus, Placed, is_job_id};
+pub use intent::Intent;
+pub use job::{Desired, FailureKind, Job, JobState, JobStatus, Placed, is_job_id};
+pub use placement::Placement;
 pub use report::{Best, Environment, MetricPoint, Progress, Report};
 pub use spec::{JobSpec, ValidationError};
 pub use time::Timestamp;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::Job;
+use crate::placement::Placement;
 
 /// One report line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -131,8 +131,9 @@ impl Report {
     }
 }
 
-/// Folds a report into the job's summary fields (`progress`, `metrics`, `best`, `environment`).
-pub fn apply(job: &mut Job, report: &Report) {
+/// Folds a report into its attempt's summary fields (`progress`, `metrics`, `best`,
+/// `environment`).
+pub fn apply(job: &mut Placement, report: &Report) {
     match report {
         Report::Started {
             max_epochs,
@@ -252,18 +253,13 @@ pub fn series<'a>(lines: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::JobSpec;
     use crate::time::Timestamp;
 
-    fn job() -> Job {
-        Job::new(
-            "j".into(),
-            JobSpec::from_json(br#"{"repo":"file:///r","script":"t.py"}"#).unwrap(),
-            Timestamp(0),
-        )
+    fn job() -> Placement {
+        Placement::new("j", 1, "a", Vec::new(), Timestamp(0))
     }
 
-    fn fold(lines: &[&str]) -> Job {
+    fn fold(lines: &[&str]) -> Placement {
         let mut j = job();
         for l in lines {
             apply(

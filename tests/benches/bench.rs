@@ -27,7 +27,7 @@ use futures::StreamExt;
 use runyard_controller::logs::LogStore;
 use runyard_controller::reconcile::{self, Action};
 use runyard_controller::scheduler::{self, Placement};
-use runyard_model::{Job, Timestamp};
+use runyard_model::{Job, JobState, Timestamp};
 use runyard_tests::bench::fleet;
 use runyard_tests::bench::lines::{self, LineCheck};
 use runyard_tests::bench::stats::{Row, Verdict, percentile, render};
@@ -640,7 +640,7 @@ fn placement(opts: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
     );
     let agents = fleet::agents(AGENTS);
     let jobs = fleet::pending_jobs(PENDING);
-    let refs: Vec<&Job> = jobs.iter().collect();
+    let refs: Vec<&JobState> = jobs.iter().collect();
     let expected = fleet::placeable(AGENTS, PENDING);
     let now = Timestamp(10_000_000);
 
@@ -674,7 +674,7 @@ fn placement(opts: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
             .iter()
             .filter(|j| {
                 matches!(
-                    scheduler::place(black_box(j.spec.compute), &mut capacity),
+                    scheduler::place(black_box(j.intent.spec.compute), &mut capacity),
                     Placement::Placed { .. }
                 )
             })
@@ -765,8 +765,8 @@ async fn applied_run(kind: &str) -> anyhow::Result<f64> {
     let jobs = fleet::pending_jobs(APPLIED_JOBS);
     let mut writes = futures::stream::iter(jobs.iter().map(|j| {
         let store = store.clone();
-        let value = serde_json::to_vec(j).expect("a job serializes");
-        let key = format!("jobs/{}", j.id);
+        let value = serde_json::to_vec(&j.intent).expect("an intent serializes");
+        let key = runyard_controller::jobs::intent_key(j.id());
         async move { store.put(&key, value, Precondition::Absent).await }
     }))
     .buffer_unordered(64);
@@ -874,7 +874,7 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
 }
 
 async fn history(opts: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> anyhow::Result<()> {
-    use runyard_tests::bench::history::finished_job;
+    use runyard_tests::bench::history::{finished_job, job_id};
     use std::io::BufRead as _;
 
     let n = if opts.quick {
@@ -892,15 +892,12 @@ async fn history(opts: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> a
             .join(runyard_controller::store::DEFAULT_FILE_NAME);
         let store = runyard_controller::store::FileStore::open(&path).await?;
         for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
-            let batch: Vec<_> = chunk.iter().map(|&i| finished_job(i)).collect();
+            let batch: Vec<_> = chunk.iter().flat_map(|&i| finished_job(i)).collect();
             bytes += batch.iter().map(|(_, v)| v.len()).sum::<usize>();
             store.put_many(batch).await?;
         }
     }
-    let middle = finished_job(n / 2)
-        .0
-        .trim_start_matches("jobs/")
-        .to_string();
+    let middle = job_id(n / 2);
     let http = reqwest::Client::new();
     let (mut starts, mut rss_start, mut rss_after) = (Vec::new(), Vec::new(), Vec::new());
     let (mut first, mut deep, mut filtered) = (Vec::new(), Vec::new(), Vec::new());

@@ -151,23 +151,51 @@ impl Store for FaultyStore {
         }
     }
 
-    /// Any fault armed for one of the keys fails the whole batch before anything is written
-    /// (faults are used up as by `put`); otherwise it passes through.
+    /// A transaction meets the first fault armed for any of its keys (or a broken key), as a
+    /// whole: it fails before anything is written, commits with its answer lost, or finds
+    /// another writer's change to that key first.
     async fn put_all(
         &self,
         writes: Vec<(String, Vec<u8>, Precondition)>,
     ) -> Result<Vec<u64>, StoreError> {
-        {
+        let fault = {
             let mut f = self.faults.lock().unwrap();
             f.batches += 1;
+            let mut found = None;
             for (key, ..) in &writes {
                 if f.broken.contains(key) {
-                    f.injected += 1;
-                    return Err(injected(key, "write failed"));
+                    found = Some((key.clone(), Fault::Fail));
+                    break;
+                }
+                if let Some(fault) = f.armed.get_mut(key).and_then(VecDeque::pop_front) {
+                    found = Some((key.clone(), fault));
+                    break;
                 }
             }
+            if let Some((key, fault)) = &found {
+                f.injected += 1;
+                if *fault == Fault::CommitThenTimeoutAndUnreadable {
+                    f.unreadable_once.insert(key.clone());
+                }
+            }
+            found
+        };
+        match fault {
+            None => self.inner.put_all(writes).await,
+            Some((key, Fault::Fail)) => Err(injected(&key, "write failed")),
+            Some((key, Fault::CommitThenTimeout | Fault::CommitThenTimeoutAndUnreadable)) => {
+                self.inner.put_all(writes).await?;
+                Err(injected(&key, "no answer within 10s"))
+            }
+            Some((key, Fault::OtherWriterFirst)) => {
+                if let Some(current) = self.inner.get(&key).await? {
+                    self.inner
+                        .put(&key, current.value, Precondition::Any)
+                        .await?;
+                }
+                self.inner.put_all(writes).await
+            }
         }
-        self.inner.put_all(writes).await
     }
 
     fn max_batch(&self) -> usize {

@@ -11,7 +11,7 @@ use runyard_controller::artifacts::DirStore;
 use runyard_controller::jobs::Jobs;
 use runyard_controller::logs::LogStore;
 use runyard_controller::store::{self, Precondition, Store};
-use runyard_model::{AgentInfo, Job, JobSpec, JobStatus, Timestamp};
+use runyard_model::{AgentInfo, Intent, Job, JobSpec, JobState, JobStatus, Timestamp};
 use runyard_tests::etcd::EtcdServer;
 use runyard_tests::eventually;
 use runyard_tests::faulty_store::{Fault, FaultyStore};
@@ -54,8 +54,8 @@ fn spec() -> JobSpec {
     JobSpec::from_json(br#"{"repo":"file:///r","script":"t.py","compute":"cpu-small"}"#).unwrap()
 }
 
-fn new_job(id: &str, created: u64) -> Job {
-    Job::new(id.to_string(), spec(), Timestamp(created))
+fn new_job(id: &str, created: u64) -> JobState {
+    JobState::new(id.to_string(), spec(), Timestamp(created))
 }
 
 /// Sets the job's reason to `to`: a change that is not idempotent to apply twice by accident.
@@ -63,14 +63,14 @@ async fn set_reason(jobs: &Jobs, id: &str, to: &str) -> anyhow::Result<Option<Jo
     let r = jobs
         .update(id, |j| {
             let mut n = j.clone();
-            n.reason = Some(to.to_string());
+            n.intent.reason = Some(to.to_string());
             Some((n, ()))
         })
         .await?;
     Ok(r.map(|(j, ())| j))
 }
 
-async fn stored(store: &dyn Store, id: &str) -> Job {
+async fn stored(store: &dyn Store, id: &str) -> Intent {
     let v = store.get(&format!("jobs/{id}")).await.unwrap().unwrap();
     serde_json::from_slice(&v.value).unwrap()
 }
@@ -142,7 +142,7 @@ async fn conflict_re_reads_and_retries(b: Backend) {
         .update("job1", |j| {
             calls += 1;
             let mut n = j.clone();
-            n.reason = Some("mine".into());
+            n.intent.reason = Some("mine".into());
             Some((n, ()))
         })
         .await
@@ -178,7 +178,7 @@ async fn view_follows_the_store(b: Backend) {
         )
         .await
         .unwrap();
-    let mut created = new_job("job2", 2);
+    let mut created = new_job("job2", 2).intent;
     created.status = JobStatus::Succeeded;
     b.store
         .put(
@@ -291,9 +291,9 @@ async fn batched_updates(b: Backend) {
         jobs.create(new_job(id, i as u64)).await.unwrap();
     }
     let reason = |to: &'static str| {
-        move |j: &Job| {
+        move |j: &JobState| {
             let mut n = j.clone();
-            n.reason = Some(to.into());
+            n.intent.reason = Some(to.into());
             Some((n, ()))
         }
     };
@@ -320,7 +320,7 @@ async fn batched_updates(b: Backend) {
     // Declined and unknown jobs are left alone.
     let results = jobs
         .update_many(&["job0".to_string(), "nope".to_string()], |_| {
-            None::<(Job, ())>
+            None::<(JobState, ())>
         })
         .await;
     assert!(results.iter().all(|r| matches!(r, Ok(None))));
@@ -330,7 +330,7 @@ async fn batched_updates(b: Backend) {
 async fn history_is_read_from_the_store(b: Backend) {
     const N: usize = runyard_controller::jobs::RECENT_FINISHED + 300;
     for i in 0..N {
-        let mut j = new_job(&format!("job{i:05}"), i as u64);
+        let mut j = new_job(&format!("job{i:05}"), i as u64).intent;
         j.status = if i % 3 == 0 {
             JobStatus::Failed
         } else {
@@ -348,7 +348,7 @@ async fn history_is_read_from_the_store(b: Backend) {
     b.store
         .put(
             "jobs/job99999",
-            serde_json::to_vec(&new_job("job99999", 1_000_000)).unwrap(),
+            serde_json::to_vec(&new_job("job99999", 1_000_000).intent).unwrap(),
             Precondition::Absent,
         )
         .await
@@ -385,6 +385,261 @@ async fn history_is_read_from_the_store(b: Backend) {
     assert_eq!(seen, want);
 }
 
+/// The version of a key in the store.
+async fn version_of(store: &dyn Store, key: &str) -> Option<u64> {
+    store.get(key).await.unwrap().map(|v| v.version)
+}
+
+/// Places `job1` on agent `x` as attempt 1 through the view (intent and placement in one
+/// transaction).
+async fn place_job1(jobs: &Jobs) -> Job {
+    let (j, ()) = jobs
+        .update("job1", |s| {
+            let action = runyard_controller::reconcile::Action::Place {
+                job: "job1".into(),
+                attempt: 1,
+                agent: "x".into(),
+                gpus: vec![],
+            };
+            runyard_controller::reconcile::apply(s, &action, Timestamp(5)).map(|n| (n, ()))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    j
+}
+
+/// A job is two kinds of record: its intent and its placements. A report touches the placement
+/// alone, a status both in one transaction, a write whose answer is lost settles both, and a
+/// delete removes both.
+async fn intent_and_placement_are_stored_apart(b: Backend) {
+    let faulty = FaultyStore::new(b.store.clone());
+    let jobs = Jobs::load(faulty.clone()).await.unwrap();
+    jobs.create(new_job("job1", 1)).await.unwrap();
+    assert_eq!(
+        version_of(&*b.store, "placements/job1/0000000001").await,
+        None
+    );
+    let before = faulty.writes();
+    let placed = place_job1(&jobs).await;
+    let after = faulty.writes();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 1),
+        "one transaction"
+    );
+    assert_eq!(
+        (placed.status, placed.agent.as_deref()),
+        (JobStatus::Scheduled, Some("x"))
+    );
+    let intent_v = version_of(&*b.store, "jobs/job1").await.unwrap();
+    let placement_v = version_of(&*b.store, "placements/job1/0000000001")
+        .await
+        .unwrap();
+
+    // A report: the placement alone is rewritten.
+    let (j, ()) = jobs
+        .update("job1", |s| {
+            let mut n = s.clone();
+            n.placement.as_mut()?.metrics.insert("loss".into(), 0.5);
+            Some((n, ()))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(j.metrics["loss"], 0.5);
+    assert_eq!(
+        version_of(&*b.store, "jobs/job1").await,
+        Some(intent_v),
+        "the intent is untouched"
+    );
+    assert!(
+        version_of(&*b.store, "placements/job1/0000000001")
+            .await
+            .unwrap()
+            > placement_v
+    );
+    let stored_intent =
+        String::from_utf8(b.store.get("jobs/job1").await.unwrap().unwrap().value).unwrap();
+    assert!(!stored_intent.contains("loss"), "{stored_intent}");
+
+    // The attempt succeeds: both records, and the answer of that transaction is lost.
+    faulty.arm("placements/job1/0000000001", Fault::CommitThenTimeout);
+    let done = runyard_model::AttemptStatus {
+        state: runyard_model::AttemptState::Succeeded,
+        exit_code: Some(0),
+        ..runyard_model::AttemptStatus::preparing(1)
+    };
+    let (j, reply) = jobs
+        .update("job1", |s| {
+            let (n, reply) = runyard_controller::reconcile::on_status(s, &done, "x", Timestamp(9));
+            n.map(|n| (n, reply))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(faulty.injected(), 1);
+    assert_eq!(
+        (j.status, reply),
+        (
+            JobStatus::Succeeded,
+            runyard_controller::reconcile::Reply::Release
+        )
+    );
+    let p: runyard_model::Placement = serde_json::from_slice(
+        &b.store
+            .get("placements/job1/0000000001")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    assert_eq!(
+        (p.status, p.exit_code, p.metrics["loss"]),
+        (JobStatus::Succeeded, Some(0), 0.5)
+    );
+    assert_eq!(stored(&*b.store, "job1").await.status, JobStatus::Succeeded);
+    // The next write builds on it (no conflict with a version the view never saw).
+    set_reason(&jobs, "job1", "done").await.unwrap().unwrap();
+    assert_eq!(jobs.placements("job1").await.unwrap().unwrap(), vec![p]);
+
+    // A fresh view composes the same job from the two records.
+    let again = Jobs::load(b.store.clone()).await.unwrap();
+    let fetched = again.fetch("job1").await.unwrap().unwrap();
+    assert_eq!(fetched, jobs.get("job1").unwrap());
+
+    jobs.remove("job1").await.unwrap().unwrap();
+    assert_eq!(version_of(&*b.store, "jobs/job1").await, None);
+    assert!(b.store.list("placements/job1/").await.unwrap().is_empty());
+}
+
+/// A store written by an earlier version (one flat record per job, schema version 1) loads as
+/// it was, and each job is stored as an intent and a placement on its next write.
+async fn version_1_records_load_and_are_split_on_write(b: Backend) {
+    let old = serde_json::json!({
+        "schema_version": 1,
+        "id": "job1", "name": "old", "status": "running", "desired": "run",
+        "spec": {"repo": "file:///r", "script": "t.py", "compute": "cpu-small"},
+        "attempt": 2, "agent": "x", "gpus": [], "commit": "abc", "exit_code": null,
+        "reason": null, "failure": null, "lost_count": 1, "failures": 0,
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:01:00Z",
+        "scheduled_at": "2026-01-01T00:00:10Z", "started_at": "2026-01-01T00:00:20Z",
+        "finished_at": null, "progress": null, "metrics": {"loss": 0.25},
+        "best": null, "best_callback": null, "environment": null, "report_offset": 120,
+        "placements": [{"attempt": 1, "agent": "w"}, {"attempt": 2, "agent": "x"}]
+    });
+    b.store
+        .put(
+            "jobs/job1",
+            serde_json::to_vec(&old).unwrap(),
+            Precondition::Absent,
+        )
+        .await
+        .unwrap();
+    let jobs = Jobs::load(b.store.clone()).await.unwrap();
+    let j = jobs.get("job1").unwrap();
+    assert_eq!(
+        (
+            j.status,
+            j.attempt,
+            j.agent.as_deref(),
+            j.commit.as_deref(),
+            j.metrics["loss"],
+            j.report_offset
+        ),
+        (JobStatus::Running, 2, Some("x"), Some("abc"), 0.25, 120)
+    );
+    assert_eq!((j.placed_on(1), j.placed_on(2)), (Some("w"), Some("x")));
+    assert_eq!(j.lost_count, 1);
+
+    set_reason(&jobs, "job1", "upgraded")
+        .await
+        .unwrap()
+        .unwrap();
+    let intent = stored(&*b.store, "job1").await;
+    assert_eq!(
+        intent.schema_version,
+        runyard_model::intent::INTENT_SCHEMA_VERSION
+    );
+    let raw = String::from_utf8(b.store.get("jobs/job1").await.unwrap().unwrap().value).unwrap();
+    assert!(
+        !raw.contains("metrics"),
+        "the intent holds no placement: {raw}"
+    );
+    let p: runyard_model::Placement = serde_json::from_slice(
+        &b.store
+            .get("placements/job1/0000000002")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            p.agent.as_str(),
+            p.status,
+            p.commit.as_deref(),
+            p.report_offset
+        ),
+        ("x", JobStatus::Running, Some("abc"), 120)
+    );
+    let fresh = Jobs::load(b.store.clone())
+        .await
+        .unwrap()
+        .get("job1")
+        .unwrap();
+    assert_eq!(
+        (fresh.agent.as_deref(), fresh.metrics["loss"]),
+        (Some("x"), 0.25)
+    );
+    assert_eq!(fresh.reason.as_deref(), Some("upgraded"));
+}
+
+/// Another writer places a job (intent and placement in one transaction): the view, which
+/// watches the two prefixes apart, ends up with both.
+async fn view_follows_another_writers_placement(b: Backend) {
+    let jobs = Jobs::load(b.store.clone()).await.unwrap();
+    let cancel = CancellationToken::new();
+    let follow = tokio::spawn(jobs.clone().follow(cancel.clone()));
+    jobs.create(new_job("job1", 1)).await.unwrap();
+    let v = version_of(&*b.store, "jobs/job1").await.unwrap();
+    let mut other = new_job("job1", 1);
+    let action = runyard_controller::reconcile::Action::Place {
+        job: "job1".into(),
+        attempt: 1,
+        agent: "elsewhere".into(),
+        gpus: vec![3],
+    };
+    other = runyard_controller::reconcile::apply(&other, &action, Timestamp(5)).unwrap();
+    b.store
+        .put_all(vec![
+            (
+                "jobs/job1".into(),
+                serde_json::to_vec(&other.intent).unwrap(),
+                Precondition::Version(v),
+            ),
+            (
+                "placements/job1/0000000001".into(),
+                serde_json::to_vec(other.placement.as_ref().unwrap()).unwrap(),
+                Precondition::Absent,
+            ),
+        ])
+        .await
+        .unwrap();
+    eventually(WAIT, "the view takes both records", || async {
+        let j = jobs.get("job1")?;
+        (j.agent.as_deref() == Some("elsewhere") && j.gpus == [3]).then_some(())
+    })
+    .await
+    .unwrap();
+    let states = jobs.active_states();
+    assert!(!states[0].is_incomplete());
+    cancel.cancel();
+    follow.await.unwrap();
+}
+
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
         mod file {
@@ -417,4 +672,7 @@ on_both_stores!(
     one_failing_job_does_not_stop_the_others,
     batched_updates,
     history_is_read_from_the_store,
+    intent_and_placement_are_stored_apart,
+    version_1_records_load_and_are_split_on_write,
+    view_follows_another_writers_placement,
 );

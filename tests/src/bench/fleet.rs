@@ -5,7 +5,7 @@
 
 use runyard_controller::reconcile::AgentView;
 use runyard_controller::scheduler::Capacity;
-use runyard_model::{Compute, Job, JobSpec, Timestamp};
+use runyard_model::{Compute, JobSpec, JobState, Timestamp};
 
 /// Slots of every agent, and GPUs of a GPU host.
 pub const PER_AGENT: u32 = 8;
@@ -45,7 +45,7 @@ pub fn capacities(agents: &[AgentView]) -> Vec<Capacity> {
 }
 
 /// `n` pending jobs, created one millisecond apart, computes by [`compute_of`].
-pub fn pending_jobs(n: usize) -> Vec<Job> {
+pub fn pending_jobs(n: usize) -> Vec<JobState> {
     (0..n)
         .map(|i| {
             let body = format!(
@@ -53,7 +53,7 @@ pub fn pending_jobs(n: usize) -> Vec<Job> {
                 compute_of(i)
             );
             let spec = JobSpec::from_json(body.as_bytes()).expect("the bench spec is valid");
-            Job::new(format!("job-{i:06}"), spec, Timestamp(1_000 + i as u64))
+            JobState::new(format!("job-{i:06}"), spec, Timestamp(1_000 + i as u64))
         })
         .collect()
 }
@@ -97,10 +97,13 @@ mod tests {
         let jobs = pending_jobs(100);
         let gpu4 = jobs
             .iter()
-            .filter(|j| j.spec.compute == Compute::Gpu(4))
+            .filter(|j| j.intent.spec.compute == Compute::Gpu(4))
             .count();
         assert_eq!(gpu4, 10);
-        assert!(jobs.windows(2).all(|w| w[0].created_at < w[1].created_at));
+        assert!(
+            jobs.windows(2)
+                .all(|w| w[0].intent.created_at < w[1].intent.created_at)
+        );
     }
 
     #[test]
@@ -110,7 +113,12 @@ mod tests {
         let mut fleet = capacities(&a);
         let placed = jobs
             .iter()
-            .filter(|j| matches!(place(j.spec.compute, &mut fleet), Placement::Placed { .. }))
+            .filter(|j| {
+                matches!(
+                    place(j.intent.spec.compute, &mut fleet),
+                    Placement::Placed { .. }
+                )
+            })
             .count();
         assert_eq!(placed, placeable(20, 400));
         assert!(placed < 400, "the backlog must overflow the fleet");
