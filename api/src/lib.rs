@@ -9,6 +9,7 @@
 //!
 //! - `job`: `JobView` (a job as the API shows it), `JobPage` (one page of the job list) and
 //!   `JobRemoved` (the `removed` event).
+//! - `placement`: `PlacementView` (one attempt of a job) and `PlacementList`.
 //! - `agent`: `AgentView` and `AgentList`.
 //! - `metrics`: the metric history of a job's current attempt.
 //! - `error`: `ErrorBody`, the body of every error response.
@@ -20,12 +21,14 @@ pub mod error;
 pub mod job;
 pub mod metrics;
 pub mod openapi;
+pub mod placement;
 pub mod query;
 
 pub use agent::{AgentList, AgentView};
 pub use error::ErrorBody;
 pub use job::{JobPage, JobRemoved, JobView};
 pub use metrics::MetricsResponse;
+pub use placement::{PlacementList, PlacementView};
 pub use query::{EventsQuery, ListJobsQuery, LogsQuery, MetricsSvgQuery};
 /// The body of `POST /api/v1/jobs`: the job spec, checked by its one validator.
 pub use runyard_model::JobSpec as SubmitRequest;

@@ -29,6 +29,7 @@ pub const BEARER: &str = "bearer";
             crate::job::JobView,
             crate::job::JobPage,
             crate::job::JobRemoved,
+            crate::placement::PlacementList,
             crate::agent::AgentList,
             crate::metrics::MetricsResponse,
             runyard_model::JobSpec

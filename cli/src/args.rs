@@ -41,6 +41,8 @@ pub enum Command {
     Ls(LsArgs),
     /// Show one job.
     Status(JobArgs),
+    /// List a job's attempts: where each ran and how it ended.
+    Attempts(JobArgs),
     /// Print a job's output.
     Logs(LogsArgs),
     /// Stop a job (SIGTERM, then SIGKILL after its stop grace).

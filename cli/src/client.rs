@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
-use runyard_api::{AgentList, AgentView, ErrorBody, JobView, ListJobsQuery, LogsQuery};
+use runyard_api::{
+    AgentList, AgentView, ErrorBody, JobView, ListJobsQuery, LogsQuery, PlacementList,
+};
 use runyard_model::{JobSpec, JobStatus};
 use serde::de::DeserializeOwned;
 
@@ -223,6 +225,12 @@ impl ApiClient {
     /// `GET /api/v1/jobs/{id}`.
     pub async fn job(&self, id: &str) -> Result<Reply<JobView>, ClientError> {
         let url = self.url(&["api", "v1", "jobs", id]);
+        self.json(self.request(Method::GET, &url), url).await
+    }
+
+    /// `GET /api/v1/jobs/{id}/placements`: the job's attempts, oldest first.
+    pub async fn placements(&self, id: &str) -> Result<Reply<PlacementList>, ClientError> {
+        let url = self.url(&["api", "v1", "jobs", id, "placements"]);
         self.json(self.request(Method::GET, &url), url).await
     }
 

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use runyard_api::{AgentView, JobView};
+use runyard_api::{AgentView, JobView, PlacementView};
 use runyard_model::{Best, Timestamp};
 
 use crate::progress;
@@ -98,6 +98,43 @@ pub fn agents_table(agents: &[AgentView], now: Timestamp) -> String {
             "GPUS",
             "JOBS",
             "LAST SEEN",
+        ],
+        &rows,
+    )
+}
+
+/// The `runyard attempts` table: one row per placement, oldest first.
+pub fn placements_table(placements: &[PlacementView], now: Timestamp) -> String {
+    let rows: Vec<Vec<String>> = placements
+        .iter()
+        .map(|p| {
+            let gpus: Vec<String> = p.gpus.iter().map(u32::to_string).collect();
+            let ran = match (p.started_at, p.finished_at) {
+                (Some(s), Some(f)) => age(f, s),
+                (Some(s), None) => age(now, s),
+                _ => NONE.into(),
+            };
+            vec![
+                p.attempt.to_string(),
+                p.agent.clone(),
+                if gpus.is_empty() {
+                    NONE.into()
+                } else {
+                    gpus.join(",")
+                },
+                p.status.to_string(),
+                p.exit_code.map_or_else(|| NONE.into(), |c| c.to_string()),
+                format!("{} ago", age(now, p.scheduled_at)),
+                ran,
+                p.reason
+                    .as_deref()
+                    .map_or_else(|| NONE.into(), crate::client::one_line),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ATTEMPT", "AGENT", "GPUS", "STATUS", "EXIT", "PLACED", "RAN", "REASON",
         ],
         &rows,
     )

@@ -377,6 +377,21 @@ fn job_of_a_killed_agent_reruns_elsewhere_and_its_orphan_is_swept() {
     assert_eq!(done["agent"], survivor_name.as_str(), "{done:#}");
     assert_eq!(done["attempt"], 2, "{done:#}");
     assert_eq!(done["lost_count"], 1, "{done:#}");
+    // attempts: each placement keeps its own outcome.
+    let table = sb.ok(&["attempts", &id]);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert_eq!(rows[0][..2], ["1", victim_name.as_str()], "{table}");
+    assert!(rows[0].contains(&"lost"), "{table}");
+    assert_eq!(rows[1][..2], ["2", survivor_name.as_str()], "{table}");
+    assert!(rows[1].contains(&"succeeded"), "{table}");
+    let json: Value = serde_json::from_str(&sb.ok(&["attempts", &id, "--json"])).expect("json");
+    assert_eq!(json["placements"][0]["status"], "lost", "{json:#}");
+    assert_eq!(json["placements"][1]["exit_code"], 0, "{json:#}");
     assert_eq!(
         sb.ok(&["logs", &id]),
         numbered(10),

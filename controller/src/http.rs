@@ -31,7 +31,7 @@ use runyard_api::openapi::{
 use runyard_api::query::{DEFAULT_PAGE, JobPath, MAX_PAGE};
 use runyard_api::{
     AgentList, AgentView, ErrorBody, EventsQuery, JobPage, JobRemoved, JobView, ListJobsQuery,
-    LogsQuery, MetricsResponse, MetricsSvgQuery,
+    LogsQuery, MetricsResponse, MetricsSvgQuery, PlacementList, PlacementView,
 };
 use runyard_model::report::MetricPoint;
 use runyard_model::{Job, JobSpec, JobStatus, ValidationError};
@@ -69,6 +69,7 @@ fn api_routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(submit, list))
         .routes(routes!(show, delete))
+        .routes(routes!(placements))
         .routes(routes!(stop))
         .routes(routes!(logs))
         .routes(routes!(metrics))
@@ -413,6 +414,30 @@ async fn list(
 )]
 async fn show(State(state): State<ApiState>, JobId(id): JobId) -> Result<Json<JobView>, ApiError> {
     Ok(Json(JobView::from(&job_or_404(&state, &id).await?)))
+}
+
+/// Every placement of a job (its attempts), oldest first: where each ran and how it ended.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/placements", tag = "jobs",
+    params(JobPath),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The job's placements", body = PlacementList),
+        Secured, OneJob,
+    )
+)]
+async fn placements(
+    State(state): State<ApiState>,
+    JobId(id): JobId,
+) -> Result<Json<PlacementList>, ApiError> {
+    let list = state
+        .ctl
+        .jobs
+        .placements(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    Ok(Json(PlacementList {
+        placements: list.iter().map(PlacementView::from).collect(),
+    }))
 }
 
 /// Delete a finished job with its logs, reports and checkpoints; returns its last state. A job

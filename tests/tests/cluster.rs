@@ -116,6 +116,22 @@ async fn failing_script_reports_exit_code_and_reason() -> anyhow::Result<()> {
         "{job}"
     );
     assert_eq!(c.logs(&id).await?, "about to fail\n");
+    // Each attempt is its own placement with its own outcome.
+    let list = c.get(&format!("/api/v1/jobs/{id}/placements")).await?;
+    let p = list["placements"].as_array().expect("placements");
+    assert_eq!(p.len(), 2, "{list}");
+    for (i, p) in p.iter().enumerate() {
+        assert_eq!(
+            (
+                p["attempt"].as_u64(),
+                p["agent"].as_str(),
+                p["status"].as_str(),
+                p["exit_code"].as_i64()
+            ),
+            (Some(i as u64 + 1), Some("a1"), Some("failed"), Some(3)),
+            "{list}"
+        );
+    }
     c.shutdown().await
 }
 

@@ -77,6 +77,19 @@ pub async fn status(args: JobArgs) -> Result<u8, CommandError> {
     Ok(0)
 }
 
+/// `runyard attempts ID`.
+pub async fn attempts(args: JobArgs) -> Result<u8, CommandError> {
+    let client = client_for(&args.client)?;
+    let reply = client.placements(&args.id).await?;
+    if args.client.json {
+        output::write_json(&reply.raw).map_err(CommandError::Stdout)?;
+    } else {
+        let text = output::placements_table(&reply.value.placements, Timestamp::now());
+        output::write_stdout(text.as_bytes()).map_err(CommandError::Stdout)?;
+    }
+    Ok(0)
+}
+
 /// `runyard stop ID`.
 pub async fn stop(args: JobArgs) -> Result<u8, CommandError> {
     let client = client_for(&args.client)?;

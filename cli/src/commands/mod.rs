@@ -105,6 +105,7 @@ pub async fn run(command: Command) -> Result<u8, CommandError> {
         Command::Submit(a) => submit::submit(a).await,
         Command::Ls(a) => jobs::ls(a).await,
         Command::Status(a) => jobs::status(a).await,
+        Command::Attempts(a) => jobs::attempts(a).await,
         Command::Logs(a) => jobs::logs(a).await,
         Command::Stop(a) => jobs::stop(a).await,
         Command::Rm(a) => jobs::rm(a).await,
