@@ -93,9 +93,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         path: config.data_dir.clone(),
         source,
     };
-    std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
-    // One agent per data dir: a second one would wipe the first one's job dirs, kill its
-    // processes (same marker) and share its credential. Held until `run` returns.
+    // One agent per data dir, locked before anything else touches it: a second one would wipe
+    // the first one's job dirs, kill its processes (same marker) and share its credential. Held
+    // until `run` returns.
     let _lock = lock_data_dir(&config.data_dir)?;
     let jobs_dir = config.data_dir.join("jobs");
     // A previous incarnation's leftovers: working dirs and spools of attempts nobody will report.
@@ -249,23 +249,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
     Ok(())
 }
 
-/// Locks `<data_dir>/agent.lock` for this process; refuses a data dir another agent holds.
+/// Locks `<data_dir>/agent.lock` for this process (creating the dir, private, if it is missing);
+/// refuses a data dir another agent holds.
 fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
-    let path = data_dir.join("agent.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| AgentError::DataDir {
-            path: path.clone(),
-            source,
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::InUse(data_dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(source)) => Err(AgentError::DataDir { path, source }),
-    }
+    use runyard_proto::datadir::{self, LockError};
+    datadir::lock(data_dir, "agent.lock").map_err(|e| match e {
+        LockError::InUse(dir) => AgentError::InUse(dir),
+        LockError::Io { path, source } => AgentError::DataDir { path, source },
+    })
 }
 
 /// Number of CPUs and bytes of memory of this machine.

@@ -461,3 +461,90 @@ fn follow_survives_a_controller_restart_with_every_line_once() {
     assert_eq!(job["attempt"], 1, "the job kept running: {job:#}");
     assert_eq!(job["lost_count"], 0, "{job:#}");
 }
+
+/// A second `runyard up` on a data dir in use fails at once, with the reason, before it prints
+/// a banner or touches anything: the first one's running job goes on and succeeds (before, the
+/// second instance's agent killed it and deleted its working tree). An existing data dir keeps
+/// its mode (before, it was changed to 0700).
+#[test]
+fn a_second_up_on_a_data_dir_in_use_refuses_and_touches_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("slow.py", SLOW)]).expect("git fixture");
+    let data = sb.path().join("shared");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let data_arg = data.display().to_string();
+    let start = |sb: &mut Sandbox, name: &str| {
+        let (http, grpc) = (addr(free_port()), addr(free_port()));
+        let args = [
+            "up",
+            "--data-dir",
+            &data_arg,
+            "--http",
+            &http,
+            "--grpc",
+            &grpc,
+        ];
+        (sb.spawn(name, &args), http)
+    };
+    let (mut first, http) = start(&mut sb, "up-1");
+    let token = eventually(STARTUP, "the first instance's admin token", || {
+        assert!(
+            first.wait_exit(Duration::ZERO).is_none(),
+            "{}",
+            first.stderr()
+        );
+        std::fs::read_to_string(data.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    });
+    sb.set_client_env("RUNYARD_CONTROLLER", &format!("http://{http}"));
+    sb.set_client_env("RUNYARD_TOKEN", &token);
+    wait_connected(&mut sb, &[&host_name()]);
+    let id = submit(&mut sb, &repo, "slow.py");
+    wait_running_with(&mut sb, &id, "line 1");
+    let tree_before: Vec<_> = std::fs::read_dir(data.join("agent/jobs"))
+        .expect("the first agent's job dirs")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(
+        !tree_before.is_empty(),
+        "the running job has a working tree"
+    );
+
+    let (mut second, _) = start(&mut sb, "up-2");
+    let status = second
+        .wait_exit(Duration::from_secs(10))
+        .expect("the second instance stops at once");
+    assert!(!status.success());
+    let err = second.stderr();
+    assert!(err.contains("is in use by another controller"), "{err}");
+    assert!(
+        !second.stdout().contains("Runyard is up"),
+        "no banner: {}",
+        second.stdout()
+    );
+
+    // The first instance's job and files are untouched.
+    for entry in &tree_before {
+        assert!(
+            data.join("agent/jobs").join(entry).exists(),
+            "{entry:?} survives"
+        );
+    }
+    let done = sb.wait_status(&id, &["succeeded", "failed", "stopped"], JOB);
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["attempt"], 1, "never lost: {done:#}");
+    assert_eq!(sb.ok(&["logs", &id]), numbered(10));
+    let mode = std::fs::metadata(&data)
+        .expect("data dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o1777, "the data dir keeps its mode");
+    assert!(
+        first.wait_exit(Duration::ZERO).is_none(),
+        "the first instance runs on"
+    );
+}

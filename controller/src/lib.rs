@@ -91,6 +91,11 @@ pub enum ControllerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "controller data dir {0} is in use by another controller (`runyard up` or `runyard \
+         controller`): stop it, or give this one its own --data-dir"
+    )]
+    InUse(PathBuf),
     #[error("cannot open the store: {0}")]
     Store(#[from] store::StoreError),
     #[error("cannot load jobs: {0}")]
@@ -99,6 +104,17 @@ pub enum ControllerError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+}
+
+/// Takes `<data_dir>/controller.lock` for this process (creating the dir, private, if it is
+/// missing); refuses a data dir another controller holds. `up` and `controller` call it before
+/// they print anything, so a second instance fails at once; `run` holds it for its lifetime.
+pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, ControllerError> {
+    use runyard_proto::datadir::{self, LockError};
+    datadir::lock(data_dir, "controller.lock").map_err(|e| match e {
+        LockError::InUse(dir) => ControllerError::InUse(dir),
+        LockError::Io { path, source } => ControllerError::DataDir { path, source },
+    })
 }
 
 /// Runs the controller on the given listeners until `cancel` fires.
@@ -112,6 +128,9 @@ pub async fn run(
         path: config.data_dir.clone(),
         source,
     };
+    // One controller per data dir, locked before anything else touches it. Held until `run`
+    // returns.
+    let _lock = lock_data_dir(&config.data_dir)?;
     let tokens = ensure_tokens(&config.data_dir).map_err(data_err)?;
     let log_store = logs::LogStore::with_limit(config.data_dir.join("logs"), config.max_log_size)
         .map_err(data_err)?;

@@ -2,8 +2,6 @@
 //! the data dir with mode 0600 and read back on every start. Agents' own credentials are never
 //! stored: only their sha256 (`credential_hash`), compared in constant time.
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -17,10 +15,10 @@ pub struct Tokens {
     pub agent: String,
 }
 
-/// Reads the tokens from `data_dir`, creating any that is missing.
+/// Reads the tokens from `data_dir`, creating any that is missing (and the dir, private, if it
+/// does not exist; an existing dir keeps its mode: the token files are 0600 whatever it is).
 pub fn ensure_tokens(data_dir: &Path) -> std::io::Result<Tokens> {
-    fs::create_dir_all(data_dir)?;
-    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))?;
+    runyard_proto::datadir::create(data_dir)?;
     Ok(Tokens {
         admin: runyard_proto::secret::ensure(&data_dir.join(ADMIN_TOKEN_FILE), "rya_")?,
         agent: runyard_proto::secret::ensure(&data_dir.join(AGENT_TOKEN_FILE), "ryj_")?,
@@ -41,6 +39,9 @@ pub fn token_eq(a: &str, b: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -12,10 +12,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::compute::Compute;
 
+use crate::limits::*;
+
 /// Default grace between SIGTERM and SIGKILL when a job is stopped.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
-/// Upper bound on `retries`.
-pub const MAX_RETRIES: u32 = 100;
+pub use crate::limits::MAX_RETRIES;
 
 /// A bad input, naming the field at fault.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize)]
@@ -99,6 +100,9 @@ impl JobSpec {
 
     /// Checks every field and fills defaults. Idempotent.
     pub fn validate(mut self) -> Result<JobSpec, ValidationError> {
+        if self.repo.len() > MAX_REPO_LEN {
+            return Err(too_long("repo", MAX_REPO_LEN, "characters"));
+        }
         validate_repo(&self.repo)?;
         validate_repo_path("script", &self.script)?;
         if !self.script.ends_with(".py") {
@@ -110,8 +114,10 @@ impl JobSpec {
         if let Some(f) = &self.requirements_file {
             validate_repo_path("requirements_file", f)?;
         }
-        if self.revision.len() > 255
-            || self.revision.chars().any(|c| c.is_control() || c == ' ')
+        if self.revision.len() > MAX_REVISION_LEN {
+            return Err(too_long("revision", MAX_REVISION_LEN, "bytes"));
+        }
+        if self.revision.chars().any(|c| c.is_control() || c == ' ')
             || self.revision.starts_with('-')
         {
             return Err(ValidationError::new(
@@ -119,44 +125,34 @@ impl JobSpec {
                 format!("`{}` is not a branch, tag or commit name", self.revision),
             ));
         }
+        if self.requirements.len() > MAX_REQUIREMENTS {
+            return Err(ValidationError::new(
+                "requirements",
+                format!(
+                    "{} requirements: at most {MAX_REQUIREMENTS} (put more in a requirements_file)",
+                    self.requirements.len()
+                ),
+            ));
+        }
         for (i, r) in self.requirements.iter().enumerate() {
             validate_requirement(r)
                 .map_err(|m| ValidationError::new(format!("requirements[{i}]"), m))?;
         }
-        for (k, v) in &self.env {
-            if !is_identifier(k) {
-                return Err(ValidationError::new(
-                    format!("env.{k}"),
-                    format!(
-                        "`{k}` is not a valid environment variable name (letters, digits and _, not starting with a digit)"
-                    ),
-                ));
-            }
-            if k.starts_with("RUNYARD_") || k == "CUDA_VISIBLE_DEVICES" {
-                return Err(ValidationError::new(
-                    format!("env.{k}"),
-                    format!("`{k}` is set by Runyard and cannot be overridden"),
-                ));
-            }
-            if v.contains('\0') {
-                return Err(ValidationError::new(
-                    format!("env.{k}"),
-                    "the value contains a NUL byte",
-                ));
-            }
-        }
-        for (i, a) in self.args.iter().enumerate() {
-            if a.contains('\0') {
-                return Err(ValidationError::new(
-                    format!("args[{i}]"),
-                    "contains a NUL byte",
-                ));
-            }
-        }
+        validate_env(&self.env)?;
+        validate_args(&self.args)?;
         if self.timeout == Some(Duration::ZERO) {
             return Err(ValidationError::new(
                 "timeout",
                 "must be positive (omit it for no limit)",
+            ));
+        }
+        if self.timeout.is_some_and(|t| t > MAX_TIMEOUT) {
+            return Err(ValidationError::new(
+                "timeout",
+                format!(
+                    "at most {} (omit it for no limit)",
+                    format_duration(MAX_TIMEOUT)
+                ),
             ));
         }
         if self.retries > MAX_RETRIES {
@@ -165,20 +161,115 @@ impl JobSpec {
                 format!("at most {MAX_RETRIES}"),
             ));
         }
-        if self.stop_grace > Duration::from_secs(3600) {
-            return Err(ValidationError::new("stop_grace", "at most 1h"));
+        if self.stop_grace > MAX_STOP_GRACE {
+            return Err(ValidationError::new(
+                "stop_grace",
+                format!("at most {}", format_duration(MAX_STOP_GRACE)),
+            ));
         }
         if self.name.is_empty() {
             self.name = default_name(&self.script);
         }
-        if self.name.chars().count() > 128 || self.name.chars().any(char::is_control) {
+        if self.name.chars().count() > MAX_NAME_CHARS || self.name.chars().any(char::is_control) {
             return Err(ValidationError::new(
                 "name",
-                "at most 128 printable characters",
+                format!("at most {MAX_NAME_CHARS} printable characters"),
             ));
         }
         Ok(self)
     }
+}
+
+fn too_long(field: &str, max: usize, unit: &str) -> ValidationError {
+    ValidationError::new(field, format!("longer than {max} {unit}"))
+}
+
+fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ValidationError> {
+    if env.len() > MAX_ENV {
+        return Err(ValidationError::new(
+            "env",
+            format!("{} variables: at most {MAX_ENV}", env.len()),
+        ));
+    }
+    let mut total = 0;
+    for (k, v) in env {
+        if k.len() > MAX_ENV_NAME {
+            return Err(ValidationError::new(
+                "env",
+                format!("a variable name is longer than {MAX_ENV_NAME} bytes"),
+            ));
+        }
+        let field = format!("env.{k}");
+        if !is_identifier(k) {
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "`{k}` is not a valid environment variable name (letters, digits and _, not starting with a digit)"
+                ),
+            ));
+        }
+        if k.starts_with("RUNYARD_") || k == "CUDA_VISIBLE_DEVICES" {
+            return Err(ValidationError::new(
+                field,
+                format!("`{k}` is set by Runyard and cannot be overridden"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(ValidationError::new(field, "the value contains a NUL byte"));
+        }
+        if v.len() > MAX_ENV_VALUE {
+            return Err(ValidationError::new(
+                field,
+                format!("the value is longer than {} KiB", MAX_ENV_VALUE / 1024),
+            ));
+        }
+        total += k.len() + v.len();
+    }
+    if total > MAX_ENV_TOTAL {
+        return Err(ValidationError::new(
+            "env",
+            format!(
+                "names and values add up to more than {} KiB",
+                MAX_ENV_TOTAL / 1024
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_args(args: &[String]) -> Result<(), ValidationError> {
+    if args.len() > MAX_ARGS {
+        return Err(ValidationError::new(
+            "args",
+            format!("{} arguments: at most {MAX_ARGS}", args.len()),
+        ));
+    }
+    let mut total = 0;
+    for (i, a) in args.iter().enumerate() {
+        if a.contains('\0') {
+            return Err(ValidationError::new(
+                format!("args[{i}]"),
+                "contains a NUL byte",
+            ));
+        }
+        if a.len() > MAX_ARG_BYTES {
+            return Err(ValidationError::new(
+                format!("args[{i}]"),
+                format!("longer than {} KiB", MAX_ARG_BYTES / 1024),
+            ));
+        }
+        total += a.len();
+    }
+    if total > MAX_ARGS_TOTAL {
+        return Err(ValidationError::new(
+            "args",
+            format!(
+                "the arguments add up to more than {} KiB",
+                MAX_ARGS_TOTAL / 1024
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Every field of `JobSpec` as it appears in JSON.
@@ -297,6 +388,9 @@ fn validate_repo_path(field: &str, p: &str) -> Result<(), ValidationError> {
     if p.is_empty() {
         return Err(ValidationError::new(field, "must not be empty"));
     }
+    if p.len() > MAX_PATH_LEN {
+        return Err(too_long(field, MAX_PATH_LEN, "bytes"));
+    }
     if p.starts_with('/') {
         return Err(ValidationError::new(
             field,
@@ -331,23 +425,29 @@ fn validate_requirement(r: &str) -> Result<(), String> {
     if r.contains('\n') || r.contains('\r') {
         return Err("one requirement per entry: no line breaks".into());
     }
-    if r.len() > 1024 {
-        return Err("longer than 1024 characters".into());
+    if r.len() > MAX_REQUIREMENT_LEN {
+        return Err(format!("longer than {MAX_REQUIREMENT_LEN} bytes"));
     }
     Ok(())
 }
 
-/// Parses a duration given as a human string (`90s`, `2h 30m`) or a number of seconds.
+/// Parses a duration given as a human string (`90s`, `2h 30m`) or a number of seconds. Anything
+/// longer than `limits::MAX_DURATION` is refused, so no value can overflow a clock later.
 pub fn parse_duration_value(v: &serde_json::Value) -> Result<Duration, String> {
     match v {
         serde_json::Value::Number(n) => {
             if let Some(u) = n.as_u64() {
-                Ok(Duration::from_secs(u))
+                bounded(
+                    Duration::from_secs(u.min(MAX_DURATION.as_secs() + 1)),
+                    &n.to_string(),
+                )
             } else if let Some(f) = n.as_f64() {
                 if f < 0.0 || !f.is_finite() {
                     Err(format!(
                         "{f} is negative: give a positive duration such as `30m` or `2h`"
                     ))
+                } else if f > MAX_DURATION.as_secs_f64() {
+                    Err(too_long_duration(&n.to_string()))
                 } else {
                     Ok(Duration::from_secs_f64(f))
                 }
@@ -368,10 +468,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         ));
     }
     if let Ok(secs) = t.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+        return bounded(Duration::from_secs(secs.min(MAX_DURATION.as_secs() + 1)), s);
     }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("`{s}` is not a duration ({e}); use forms like `90s`, `30m`, `2h`"))
+    let d = humantime::parse_duration(t)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); use forms like `90s`, `30m`, `2h`"))?;
+    bounded(d, s)
+}
+
+fn bounded(d: Duration, given: &str) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        return Err(too_long_duration(given));
+    }
+    Ok(d)
+}
+
+fn too_long_duration(given: &str) -> String {
+    format!("`{given}` is longer than any duration Runyard takes (100 years)")
 }
 
 pub fn format_duration(d: Duration) -> String {
@@ -529,6 +641,249 @@ mod tests {
             "file:///tmp/r",
         ] {
             assert!(validate_repo(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn every_limit_has_its_own_message() {
+        let many = |n: usize, s: &str| json!(vec![s.to_string(); n]);
+        let env = |n: usize, len: usize| {
+            let m: serde_json::Map<String, serde_json::Value> = (0..n)
+                .map(|i| (format!("V{i}"), json!("x".repeat(len))))
+                .collect();
+            serde_json::Value::Object(m)
+        };
+        let cases: Vec<(serde_json::Value, &str, &str)> = vec![
+            (
+                with(
+                    "repo",
+                    json!(format!("https://h/{}", "a".repeat(MAX_REPO_LEN))),
+                ),
+                "repo",
+                "longer than 2048 characters",
+            ),
+            (with("name", json!("n".repeat(129))), "name", "at most 128"),
+            (
+                with("script", json!(format!("{}.py", "a".repeat(MAX_PATH_LEN)))),
+                "script",
+                "longer than 1024 bytes",
+            ),
+            (
+                with("requirements_file", json!("r".repeat(MAX_PATH_LEN + 1))),
+                "requirements_file",
+                "longer than 1024 bytes",
+            ),
+            (
+                with("revision", json!("r".repeat(256))),
+                "revision",
+                "longer than 255",
+            ),
+            (
+                with("args", many(MAX_ARGS + 1, "x")),
+                "args",
+                "1025 arguments: at most 1024",
+            ),
+            (
+                with("args", json!(["a".repeat(MAX_ARG_BYTES + 1)])),
+                "args[0]",
+                "longer than 16 KiB",
+            ),
+            (
+                with("args", many(9, &"a".repeat(MAX_ARG_BYTES))),
+                "args",
+                "add up to more than 128 KiB",
+            ),
+            (
+                with("env", env(MAX_ENV + 1, 1)),
+                "env",
+                "257 variables: at most 256",
+            ),
+            (
+                with("env", env(1, 900 * 1024)),
+                "env.V0",
+                "longer than 32 KiB",
+            ),
+            (
+                with("env", env(5, 30 * 1024)),
+                "env",
+                "add up to more than 128 KiB",
+            ),
+            (
+                with("env", json!({"A".repeat(MAX_ENV_NAME + 1): "x"})),
+                "env",
+                "longer than 128 bytes",
+            ),
+            (
+                with("requirements", many(MAX_REQUIREMENTS + 1, "numpy")),
+                "requirements",
+                "at most 256",
+            ),
+            (
+                with("requirements", json!(["n".repeat(MAX_REQUIREMENT_LEN + 1)])),
+                "requirements[0]",
+                "longer than 1024 bytes",
+            ),
+            (
+                with("timeout", json!(1e30)),
+                "timeout",
+                "longer than any duration",
+            ),
+            (
+                with("timeout", json!(u64::MAX)),
+                "timeout",
+                "longer than any duration",
+            ),
+            (
+                with("timeout", json!("10000000000000000000000y")),
+                "timeout",
+                "not a duration",
+            ),
+            (
+                with("timeout", json!("367days")),
+                "timeout",
+                "at most 1year",
+            ),
+            (
+                with("stop_grace", json!(1e300)),
+                "stop_grace",
+                "longer than any duration",
+            ),
+            (with("stop_grace", json!("2h")), "stop_grace", "at most 1h"),
+            (with("retries", json!(101)), "retries", "at most 100"),
+            (with("retries", json!(1e30)), "retries", "invalid type"),
+        ];
+        for (body, field, message) in cases {
+            let e = JobSpec::from_json(body.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains(message), "{field}: {e}");
+            let e = JobSpec::from_value(body).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        // At the limits, accepted.
+        let at = with("args", many(8, &"a".repeat(MAX_ARG_BYTES)));
+        assert!(JobSpec::from_value(at).is_ok());
+        assert!(JobSpec::from_value(with("timeout", json!("366days"))).is_ok());
+        assert!(JobSpec::from_value(with("env", env(MAX_ENV, 16))).is_ok());
+    }
+
+    /// Random documents, well-formed and not, with the spec's fields and others: the parser
+    /// answers every one (a spec or an error naming a field) and never panics; what it accepts
+    /// is within every limit and parses back to itself. A fixed budget of cases per run.
+    mod property {
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        use super::super::*;
+
+        fn leaf() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| json!(f)),
+                prop_oneof![
+                    Just(1e30),
+                    Just(1e300),
+                    Just(-0.0),
+                    Just(4.5e15),
+                    Just(f64::MAX)
+                ]
+                .prop_map(|f| json!(f)),
+                "[ -~]{0,40}".prop_map(Value::String),
+                prop_oneof![
+                    Just("2h"),
+                    Just("1e30"),
+                    Just("99999999999999999999s"),
+                    Just("gpu:3"),
+                    Just("cpu-small"),
+                    Just("gpu:0"),
+                    Just("train.py"),
+                    Just("../x.py"),
+                    Just("https://h/r.git"),
+                    Just("file:///r"),
+                    Just("-e ."),
+                    Just("\u{0}"),
+                    Just("367days"),
+                    Just("1h"),
+                    Just("ütf-8 ✓"),
+                ]
+                .prop_map(|s| Value::String(s.to_string())),
+                (0usize..40_000).prop_map(|n| Value::String("x".repeat(n))),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = Value> {
+            leaf().prop_recursive(3, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    prop::collection::btree_map(
+                        "[A-Za-z_][A-Za-z0-9_]{0,8}|[ -~]{0,6}",
+                        inner,
+                        0..6
+                    )
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A document with some of the spec's fields (and sometimes an unknown one).
+        fn document() -> impl Strategy<Value = Value> {
+            let fields = prop::sample::subsequence(FIELDS.to_vec(), 0..=FIELDS.len());
+            (
+                fields,
+                prop::collection::vec(value(), FIELDS.len()),
+                any::<bool>(),
+            )
+                .prop_map(|(picked, values, extra)| {
+                    let mut m = serde_json::Map::new();
+                    m.insert("repo".into(), json!("https://h/r.git"));
+                    m.insert("script".into(), json!("t.py"));
+                    for (f, v) in picked.into_iter().zip(values) {
+                        m.insert(f.to_string(), v);
+                    }
+                    if extra {
+                        m.insert("colour".into(), json!("red"));
+                    }
+                    Value::Object(m)
+                })
+        }
+
+        fn check(result: Result<JobSpec, ValidationError>) {
+            match result {
+                Ok(spec) => {
+                    let text = serde_json::to_string(&spec).expect("a spec serializes");
+                    assert!(text.len() < 1 << 20, "an accepted spec fits a request body");
+                    let again = JobSpec::from_json(text.as_bytes()).expect("parses back");
+                    assert_eq!(again, spec);
+                }
+                Err(e) => assert!(!e.field.is_empty() && !e.message.is_empty(), "{e:?}"),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 400,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn documents_are_answered_never_panicked_on(doc in document()) {
+                check(JobSpec::from_json(doc.to_string().as_bytes()));
+                check(JobSpec::from_value(doc));
+            }
+
+            #[test]
+            fn any_value_is_answered(v in value()) {
+                check(JobSpec::from_value(v.clone()));
+                check(JobSpec::from_json(v.to_string().as_bytes()));
+            }
+
+            #[test]
+            fn any_bytes_are_answered(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                check(JobSpec::from_json(&bytes));
+            }
         }
     }
 

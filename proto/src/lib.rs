@@ -3,6 +3,7 @@
 //! - `v1`: code generated from `proto/runyard/agent/v1/agent.proto` by build.rs.
 //! - `convert`: `From`/`TryFrom` between wire messages and `runyard_model` types.
 //! - `secret`: the tokens and credentials both sides keep on disk (random, 0600).
+//! - `datadir`: each side's data dir: created private, never re-moded, one process at a time.
 
 pub mod v1 {
     // Generated code: `Assign` carries a whole spec; boxing it would only make call sites noisier
@@ -12,6 +13,7 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod datadir;
 pub mod secret;
 
 /// gRPC metadata naming the agent that makes a call (sessions and uploads).

@@ -46,6 +46,30 @@ async fn every_bad_input_names_its_field_and_changes_nothing() -> anyhow::Result
             "requirements[0]",
         ),
         (with("retries", json!(-1)), "retries"),
+        // Out of range: these reset the connection (a panic in the handler) before.
+        (with("timeout", json!(1e30)), "timeout"),
+        (with("stop_grace", json!(1e300)), "stop_grace"),
+        (with("timeout", json!("400days")), "timeout"),
+        // Too many, too long (each under the body limit).
+        (with("args", json!(vec!["a"; 100_000])), "args"),
+        (
+            with("env", json!({"BIG": "v".repeat(900 * 1024)})),
+            "env.BIG",
+        ),
+        (
+            with(
+                "env",
+                Value::Object((0..30_000).map(|i| (format!("V{i}"), json!(""))).collect()),
+            ),
+            "env",
+        ),
+        (
+            with(
+                "repo",
+                json!(format!("https://h/{}", "r".repeat(900 * 1024))),
+            ),
+            "repo",
+        ),
     ];
     for (body, field) in cases {
         let (status, resp) = c.post("/api/v1/jobs", &body).await?;

@@ -24,6 +24,7 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
     // Before anything a user may interrupt (the banner invites it).
     let root = shutdown::root_token().map_err(CommandError::Signals)?;
     let data_dir = data_dir_or_default(args.data_dir)?;
+    refuse_if_in_use(&data_dir)?;
     let tokens = tokens(&data_dir).await?;
     let http = bind(&args.http, "HTTP API; choose another with --http").await?;
     let grpc = bind(&args.grpc, "agent gRPC; choose another with --grpc").await?;
@@ -86,6 +87,7 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
 pub async fn controller(args: ControllerArgs) -> Result<u8, CommandError> {
     let root = shutdown::root_token().map_err(CommandError::Signals)?;
     let data_dir = data_dir_or_default(args.data_dir)?;
+    refuse_if_in_use(&data_dir)?;
     tokens(&data_dir).await?;
     let http = bind(&args.http, "HTTP API; choose another with --http").await?;
     let grpc = bind(&args.grpc, "agent gRPC; choose another with --grpc").await?;
@@ -109,6 +111,13 @@ pub async fn controller(args: ControllerArgs) -> Result<u8, CommandError> {
     runyard_controller::run(config, http, grpc, root).await?;
     info!("controller stopped");
     Ok(0)
+}
+
+/// Fails at once, before any file is written or anything printed, when another controller holds
+/// the data dir (`run` takes the lock for good; this only looks).
+fn refuse_if_in_use(data_dir: &Path) -> Result<(), CommandError> {
+    runyard_controller::lock_data_dir(data_dir)?;
+    Ok(())
 }
 
 /// Reads or creates the tokens (file writes and fsync: off the async threads).

@@ -380,4 +380,130 @@ mod tests {
         job.status = JobStatus::Stopped;
         assert_eq!(code(&job), 1);
     }
+
+    /// A YAML job file with huge numbers is refused with the field named, not a crash (exit
+    /// code 101 before).
+    #[test]
+    fn yaml_with_out_of_range_numbers_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, field) in [
+            (
+                "repo: https://h/r.git\nscript: t.py\ntimeout: 1e30\n",
+                "timeout",
+            ),
+            (
+                "repo: https://h/r.git\nscript: t.py\nstop_grace: 1e300\n",
+                "stop_grace",
+            ),
+            (
+                "repo: https://h/r.git\nscript: t.py\nretries: 1e30\n",
+                "retries",
+            ),
+            (
+                "repo: https://h/r.git\nscript: t.py\ntimeout: -1e30\n",
+                "timeout",
+            ),
+        ] {
+            let file = dir.path().join("job.yaml");
+            std::fs::write(&file, text).unwrap();
+            match spec_of(&["-f", file.to_str().unwrap()]) {
+                Err(CommandError::Spec(e)) => assert_eq!(e.field, field, "{text}: {e}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    /// Random YAML documents (the spec's fields with random scalars, sequences and mappings,
+    /// and random text): every one is answered with a spec or an error, never a panic. A fixed
+    /// budget of cases per run.
+    mod property {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn scalar() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[ -~]{0,30}",
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_map(|f| f.to_string()),
+                prop_oneof![
+                    Just("1e30"),
+                    Just(".inf"),
+                    Just("-.nan"),
+                    Just("~"),
+                    Just("[]"),
+                    Just("{}"),
+                    Just("99999999999999999999999"),
+                    Just("2h"),
+                    Just("gpu:2"),
+                    Just("&a x"),
+                    Just("*a"),
+                    Just("!!binary aGk="),
+                    Just("'quoted'"),
+                    Just("\"x\\u0000\""),
+                ]
+                .prop_map(str::to_string),
+            ]
+        }
+
+        fn document() -> impl Strategy<Value = String> {
+            let field = prop_oneof![
+                Just("repo"),
+                Just("script"),
+                Just("name"),
+                Just("revision"),
+                Just("args"),
+                Just("requirements"),
+                Just("env"),
+                Just("compute"),
+                Just("timeout"),
+                Just("retries"),
+                Just("stop_grace"),
+                Just("requirements_file"),
+                Just("other"),
+            ];
+            let value = prop_oneof![
+                scalar(),
+                prop::collection::vec(scalar(), 0..4)
+                    .prop_map(|v| format!("\n  - {}", v.join("\n  - "))),
+                prop::collection::vec(("[A-Z_]{1,6}", scalar()), 0..3).prop_map(|kv| {
+                    kv.iter()
+                        .map(|(k, v)| format!("\n  {k}: {v}"))
+                        .collect::<String>()
+                }),
+            ];
+            prop::collection::vec((field, value), 0..8).prop_map(|fields| {
+                let mut doc = String::from("repo: https://h/r.git\nscript: t.py\n");
+                for (k, v) in fields {
+                    doc.push_str(&format!("{k}: {v}\n"));
+                }
+                doc
+            })
+        }
+
+        fn answer(text: &str) {
+            let path = std::path::Path::new("job.yaml");
+            if let Ok(map) = parse_file(path, text) {
+                let _ = JobSpec::from_value(Value::Object(map));
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 400,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn yaml_documents_are_answered(doc in document()) {
+                answer(&doc);
+            }
+
+            #[test]
+            fn any_text_is_answered(text in "[ -~\n\t]{0,200}") {
+                answer(&text);
+            }
+        }
+    }
 }
