@@ -26,6 +26,11 @@ pub struct JobView {
     /// What users want of the job.
     #[serde(default)]
     pub desired: Desired,
+    /// The name of the token that submitted it; null for jobs submitted before owners were
+    /// kept.
+    #[serde(default)]
+    #[schema(required)]
+    pub owner: Option<String>,
     /// Number of the current attempt; 0 until first placed.
     pub attempt: u32,
     /// Agent holding the current attempt.
@@ -88,6 +93,7 @@ impl From<&Job> for JobView {
             spec: j.spec.clone(),
             status: j.status,
             desired: j.desired,
+            owner: j.owner.clone(),
             attempt: j.attempt,
             agent: j.agent.clone(),
             gpus: j.gpus.clone(),

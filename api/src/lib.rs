@@ -10,12 +10,14 @@
 //! - `job`: `JobView` (a job as the API shows it), `JobPage` (one page of the job list) and
 //!   `JobRemoved` (the `removed` event).
 //! - `placement`: `PlacementView` (one attempt of a job) and `PlacementList`.
+//! - `access`: `WhoAmI`, and the named tokens (`CreateToken`, `TokenCreated`, `TokenList`).
 //! - `agent`: `AgentView` and `AgentList`.
 //! - `metrics`: the metric history of a job's current attempt.
 //! - `error`: `ErrorBody`, the body of every error response.
 //! - `query`: the query parameters of each route.
 //! - `openapi`: the document's shared parts: components, the bearer scheme, reusable responses.
 
+pub mod access;
 pub mod agent;
 pub mod error;
 pub mod job;
@@ -24,6 +26,7 @@ pub mod openapi;
 pub mod placement;
 pub mod query;
 
+pub use access::{CreateToken, TokenCreated, TokenList, TokenView, WhoAmI};
 pub use agent::{AgentList, AgentView};
 pub use error::ErrorBody;
 pub use job::{JobPage, JobRemoved, JobView};

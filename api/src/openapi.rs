@@ -30,6 +30,10 @@ pub const BEARER: &str = "bearer";
             crate::job::JobPage,
             crate::job::JobRemoved,
             crate::placement::PlacementList,
+            crate::access::WhoAmI,
+            crate::access::CreateToken,
+            crate::access::TokenCreated,
+            crate::access::TokenList,
             crate::agent::AgentList,
             crate::metrics::MetricsResponse,
             runyard_model::JobSpec
@@ -37,6 +41,7 @@ pub const BEARER: &str = "bearer";
         responses(
             BadRequest,
             Unauthorized,
+            Forbidden,
             NotFound,
             MethodNotAllowed,
             Conflict,
@@ -60,7 +65,8 @@ impl Modify for BearerScheme {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "The controller's admin token (`<data dir>/admin.token`, RUNYARD_TOKEN)",
+                        "The controller's admin token (`<data dir>/admin.token`) or a named token \
+                         (`runyard token create`); the CLI reads RUNYARD_TOKEN",
                     ))
                     .build(),
             ),
@@ -95,6 +101,15 @@ pub struct Secured;
 impl IntoResponses for Secured {
     fn responses() -> BTreeMap<String, RefOr<Response>> {
         refs(&[("401", "Unauthorized"), ("405", "MethodNotAllowed")])
+    }
+}
+
+/// Routes that change something: the caller's role may not allow it (403).
+pub struct Guarded;
+
+impl IntoResponses for Guarded {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        refs(&[("403", "Forbidden")])
     }
 }
 
@@ -134,6 +149,11 @@ pub struct BadRequest(#[to_schema] pub ErrorBody);
 #[derive(ToResponse)]
 #[response(description = "Missing or invalid bearer token")]
 pub struct Unauthorized(#[to_schema] pub ErrorBody);
+
+/// 403: the caller's role does not allow it.
+#[derive(ToResponse)]
+#[response(description = "The token's role does not allow this (a viewer, or another user's job)")]
+pub struct Forbidden(#[to_schema] pub ErrorBody);
 
 /// 404: no such job (or nothing of it to show).
 #[derive(ToResponse)]

@@ -94,13 +94,13 @@ impl Controller {
         self.kick.notify_one();
     }
 
-    pub async fn submit(&self, spec: JobSpec) -> Result<Job, JobsError> {
+    /// Stores a new job owned by the token named `owner`.
+    pub async fn submit(&self, spec: JobSpec, owner: &str) -> Result<Job, JobsError> {
         let id = ulid::Ulid::new().to_string().to_lowercase();
-        let job = self
-            .jobs
-            .create(JobState::new(id, spec, Timestamp::now()))
-            .await?;
-        info!(job = %job.id, name = %job.name, compute = %job.spec.compute, "job submitted");
+        let mut state = JobState::new(id, spec, Timestamp::now());
+        state.intent.owner = Some(owner.to_string());
+        let job = self.jobs.create(state).await?;
+        info!(job = %job.id, name = %job.name, compute = %job.spec.compute, %owner, "job submitted");
         self.kick();
         Ok(job)
     }

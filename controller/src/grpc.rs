@@ -752,7 +752,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctl = controller(dir.path()).await;
         let spec = JobSpec::from_json(br#"{"repo":"file:///r","script":"t.py"}"#).unwrap();
-        let job = ctl.submit(spec).await.unwrap();
+        let job = ctl.submit(spec, "admin").await.unwrap();
         let (tx, _rx) = mpsc::channel(64);
         let (_turn, claim) = ctl.agents.claim("a");
         let session = Session {

@@ -26,24 +26,25 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use runyard_api::openapi::{
-    BadRequest, OneJob, PayloadTooLarge, Public, Refusable, Secured, Storage,
+    BadRequest, Guarded, OneJob, PayloadTooLarge, Public, Refusable, Secured, Storage,
 };
 use runyard_api::query::{DEFAULT_PAGE, JobPath, MAX_PAGE};
 use runyard_api::{
-    AgentList, AgentView, ErrorBody, EventsQuery, JobPage, JobRemoved, JobView, ListJobsQuery,
-    LogsQuery, MetricsResponse, MetricsSvgQuery, PlacementList, PlacementView,
+    AgentList, AgentView, CreateToken, ErrorBody, EventsQuery, JobPage, JobRemoved, JobView,
+    ListJobsQuery, LogsQuery, MetricsResponse, MetricsSvgQuery, PlacementList, PlacementView,
+    TokenCreated, TokenList, TokenView, WhoAmI,
 };
 use runyard_model::report::MetricPoint;
-use runyard_model::{Job, JobSpec, JobStatus, ValidationError};
+use runyard_model::{Act, Caller, Job, JobSpec, JobStatus, ValidationError};
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::access::{Access, AccessError};
 use crate::executor::Controller;
 use crate::jobs::JobsError;
-use crate::tokens::token_eq;
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1 << 20;
@@ -59,7 +60,8 @@ const EVENTS_COALESCE: Duration = Duration::from_millis(150);
 #[derive(Clone)]
 pub struct ApiState {
     pub ctl: Controller,
-    pub admin_token: String,
+    /// Who may call: the admin token and the named tokens.
+    pub access: Access,
     /// Ends long-lived responses (log follows) at shutdown.
     pub shutdown: CancellationToken,
 }
@@ -78,6 +80,9 @@ fn api_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(checkpoint))
         .routes(routes!(agents))
         .routes(routes!(remove_agent))
+        .routes(routes!(whoami))
+        .routes(routes!(create_token, list_tokens))
+        .routes(routes!(revoke_token))
 }
 
 /// The routes served without a token (besides the web page's static files).
@@ -153,6 +158,10 @@ impl ApiError {
         )
     }
 
+    fn forbidden(why: String) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, why, None)
+    }
+
     fn not_found(id: &str) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -181,6 +190,25 @@ impl From<JobsError> for ApiError {
             None,
         )
     }
+}
+
+impl From<AccessError> for ApiError {
+    fn from(e: AccessError) -> ApiError {
+        match e {
+            AccessError::Store(e) => JobsError::from(e).into(),
+            AccessError::Exists(_) => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string(), Some("name"))
+            }
+            AccessError::BadName(_) | AccessError::Reserved => {
+                ApiError::new(StatusCode::BAD_REQUEST, e.to_string(), Some("name"))
+            }
+        }
+    }
+}
+
+/// May the caller do `act`? A 403 that says why when not.
+fn allow(who: &Caller, act: Act<'_>) -> Result<(), ApiError> {
+    who.may(act).map_err(ApiError::forbidden)
 }
 
 impl IntoResponse for ApiError {
@@ -254,9 +282,25 @@ impl<S: Send + Sync> FromRequestParts<S> for JobId {
     }
 }
 
+/// The caller, as the auth middleware found it.
+struct Who(Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Who {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .map(Who)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing token", None))
+    }
+}
+
 async fn auth(
     State(state): State<ApiState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let presented = req
@@ -264,11 +308,15 @@ async fn auth(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(t) if token_eq(t.trim(), &state.admin_token) => Ok(next.run(req).await),
-        Some(_) => Err(ApiError::new(
+    match presented.map(|t| state.access.caller(t.trim())) {
+        Some(Some(caller)) => {
+            req.extensions_mut().insert(caller);
+            Ok(next.run(req).await)
+        }
+        Some(None) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "invalid token: use the controller's admin token (RUNYARD_TOKEN)",
+            "invalid token: use the controller's admin token or a token made with `runyard token \
+             create` (RUNYARD_TOKEN); a revoked token is refused",
             None,
         )),
         None => Err(ApiError::new(
@@ -325,8 +373,10 @@ async fn openapi_json() -> Response {
 )]
 async fn submit(
     State(state): State<ApiState>,
+    Who(who): Who,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    allow(&who, Act::Submit)?;
     let body = body.map_err(|e| {
         let status = e.status();
         let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -337,7 +387,7 @@ async fn submit(
         ApiError::new(status, msg, Some("body"))
     })?;
     let spec = JobSpec::from_json(&body)?;
-    let job = state.ctl.submit(spec).await?;
+    let job = state.ctl.submit(spec, &who.name).await?;
     Ok((StatusCode::CREATED, Json(JobView::from(&job))))
 }
 
@@ -447,14 +497,22 @@ async fn placements(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The job as it was when deleted", body = JobView),
-        Secured, OneJob, Refusable, Storage,
+        Secured, Guarded, OneJob, Refusable, Storage,
     )
 )]
 async fn delete(
     State(state): State<ApiState>,
+    Who(who): Who,
     JobId(id): JobId,
 ) -> Result<Json<JobView>, ApiError> {
     use crate::history::Deleted;
+    let job = job_or_404(&state, &id).await?;
+    allow(
+        &who,
+        Act::Change {
+            owner: job.owner.as_deref(),
+        },
+    )?;
     match state.ctl.delete(&id).await? {
         Deleted::Gone(job) => Ok(Json(JobView::from(&job))),
         Deleted::Active(job) => Err(ApiError::new(
@@ -475,10 +533,21 @@ async fn delete(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The job, stopping or stopped", body = JobView),
-        Secured, OneJob, Refusable, Storage,
+        Secured, Guarded, OneJob, Refusable, Storage,
     )
 )]
-async fn stop(State(state): State<ApiState>, JobId(id): JobId) -> Result<Json<JobView>, ApiError> {
+async fn stop(
+    State(state): State<ApiState>,
+    Who(who): Who,
+    JobId(id): JobId,
+) -> Result<Json<JobView>, ApiError> {
+    let job = job_or_404(&state, &id).await?;
+    allow(
+        &who,
+        Act::Change {
+            owner: job.owner.as_deref(),
+        },
+    )?;
     match state.ctl.stop(&id).await? {
         None => Err(ApiError::not_found(&id)),
         Some(Err(msg)) => Err(ApiError::new(
@@ -708,13 +777,15 @@ async fn agents(State(state): State<ApiState>) -> Json<AgentList> {
     responses(
         (status = 200, description = "`{\"removed\": name}`", body = serde_json::Value),
         (status = 404, description = "No agent with that name", body = runyard_api::ErrorBody),
-        Secured, Storage,
+        Secured, Guarded, Storage,
     )
 )]
 async fn remove_agent(
     State(state): State<ApiState>,
+    Who(who): Who,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&who, Act::Administer)?;
     match state.ctl.agents.remove(&name).await {
         Ok(true) => {
             tracing::warn!(agent = %name, "agent removed by an admin");
@@ -727,6 +798,94 @@ async fn remove_agent(
             None,
         )),
         Err(e) => Err(JobsError::from(e).into()),
+    }
+}
+
+/// Who the token is: its name and role (the web page shows it and hides what the role may not
+/// do).
+#[utoipa::path(get, path = "/api/v1/whoami", tag = "access",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller", body = WhoAmI),
+        Secured,
+    )
+)]
+async fn whoami(Who(who): Who) -> Json<WhoAmI> {
+    Json(WhoAmI::from(&who))
+}
+
+/// Make a named token with a role (admins only). The token is in this answer and never again.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "access",
+    request_body = CreateToken,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The token, shown once", body = TokenCreated),
+        (status = 400, response = BadRequest),
+        (status = 409, response = runyard_api::openapi::Conflict),
+        (status = 413, response = PayloadTooLarge),
+        Secured, Guarded, Storage,
+    )
+)]
+async fn create_token(
+    State(state): State<ApiState>,
+    Who(who): Who,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    allow(&who, Act::Administer)?;
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text(), Some("body")))?;
+    let req: CreateToken =
+        serde_json::from_slice(&body).map_err(|e| ApiError::rejected("body", &e.to_string()))?;
+    let (record, token) = state.access.create(&req.name, req.role, &who).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            view: TokenView::from(&record),
+            token,
+        }),
+    ))
+}
+
+/// Every named token (admins only), without the tokens.
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "access",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The named tokens", body = TokenList),
+        Secured, Guarded,
+    )
+)]
+async fn list_tokens(
+    State(state): State<ApiState>,
+    Who(who): Who,
+) -> Result<Json<TokenList>, ApiError> {
+    allow(&who, Act::Administer)?;
+    Ok(Json(TokenList {
+        tokens: state.access.list().iter().map(TokenView::from).collect(),
+    }))
+}
+
+/// Revoke a named token (admins only): refused from the next request on.
+#[utoipa::path(delete, path = "/api/v1/tokens/{name}", tag = "access",
+    params(("name" = String, Path, description = "The token's name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The revoked token", body = TokenView),
+        (status = 404, description = "No token with that name", body = runyard_api::ErrorBody),
+        Secured, Guarded, Storage,
+    )
+)]
+async fn revoke_token(
+    State(state): State<ApiState>,
+    Who(who): Who,
+    Path(name): Path<String>,
+) -> Result<Json<TokenView>, ApiError> {
+    allow(&who, Act::Administer)?;
+    match state.access.revoke(&name, &who).await? {
+        Some(record) => Ok(Json(TokenView::from(&record))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no token named `{name}`"),
+            None,
+        )),
     }
 }
 
@@ -1006,9 +1165,10 @@ mod tests {
     use tower::ServiceExt;
 
     /// Every route of the API, as `METHOD path`.
-    const ROUTES: [&str; 14] = [
+    const ROUTES: [&str; 19] = [
         "DELETE /api/v1/agents/{name}",
         "DELETE /api/v1/jobs/{id}",
+        "DELETE /api/v1/tokens/{name}",
         "GET /api/v1/agents",
         "GET /api/v1/events",
         "GET /api/v1/jobs",
@@ -1017,10 +1177,14 @@ mod tests {
         "GET /api/v1/jobs/{id}/logs",
         "GET /api/v1/jobs/{id}/metrics",
         "GET /api/v1/jobs/{id}/metrics.svg",
+        "GET /api/v1/jobs/{id}/placements",
         "GET /api/v1/openapi.json",
+        "GET /api/v1/tokens",
+        "GET /api/v1/whoami",
         "GET /healthz",
         "POST /api/v1/jobs",
         "POST /api/v1/jobs/{id}/stop",
+        "POST /api/v1/tokens",
     ];
 
     fn documented() -> Vec<String> {
@@ -1047,9 +1211,17 @@ mod tests {
             std::sync::Arc::new(crate::artifacts::DirStore::open(dir.join("artifacts")).unwrap()),
             Duration::from_secs(30),
         );
+        let access = crate::access::Access::load(
+            crate::store::open("file:", &dir.join("access"))
+                .await
+                .unwrap(),
+            "rya_test".into(),
+        )
+        .await
+        .unwrap();
         ApiState {
             ctl,
-            admin_token: "rya_test".into(),
+            access,
             shutdown: CancellationToken::new(),
         }
     }

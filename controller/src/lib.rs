@@ -2,6 +2,7 @@
 //!
 //! - `store`: the narrow state-store interface, with an embedded (redb) and an etcd backend.
 //! - `jobs`: the job table: a view that follows the store (watch), finished jobs by index only.
+//! - `access`: who calls the user API: the admin token and named tokens with roles.
 //! - `agents`: the registry of agents: enrolment, one live session each, message delivery.
 //! - `artifacts`: the best checkpoint of each attempt, verified by size and sha256.
 //! - `attach`: the session's decisions (re-registration, fencing, the terminal-status gate), pure.
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span};
 
+pub mod access;
 pub mod agents;
 pub mod artifacts;
 pub mod attach;
@@ -204,9 +206,10 @@ pub async fn run(
                 grpc_cancel.cancelled_owned(),
             ),
     );
+    let access = access::Access::load(store.clone(), tokens.admin.clone()).await?;
     let app = http::router(http::ApiState {
         ctl: ctl.clone(),
-        admin_token: tokens.admin.clone(),
+        access,
         shutdown: cancel.child_token(),
     });
     let http_cancel = cancel.child_token();

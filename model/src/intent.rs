@@ -28,6 +28,9 @@ pub struct Intent {
     pub status: JobStatus,
     #[serde(default)]
     pub desired: Desired,
+    /// The name of the token that submitted it (`None`: submitted before owners were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Number of the latest placement; 0 until first placed.
     pub attempt: u32,
     /// Why the job is in its state: a failure, a stop, or why it still waits.
@@ -54,6 +57,7 @@ impl Intent {
             spec,
             status: JobStatus::Pending,
             desired: Desired::Run,
+            owner: None,
             attempt: 0,
             reason: None,
             failure: None,

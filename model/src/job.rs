@@ -175,6 +175,9 @@ pub struct Job {
     pub status: JobStatus,
     #[serde(default)]
     pub desired: Desired,
+    /// The name of the token that submitted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Number of the current attempt; 0 until first placed.
     pub attempt: u32,
     /// Agent holding the current attempt.
@@ -315,6 +318,7 @@ impl JobState {
             spec: i.spec.clone(),
             status: i.status,
             desired: i.desired,
+            owner: i.owner.clone(),
             attempt: i.attempt,
             agent: on_agent.map(|p| p.agent.clone()),
             gpus: on_agent.map(|p| p.gpus.clone()).unwrap_or_default(),
@@ -392,6 +396,7 @@ impl JobState {
                 spec: job.spec,
                 status: job.status,
                 desired: job.desired,
+                owner: job.owner.clone(),
                 attempt: job.attempt,
                 reason: job.reason,
                 failure: job.failure,

@@ -1,5 +1,6 @@
 //! Runyard's domain nouns. This crate does no I/O and depends on nothing else in the workspace.
 //!
+//! - `access`: roles, callers and named tokens of the user API.
 //! - `attempt`: an attempt's status as its agent reports it.
 //! - `command`: what the controller tells an agent to do (assign, stop).
 //! - `compute`: what a job asks for (`cpu-small`, `gpu`, `gpu:N`).
@@ -12,6 +13,7 @@
 //! - `agent`: what an agent offers and how the controller sees it.
 //! - `time`: wall-clock timestamps as stored and shown (RFC 3339 in JSON).
 
+pub mod access;
 pub mod agent;
 pub mod attempt;
 pub mod command;
@@ -24,6 +26,7 @@ pub mod report;
 pub mod spec;
 pub mod time;
 
+pub use access::{Act, Caller, Role, TokenRecord};
 pub use agent::{AgentInfo, AgentRecord, GpuInfo};
 pub use attempt::{AttemptState, AttemptStatus};
 pub use command::AgentCommand;

@@ -23,12 +23,7 @@ pub fn ensure(path: &Path, prefix: &str) -> io::Result<String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-    let mut rng = rand::rng();
-    let body: String = (0..LEN)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    let secret = format!("{prefix}{body}");
+    let secret = random(prefix);
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -41,6 +36,16 @@ pub fn ensure(path: &Path, prefix: &str) -> io::Result<String> {
     f.sync_all()?;
     fs::rename(&tmp, path)?;
     Ok(secret)
+}
+
+/// A new secret: `prefix` and random alphanumeric characters.
+pub fn random(prefix: &str) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut rng = rand::rng();
+    let body: String = (0..LEN)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}{body}")
 }
 
 #[cfg(test)]

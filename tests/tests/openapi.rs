@@ -228,7 +228,7 @@ async fn every_documented_operation_answers_as_documented() -> anyhow::Result<()
         doc["openapi"]
     );
     let ops = operations(&doc)?;
-    assert_eq!(ops.len(), 15, "every route is documented");
+    assert_eq!(ops.len(), 19, "every route is documented");
 
     // A finished job, and one that stays pending (no agent has a GPU).
     let done = c
@@ -376,6 +376,7 @@ fn runyard_api_job() -> Value {
     job["environment"] = json!({"installer": "uv", "packages": ["torch==2"], "seconds": 1.5});
     job["metrics"] = json!({"val_loss": 0.5});
     job["failure"] = json!("exit");
+    job["owner"] = json!("alice");
     job["finished_at"] = json!("2026-01-01T00:00:00.000Z");
     job
 }
