@@ -53,6 +53,40 @@ pub enum Command {
     Agents(ClientArgs),
     /// Download a job's best checkpoint (verified against the controller's sha256).
     Download(DownloadArgs),
+    /// Named API tokens with a role (admins only): create, ls, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Show who the token is: its name and role.
+    Whoami(ClientArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token; prints it once (only its hash is kept).
+    Create(TokenCreateArgs),
+    /// List the named tokens (never the tokens themselves).
+    Ls(ClientArgs),
+    /// Revoke a token: refused from the next request on.
+    Revoke(TokenNameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The token's name (1 to 64 of a-z, 0-9, `.`, `_`, `-`); jobs it submits are owned by it.
+    pub name: String,
+    /// viewer (reads), user (also submits, stops and deletes its own jobs) or admin.
+    #[arg(long, value_parser = parse_role, default_value = "user")]
+    pub role: runyard_model::Role,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenNameArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The token's name.
+    pub name: String,
 }
 
 /// Where the client commands find the controller.
@@ -326,6 +360,10 @@ pub struct DownloadArgs {
     /// Replace FILE if it exists (by default an existing file is never touched).
     #[arg(long, env = "RUNYARD_DOWNLOAD_FORCE")]
     pub force: bool,
+}
+
+fn parse_role(s: &str) -> Result<runyard_model::Role, String> {
+    s.parse()
 }
 
 fn parse_status(s: &str) -> Result<JobStatus, String> {

@@ -12,7 +12,8 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use runyard_api::{
-    AgentList, AgentView, ErrorBody, JobView, ListJobsQuery, LogsQuery, PlacementList,
+    AgentList, AgentView, CreateToken, ErrorBody, JobView, ListJobsQuery, LogsQuery, PlacementList,
+    TokenCreated, TokenList, TokenView, WhoAmI,
 };
 use runyard_model::{JobSpec, JobStatus};
 use serde::de::DeserializeOwned;
@@ -243,6 +244,39 @@ impl ApiClient {
     /// `DELETE /api/v1/jobs/{id}`: the job as it was when deleted.
     pub async fn delete(&self, id: &str) -> Result<Reply<JobView>, ClientError> {
         let url = self.url(&["api", "v1", "jobs", id]);
+        self.json(self.request(Method::DELETE, &url), url).await
+    }
+
+    /// `GET /api/v1/whoami`.
+    pub async fn whoami(&self) -> Result<Reply<WhoAmI>, ClientError> {
+        let url = self.url(&["api", "v1", "whoami"]);
+        self.json(self.request(Method::GET, &url), url).await
+    }
+
+    /// `POST /api/v1/tokens`: the new token, shown once.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: runyard_model::Role,
+    ) -> Result<Reply<TokenCreated>, ClientError> {
+        let url = self.url(&["api", "v1", "tokens"]);
+        let body = CreateToken {
+            name: name.to_string(),
+            role,
+        };
+        self.json(self.request(Method::POST, &url).json(&body), url)
+            .await
+    }
+
+    /// `GET /api/v1/tokens`.
+    pub async fn tokens(&self) -> Result<Reply<TokenList>, ClientError> {
+        let url = self.url(&["api", "v1", "tokens"]);
+        self.json(self.request(Method::GET, &url), url).await
+    }
+
+    /// `DELETE /api/v1/tokens/{name}`.
+    pub async fn revoke_token(&self, name: &str) -> Result<Reply<TokenView>, ClientError> {
+        let url = self.url(&["api", "v1", "tokens", name]);
         self.json(self.request(Method::DELETE, &url), url).await
     }
 

@@ -548,3 +548,50 @@ fn a_second_up_on_a_data_dir_in_use_refuses_and_touches_nothing() {
         "the first instance runs on"
     );
 }
+
+/// `runyard token create|ls|revoke` and `whoami` against a real controller: a token made for a
+/// viewer reads and cannot submit, and is refused once revoked.
+#[test]
+fn tokens_are_made_listed_and_revoked_from_the_cli() {
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("hello.py", HELLO)]).expect("git fixture");
+    let data = sb.path().join("controller");
+    let (http, grpc) = (free_port(), free_port());
+    let _ctl = start_controller(&mut sb, &data, http, grpc, &[]);
+    assert_eq!(sb.ok(&["whoami"]), "admin (admin)\n");
+
+    let r = sb.run(&["token", "create", "vera", "--role", "viewer"]);
+    assert_eq!(r.code, Some(0), "{r}");
+    let vera = r.stdout.trim().to_string();
+    assert!(vera.starts_with("ryt_") && !vera.contains(' '), "{r}");
+    assert!(r.stderr.contains("shown once"), "{r}");
+    let table = sb.ok(&["token", "ls"]);
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!((row[0], row[1]), ("vera", "viewer"), "{table}");
+    assert!(!table.contains(&vera), "never the token: {table}");
+    let r = sb.run(&["token", "create", "vera"]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("exists"), "{r}");
+
+    let admin = std::fs::read_to_string(data.join("admin.token")).expect("admin.token");
+    sb.set_client_env("RUNYARD_TOKEN", &vera);
+    assert_eq!(sb.ok(&["whoami"]), "vera (viewer)\n");
+    sb.ok(&["ls"]);
+    let r = sb.run(&["submit", "--repo", &repo.url(), "--script", "hello.py"]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("may not submit"), "{r}");
+    let r = sb.run(&["token", "ls"]);
+    assert!(r.stderr.contains("needs an admin token"), "{r}");
+
+    sb.set_client_env("RUNYARD_TOKEN", admin.trim());
+    assert_eq!(sb.ok(&["token", "revoke", "vera"]), "vera revoked\n");
+    sb.set_client_env("RUNYARD_TOKEN", &vera);
+    let r = sb.run(&["ls"]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("revoked"), "{r}");
+}

@@ -5,6 +5,7 @@
 //! - `submit`: flags and `-f` file to a job spec, submit, optionally follow.
 //! - `jobs`: `ls`, `status`, `logs`, `stop`, `rm`, `agents`.
 //! - `download`: `download` (the best checkpoint, verified, to a local file).
+//! - `access`: `token create|ls|revoke` and `whoami`.
 //!
 //! Invariant: every command returns the process exit code or a `CommandError` whose message is
 //! one line; `main` prints it as `error: <message>`.
@@ -16,6 +17,7 @@ use runyard_model::ValidationError;
 use crate::args::{ClientArgs, Command};
 use crate::client::{ApiClient, ClientError, resolve_token};
 
+pub mod access;
 pub mod agent;
 pub mod download;
 pub mod jobs;
@@ -111,6 +113,8 @@ pub async fn run(command: Command) -> Result<u8, CommandError> {
         Command::Rm(a) => jobs::rm(a).await,
         Command::Agents(a) => jobs::agents(a).await,
         Command::Download(a) => download::download(a).await,
+        Command::Token(t) => access::token(t).await,
+        Command::Whoami(a) => access::whoami(a).await,
     }
 }
 
