@@ -626,3 +626,105 @@ async fn event_stream_sends_job_changes_and_agents() -> anyhow::Result<()> {
     assert_eq!(events[0].1["status"], "succeeded");
     c.shutdown().await
 }
+
+/// Signed in with a named token, the page shows who is signed in and hides what the role may
+/// not do: a viewer sees no "New run" and no Stop; a user sees Stop on its own run only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_who_is_signed_in_and_hides_what_the_role_may_not_do() -> anyhow::Result<()>
+{
+    let repo = GitRepo::new(&[("ticker.py", TICKER)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1").slots(2))
+        .start()
+        .await?;
+    let mut tokens = std::collections::BTreeMap::new();
+    for (name, role) in [("vera", "viewer"), ("ulla", "user")] {
+        let (status, made) = c
+            .post("/api/v1/tokens", &json!({"name": name, "role": role}))
+            .await?;
+        assert_eq!(status, 201, "{made}");
+        tokens.insert(name, made["token"].as_str().unwrap_or_default().to_string());
+    }
+    // A run of the admin's, and one of ulla's.
+    let theirs = c
+        .submit(json!({"repo": repo.url(), "script": "ticker.py", "args": ["600", "0.1"]}))
+        .await?;
+    let r = c
+        .client
+        .post(format!("{}/api/v1/jobs", c.base_url()))
+        .bearer_auth(&tokens["ulla"])
+        .json(&json!({"repo": repo.url(), "script": "ticker.py", "args": ["600", "0.1"]}))
+        .send()
+        .await?;
+    let mine = r.json::<Value>().await?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    for id in [&theirs, &mine] {
+        c.wait_status(id, &["running"], LONG).await?;
+    }
+    let b = Browser::start("roles").await?;
+    let base = c.base_url();
+    let visible = |css: &'static str| {
+        let b = &b;
+        async move {
+            let v = b
+                .js(
+                    "const e = document.querySelector(arguments[0]); return !!e && !e.closest('[hidden]');",
+                    vec![json!(css)],
+                )
+                .await?;
+            anyhow::Ok(v == true)
+        }
+    };
+    let sign_in_as = |token: String| {
+        let b = &b;
+        let base = base.clone();
+        async move {
+            b.goto(&format!("{base}/")).await?;
+            b.js("sessionStorage.clear(); return true;", vec![]).await?;
+            b.goto(&format!("{base}/#/runs")).await?;
+            b.js("location.reload(); return true;", vec![]).await?;
+            b.wait_for("#signin").await?;
+            b.fill("#token", &token).await?;
+            b.click("#signin-submit").await?;
+            b.wait_for("#runs").await
+        }
+    };
+
+    sign_in_as(tokens["vera"].clone()).await?;
+    b.wait_text("#who", LONG, |t| t == "vera (viewer)").await?;
+    assert!(
+        !visible("#new-run").await?,
+        "a viewer has no New run button"
+    );
+    assert!(!visible("a[data-nav=new]").await?, "nor the nav link");
+    b.goto(&format!("{base}/#/runs/{theirs}")).await?;
+    b.wait_text("#run-status", LONG, |t| t.contains("running"))
+        .await?;
+    assert!(!visible("#stop").await?, "a viewer cannot stop");
+    assert!(!visible("#run-again").await?);
+    b.goto(&format!("{base}/#/new")).await?;
+    b.wait_text("#form-forbidden", LONG, |t| t.contains("viewer"))
+        .await?;
+    b.screenshot("viewer").await?;
+
+    sign_in_as(tokens["ulla"].clone()).await?;
+    b.wait_text("#who", LONG, |t| t == "ulla (user)").await?;
+    assert!(visible("#new-run").await?);
+    b.goto(&format!("{base}/#/runs/{theirs}")).await?;
+    b.wait_text("#run-status", LONG, |t| t.contains("running"))
+        .await?;
+    assert!(!visible("#stop").await?, "not ulla's run");
+    b.goto(&format!("{base}/#/runs/{mine}")).await?;
+    b.wait_text("#run-status", LONG, |t| t.contains("running"))
+        .await?;
+    b.wait_until("Stop on ulla's own run", LONG, || async {
+        visible("#stop").await.ok()?.then_some(())
+    })
+    .await?;
+    b.click("#stop").await?;
+    c.wait_status(&mine, &["stopped"], LONG).await?;
+    b.close().await?;
+    c.shutdown().await
+}

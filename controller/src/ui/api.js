@@ -13,6 +13,28 @@ export function setToken(t) {
   else sessionStorage.removeItem(TOKEN_KEY);
 }
 
+// Who is signed in ({name, role} from /api/v1/whoami); the page hides what the role may not do
+// (the API refuses it anyway).
+let who = null;
+
+export function me() {
+  return who;
+}
+
+export function setMe(m) {
+  who = m;
+}
+
+/** Whether the signed-in token may submit runs. */
+export function maySubmit() {
+  return !!who && who.role !== "viewer";
+}
+
+/** Whether the signed-in token may stop or delete `job`: an admin, or the user who owns it. */
+export function mayChange(job) {
+  return !!who && (who.role === "admin" || (who.role === "user" && job.owner === who.name));
+}
+
 /** An error the API answered with (status, message, and the field at fault when there is one). */
 export class ApiError extends Error {
   constructor(status, message, field) {

@@ -2,7 +2,7 @@
 // header. Each page is a function (main, params, signal) that renders into `main` and stops its
 // streams when `signal` aborts (on navigation or sign-out).
 
-import { api, setToken, token, whenConnectionChanges, whenUnauthorized } from "./api.js";
+import { api, maySubmit, me, setMe, setToken, token, whenConnectionChanges, whenUnauthorized } from "./api.js";
 import { fill, h } from "./dom.js";
 import { runsPage } from "./runs.js";
 import { formPage } from "./form.js";
@@ -12,6 +12,7 @@ import { agentsPage } from "./agents.js";
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 const conn = document.getElementById("conn");
+const whoLabel = document.getElementById("who");
 let current = null;
 
 function route() {
@@ -25,13 +26,25 @@ function route() {
   return { page: runsPage, name: "runs", params: { status: params.get("status") || "" } };
 }
 
-function render() {
+async function render() {
   if (current) current.abort();
   current = new AbortController();
   if (!token()) {
     signIn();
     return;
   }
+  if (!me()) {
+    // A reload: ask again who the stored token is.
+    try {
+      setMe(await api("/api/v1/whoami", { checkingToken: true }));
+    } catch (err) {
+      setToken(null);
+      signIn(err.status === 401 ? "The token was refused; sign in again." : `Cannot reach the controller: ${err.message}`);
+      return;
+    }
+  }
+  fill(whoLabel, `${me().name} (${me().role})`);
+  nav.querySelector("a[data-nav=new]").hidden = !maySubmit();
   nav.hidden = false;
   const r = route();
   for (const a of nav.querySelectorAll("a[data-nav]")) a.classList.toggle("active", a.dataset.nav === r.name);
@@ -49,7 +62,7 @@ function signIn(message) {
   const button = h("button", { type: "submit", class: "primary", id: "signin-submit" }, "Sign in");
   const form = h("form", { class: "signin", id: "signin" },
     h("h1", {}, "Sign in to Runyard"),
-    h("p", { class: "muted" }, "Paste the controller's API token (RUNYARD_TOKEN, in the controller's data dir as admin.token)."),
+    h("p", { class: "muted" }, "Paste your API token: one made with `runyard token create`, or the controller's admin token (admin.token in its data dir)."),
     h("p", {}, h("label", { for: "token" }, "API token"), input),
     error,
     button);
@@ -60,11 +73,12 @@ function signIn(message) {
     button.disabled = true;
     setToken(t);
     try {
-      await api("/api/v1/agents", { checkingToken: true });
+      setMe(await api("/api/v1/whoami", { checkingToken: true }));
       if (!location.hash || location.hash === "#/" || location.hash === "#") location.hash = "#/runs";
       render();
     } catch (err) {
       setToken(null);
+      setMe(null);
       fill(error, err.status === 401 ? "That token is not valid." : `Cannot reach the controller: ${err.message}`);
       button.disabled = false;
     }
@@ -75,6 +89,7 @@ function signIn(message) {
 
 whenUnauthorized(() => {
   setToken(null);
+  setMe(null);
   signIn("The token was refused; sign in again.");
 });
 
@@ -85,6 +100,7 @@ whenConnectionChanges((down) => {
 
 document.getElementById("sign-out").addEventListener("click", () => {
   setToken(null);
+  setMe(null);
   signIn();
 });
 

@@ -2,7 +2,7 @@
 // CLI); its error names a field and the message is shown next to that field. "Run again" opens
 // this form prefilled from an earlier job's spec (#/new?from=ID).
 
-import { api, ApiError } from "./api.js";
+import { api, ApiError, maySubmit, me } from "./api.js";
 import { fill, h } from "./dom.js";
 
 // name -> [label, hint, kind]
@@ -22,6 +22,11 @@ const FIELDS = [
 ];
 
 export async function formPage(main, params, signal) {
+  if (!maySubmit()) {
+    fill(main, h("h1", {}, "New run"),
+      h("p", { class: "error", id: "form-forbidden" }, `${me().name} is a ${me().role}: a viewer cannot submit runs.`));
+    return;
+  }
   const inputs = {};
   const errors = {};
   const fields = {};

@@ -2,7 +2,7 @@
 // controller), best score with the checkpoint download, stop, "run again", and the live log.
 // The job stays current through the event stream (?job=ID); the log follows by byte offset.
 
-import { api, blob, events, followLog } from "./api.js";
+import { api, blob, events, followLog, mayChange, maySubmit } from "./api.js";
 import { bytes, fill, h, progressBar, score, shortCommit, statusBadge, TERMINAL, when } from "./dom.js";
 import { LogView } from "./log.js";
 
@@ -193,7 +193,8 @@ export async function runPage(main, params, signal) {
     document.title = `${job.name} · Runyard`;
     const over = TERMINAL.includes(job.status);
     stop.disabled = over || job.desired === "stop";
-    stop.hidden = over;
+    stop.hidden = over || !mayChange(job);
+    again.hidden = !maySubmit();
     reason.hidden = !job.reason;
     reason.className = `reason ${job.status}`;
     fill(reason, job.reason || "");

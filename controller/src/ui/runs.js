@@ -1,7 +1,7 @@
 // Runs: every job, newest first, filtered by status, a page at a time ("load more" follows the
 // API's `next` cursor), kept current by the event stream.
 
-import { api, events } from "./api.js";
+import { api, events, maySubmit } from "./api.js";
 import { age, bestText, fill, h, progressBar, repoName, shortCommit, STATUSES, statusBadge } from "./dom.js";
 
 const PAGE = 50;
@@ -24,7 +24,7 @@ export function runsPage(main, params, signal) {
   const error = h("p", { class: "error", role: "alert" });
   fill(main,
     h("div", { class: "head" }, h("h1", {}, "Runs"),
-      h("div", { class: "actions" }, h("a", { class: "button primary", href: "#/new", id: "new-run" }, "New run"))),
+      h("div", { class: "actions" }, h("a", { class: "button primary", href: "#/new", id: "new-run", hidden: !maySubmit() }, "New run"))),
     h("div", { class: "toolbar" }, h("label", { for: "status-filter" }, "Show"), filter),
     error,
     h("div", { class: "table-wrap" },
