@@ -219,6 +219,11 @@ async fn execute(
         }
     }
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // Secret values: into the job's environment, and nowhere else (never logged).
+    env.extend(spec.secrets.iter().filter_map(|(k, v)| match v {
+        runyard_model::spec::SecretSource::Value(v) => Some((k.clone(), v.clone())),
+        _ => None,
+    }));
     let visible: Vec<String> = a.gpus.iter().map(u32::to_string).collect();
     env.push(("CUDA_VISIBLE_DEVICES".into(), visible.join(",")));
     let user_pythonpath = env

@@ -65,3 +65,25 @@ pub struct TokenCreated {
 pub struct TokenList {
     pub tokens: Vec<TokenView>,
 }
+
+/// The body of `PUT /api/v1/secrets/{name}`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecret {
+    /// The value (at most 64 KiB). Never shown again.
+    pub value: String,
+}
+
+/// A controller-side secret, without its value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecretView {
+    pub name: String,
+    pub updated_at: Timestamp,
+    pub updated_by: String,
+}
+
+/// `GET /api/v1/secrets`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecretList {
+    pub secrets: Vec<SecretView>,
+}

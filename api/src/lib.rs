@@ -10,7 +10,8 @@
 //! - `job`: `JobView` (a job as the API shows it), `JobPage` (one page of the job list) and
 //!   `JobRemoved` (the `removed` event).
 //! - `placement`: `PlacementView` (one attempt of a job) and `PlacementList`.
-//! - `access`: `WhoAmI`, and the named tokens (`CreateToken`, `TokenCreated`, `TokenList`).
+//! - `access`: `WhoAmI`, the named tokens (`CreateToken`, `TokenCreated`, `TokenList`) and
+//!   the controller-side secrets' names (`SetSecret`, `SecretList`).
 //! - `agent`: `AgentView` and `AgentList`.
 //! - `metrics`: the metric history of a job's current attempt.
 //! - `error`: `ErrorBody`, the body of every error response.
@@ -26,7 +27,9 @@ pub mod openapi;
 pub mod placement;
 pub mod query;
 
-pub use access::{CreateToken, TokenCreated, TokenList, TokenView, WhoAmI};
+pub use access::{
+    CreateToken, SecretList, SecretView, SetSecret, TokenCreated, TokenList, TokenView, WhoAmI,
+};
 pub use agent::{AgentList, AgentView};
 pub use error::ErrorBody;
 pub use job::{JobPage, JobRemoved, JobView};

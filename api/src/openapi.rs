@@ -34,6 +34,8 @@ pub const BEARER: &str = "bearer";
             crate::access::CreateToken,
             crate::access::TokenCreated,
             crate::access::TokenList,
+            crate::access::SecretList,
+            crate::access::SetSecret,
             crate::agent::AgentList,
             crate::metrics::MetricsResponse,
             runyard_model::JobSpec

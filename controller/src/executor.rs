@@ -13,7 +13,7 @@ use std::time::Duration;
 use runyard_model::{AgentCommand, Job, JobSpec, JobState, JobStatus, Timestamp};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::agents::Agents;
 use crate::artifacts::ArtifactStore;
@@ -21,6 +21,30 @@ use crate::jobs::{Jobs, JobsError};
 use crate::logs::LogStore;
 use crate::reconcile::{self, Action};
 use crate::reports::ReportFolder;
+use crate::secrets::{SecretError, Secrets};
+
+/// Why a submit failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The spec is refused (a secret names no controller-side secret).
+    #[error(transparent)]
+    Invalid(#[from] runyard_model::ValidationError),
+    #[error(transparent)]
+    Store(#[from] JobsError),
+}
+
+impl From<SecretError> for SubmitError {
+    fn from(e: SecretError) -> SubmitError {
+        match e {
+            SecretError::Spec(v) => SubmitError::Invalid(v),
+            SecretError::Store(s) => SubmitError::Store(s.into()),
+            other => SubmitError::Invalid(runyard_model::ValidationError::new(
+                "secrets",
+                other.to_string(),
+            )),
+        }
+    }
+}
 
 /// Periodic resync of the reconcile loop.
 pub const RESYNC: Duration = Duration::from_millis(1000);
@@ -40,6 +64,8 @@ pub struct Controller {
     pub agent_ttl: Duration,
     /// Folds report lines into jobs in batches; keeps metric history parsed.
     pub fold: ReportFolder,
+    /// Controller-side secrets and each job's secret values.
+    pub secrets: Secrets,
     kick: Arc<Notify>,
     /// Jobs whose last action failed, and until when they are left alone.
     retry: Arc<Mutex<HashMap<String, Retry>>>,
@@ -77,6 +103,7 @@ impl Controller {
         agent_ttl: Duration,
     ) -> Controller {
         Controller {
+            secrets: Secrets::new(jobs.store()),
             reports,
             artifacts,
             jobs,
@@ -94,15 +121,38 @@ impl Controller {
         self.kick.notify_one();
     }
 
-    /// Stores a new job owned by the token named `owner`.
-    pub async fn submit(&self, spec: JobSpec, owner: &str) -> Result<Job, JobsError> {
+    /// Stores a new job owned by the token named `owner`. Its secret values are stored apart
+    /// first (the spec keeps only their names).
+    pub async fn submit(&self, spec: JobSpec, owner: &str) -> Result<Job, SubmitError> {
         let id = ulid::Ulid::new().to_string().to_lowercase();
+        let spec = self.secrets.take(&id, spec).await?;
         let mut state = JobState::new(id, spec, Timestamp::now());
         state.intent.owner = Some(owner.to_string());
-        let job = self.jobs.create(state).await?;
+        let id = state.intent.id.clone();
+        let job = match self.jobs.create(state).await {
+            Ok(job) => job,
+            Err(e) => {
+                if let Err(error) = self.secrets.forget(&id).await {
+                    warn!(job = %id, %error, "cannot remove the secret values of a job that was not stored");
+                }
+                return Err(e.into());
+            }
+        };
         info!(job = %job.id, name = %job.name, compute = %job.spec.compute, %owner, "job submitted");
         self.kick();
         Ok(job)
+    }
+
+    /// The assignment of the job's current attempt, with its secret values resolved (only here,
+    /// on the way to the agent).
+    pub async fn assignment(&self, job: &Job) -> Result<AgentCommand, SecretError> {
+        let spec = self.secrets.resolve(&job.id, &job.spec).await?;
+        Ok(AgentCommand::Assign {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            spec: Box::new(spec),
+            gpus: job.gpus.clone(),
+        })
     }
 
     /// Stops a job. `Ok(None)`: unknown job; `Err(msg)` inside: the job is already finished.
@@ -184,7 +234,16 @@ impl Controller {
             match action {
                 Action::Place { agent, .. } => {
                     info!(job = %job.id, attempt = job.attempt, %agent, gpus = ?job.gpus, "job placed");
-                    self.agents.command(agent, &AgentCommand::assign(&job));
+                    match self.assignment(&job).await {
+                        Ok(cmd) => {
+                            self.agents.command(agent, &cmd);
+                        }
+                        // The agent is told again when it next registers (it does not hold
+                        // the attempt), so a passing store error heals.
+                        Err(error) => {
+                            error!(job = %job.id, %error, "cannot resolve the job's secrets; the assignment waits")
+                        }
+                    }
                 }
                 Action::Lose { .. } => {
                     warn!(job = %job.id, attempt = job.attempt, status = %job.status, reason = ?job.reason, "attempt lost")

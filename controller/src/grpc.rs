@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use runyard_model::{AgentCommand, AgentInfo, GpuInfo, Job, Timestamp, is_job_id};
+use runyard_model::{AgentInfo, GpuInfo, Job, Timestamp, is_job_id};
 use runyard_proto::v1::{self, agent_message, controller_message::Msg};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -451,9 +451,15 @@ impl Session {
             let lose = match m {
                 Missing::Resend(id) => {
                     if let Some(job) = active.iter().find(|j| j.id == id) {
-                        let wire = runyard_proto::command_to_wire(&AgentCommand::assign(job));
-                        if let Some(msg) = wire.msg {
-                            self.send(msg).await;
+                        match self.ctl.assignment(job).await {
+                            Ok(cmd) => {
+                                if let Some(msg) = runyard_proto::command_to_wire(&cmd).msg {
+                                    self.send(msg).await;
+                                }
+                            }
+                            Err(error) => {
+                                warn!(job = %id, %error, "cannot resolve the job's secrets; the assignment waits")
+                            }
                         }
                     }
                     continue;

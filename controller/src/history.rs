@@ -47,6 +47,10 @@ impl Controller {
             return Ok(Deleted::Unknown);
         };
         let files = [
+            (
+                "secret values",
+                self.secrets.forget(id).await.map_err(std::io::Error::other),
+            ),
             ("logs", self.logs.remove(id).await),
             ("reports", self.reports.remove(id).await),
             (

@@ -32,7 +32,7 @@ use runyard_api::query::{DEFAULT_PAGE, JobPath, MAX_PAGE};
 use runyard_api::{
     AgentList, AgentView, CreateToken, ErrorBody, EventsQuery, JobPage, JobRemoved, JobView,
     ListJobsQuery, LogsQuery, MetricsResponse, MetricsSvgQuery, PlacementList, PlacementView,
-    TokenCreated, TokenList, TokenView, WhoAmI,
+    SecretList, SecretView, SetSecret, TokenCreated, TokenList, TokenView, WhoAmI,
 };
 use runyard_model::report::MetricPoint;
 use runyard_model::{Act, Caller, Job, JobSpec, JobStatus, ValidationError};
@@ -45,6 +45,7 @@ use utoipa_axum::routes;
 use crate::access::{Access, AccessError};
 use crate::executor::Controller;
 use crate::jobs::JobsError;
+use crate::secrets::SecretError;
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1 << 20;
@@ -83,6 +84,8 @@ fn api_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(whoami))
         .routes(routes!(create_token, list_tokens))
         .routes(routes!(revoke_token))
+        .routes(routes!(list_secrets))
+        .routes(routes!(set_secret, remove_secret))
 }
 
 /// The routes served without a token (besides the web page's static files).
@@ -189,6 +192,38 @@ impl From<JobsError> for ApiError {
             "the job store is unavailable; retry shortly",
             None,
         )
+    }
+}
+
+impl From<crate::executor::SubmitError> for ApiError {
+    fn from(e: crate::executor::SubmitError) -> ApiError {
+        match e {
+            crate::executor::SubmitError::Invalid(v) => v.into(),
+            crate::executor::SubmitError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<SecretError> for ApiError {
+    fn from(e: SecretError) -> ApiError {
+        match e {
+            SecretError::Store(s) => JobsError::from(s).into(),
+            SecretError::Spec(v) => v.into(),
+            SecretError::BadName(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, e.to_string(), Some("name"))
+            }
+            SecretError::BadValue => {
+                ApiError::new(StatusCode::BAD_REQUEST, e.to_string(), Some("value"))
+            }
+            SecretError::Missing(_) => {
+                tracing::error!(error = %e, "secret store error");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the secret store is unavailable; retry shortly",
+                    None,
+                )
+            }
+        }
     }
 }
 
@@ -889,6 +924,87 @@ async fn revoke_token(
     }
 }
 
+/// The controller-side secrets' names (never their values).
+#[utoipa::path(get, path = "/api/v1/secrets", tag = "secrets",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The secrets' names", body = SecretList),
+        Secured, Storage,
+    )
+)]
+async fn list_secrets(State(state): State<ApiState>) -> Result<Json<SecretList>, ApiError> {
+    let secrets = state.ctl.secrets.list().await?;
+    Ok(Json(SecretList {
+        secrets: secrets
+            .iter()
+            .map(|s| SecretView {
+                name: s.name.clone(),
+                updated_at: s.updated_at,
+                updated_by: s.updated_by.clone(),
+            })
+            .collect(),
+    }))
+}
+
+/// Set (or replace) a controller-side secret (admins only). Jobs name it in their spec's
+/// `secrets` as `{"secret": NAME}` and get its value as it is when they are submitted.
+#[utoipa::path(put, path = "/api/v1/secrets/{name}", tag = "secrets",
+    params(("name" = String, Path, description = "The secret's name")),
+    request_body = SetSecret,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The secret, without its value", body = SecretView),
+        (status = 400, response = BadRequest),
+        (status = 413, response = PayloadTooLarge),
+        Secured, Guarded, Storage,
+    )
+)]
+async fn set_secret(
+    State(state): State<ApiState>,
+    Who(who): Who,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<SecretView>, ApiError> {
+    allow(&who, Act::Administer)?;
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text(), Some("body")))?;
+    let req: SetSecret =
+        serde_json::from_slice(&body).map_err(|e| ApiError::rejected("body", &e.to_string()))?;
+    let record = state.ctl.secrets.set(&name, &req.value, &who.name).await?;
+    tracing::info!(secret = %name, by = %who.name, "secret set");
+    Ok(Json(SecretView {
+        name: record.name,
+        updated_at: record.updated_at,
+        updated_by: record.updated_by,
+    }))
+}
+
+/// Remove a controller-side secret (admins only). Jobs submitted before keep their copy.
+#[utoipa::path(delete, path = "/api/v1/secrets/{name}", tag = "secrets",
+    params(("name" = String, Path, description = "The secret's name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "`{\"removed\": name}`", body = serde_json::Value),
+        (status = 404, description = "No secret with that name", body = runyard_api::ErrorBody),
+        Secured, Guarded, Storage,
+    )
+)]
+async fn remove_secret(
+    State(state): State<ApiState>,
+    Who(who): Who,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    allow(&who, Act::Administer)?;
+    if !state.ctl.secrets.remove(&name).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no secret named `{name}`"),
+            None,
+        ));
+    }
+    tracing::info!(secret = %name, by = %who.name, "secret removed");
+    Ok(Json(serde_json::json!({"removed": name})))
+}
+
 /// Every agent with the jobs placed on it, as `/api/v1/agents` and `agents` events show them.
 fn agent_list(ctl: &Controller) -> AgentList {
     let jobs = ctl.jobs.active();
@@ -1165,9 +1281,10 @@ mod tests {
     use tower::ServiceExt;
 
     /// Every route of the API, as `METHOD path`.
-    const ROUTES: [&str; 19] = [
+    const ROUTES: [&str; 22] = [
         "DELETE /api/v1/agents/{name}",
         "DELETE /api/v1/jobs/{id}",
+        "DELETE /api/v1/secrets/{name}",
         "DELETE /api/v1/tokens/{name}",
         "GET /api/v1/agents",
         "GET /api/v1/events",
@@ -1179,12 +1296,14 @@ mod tests {
         "GET /api/v1/jobs/{id}/metrics.svg",
         "GET /api/v1/jobs/{id}/placements",
         "GET /api/v1/openapi.json",
+        "GET /api/v1/secrets",
         "GET /api/v1/tokens",
         "GET /api/v1/whoami",
         "GET /healthz",
         "POST /api/v1/jobs",
         "POST /api/v1/jobs/{id}/stop",
         "POST /api/v1/tokens",
+        "PUT /api/v1/secrets/{name}",
     ];
 
     fn documented() -> Vec<String> {

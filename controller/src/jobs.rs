@@ -788,6 +788,11 @@ impl Jobs {
         }
     }
 
+    /// The store the table follows.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
+    }
+
     /// A job whose records are in memory: every active job and the recently finished ones. Use
     /// [`Jobs::fetch`] for any job.
     pub fn get(&self, id: &str) -> Option<Job> {

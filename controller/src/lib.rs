@@ -8,6 +8,7 @@
 //! - `attach`: the session's decisions (re-registration, fencing, the terminal-status gate), pure.
 //! - `logs`: per-attempt log files with sequence-numbered, idempotent appends.
 //! - `reports`: report lines folded into jobs in batches; metric history parsed incrementally.
+//! - `secrets`: controller-side secrets, and each job's secret values kept apart from it.
 //! - `scheduler`: pure placement of one job onto the fleet's free capacity.
 //! - `reconcile`: the pure job state machine (plan, apply, agent reports).
 //! - `executor`: the level-triggered loop that applies plans and talks to agents.
@@ -39,6 +40,7 @@ pub mod logs;
 pub mod reconcile;
 pub mod reports;
 pub mod scheduler;
+pub mod secrets;
 pub mod store;
 pub mod tokens;
 pub mod ui;

@@ -30,6 +30,10 @@ pub const MAX_ENV_TOTAL: usize = 128 * 1024;
 pub const MAX_REQUIREMENTS: usize = 256;
 /// Bytes of one requirement.
 pub const MAX_REQUIREMENT_LEN: usize = 1024;
+/// Number of `secrets`.
+pub const MAX_SECRETS: usize = 64;
+/// Bytes of one secret's value.
+pub const MAX_SECRET_VALUE: usize = 64 * 1024;
 /// Upper bound on `retries`.
 pub const MAX_RETRIES: u32 = 100;
 /// Longest `timeout`.

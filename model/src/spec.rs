@@ -78,6 +78,37 @@ pub struct JobSpec {
     #[schema(value_type = String, example = "10s")]
     #[serde(default = "default_grace", with = "duration")]
     pub stop_grace: Duration,
+    /// Environment variables whose values are secret: they reach the job's environment but
+    /// never the API, the page, the CLI's output or the logs. Each is a value (kept apart from
+    /// the spec once submitted: shown as `{"given": true}`) or `{"secret": NAME}`, a
+    /// controller-side secret (`runyard secret set NAME`) copied when the job is submitted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, Object>)]
+    pub secrets: BTreeMap<String, SecretSource>,
+}
+
+/// Where a secret environment variable's value comes from.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SecretSource {
+    /// The value itself: in a submitted spec (the controller stores it apart at once), and in
+    /// the spec an agent receives.
+    Value(String),
+    /// A controller-side secret, by name.
+    Secret { secret: String },
+    /// A value given when the job was submitted, stored apart from the spec.
+    Given { given: bool },
+}
+
+/// Never prints a value, even in debug output.
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Value(_) => f.write_str("Value(<hidden>)"),
+            SecretSource::Secret { secret } => write!(f, "Secret({secret})"),
+            SecretSource::Given { .. } => f.write_str("Given"),
+        }
+    }
 }
 
 fn default_grace() -> Duration {
@@ -139,6 +170,7 @@ impl JobSpec {
                 .map_err(|m| ValidationError::new(format!("requirements[{i}]"), m))?;
         }
         validate_env(&self.env)?;
+        validate_secrets(&self.secrets, &self.env)?;
         validate_args(&self.args)?;
         if self.timeout == Some(Duration::ZERO) {
             return Err(ValidationError::new(
@@ -237,6 +269,73 @@ fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ValidationError> {
     Ok(())
 }
 
+fn validate_secrets(
+    secrets: &BTreeMap<String, SecretSource>,
+    env: &BTreeMap<String, String>,
+) -> Result<(), ValidationError> {
+    if secrets.len() > MAX_SECRETS {
+        return Err(ValidationError::new(
+            "secrets",
+            format!("{} secrets: at most {MAX_SECRETS}", secrets.len()),
+        ));
+    }
+    for (k, source) in secrets {
+        let field = format!("secrets.{k}");
+        if k.len() > MAX_ENV_NAME || !is_identifier(k) {
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "`{k}` is not a valid environment variable name (letters, digits and _, not starting with a digit)"
+                ),
+            ));
+        }
+        if k.starts_with("RUNYARD_") || k == "CUDA_VISIBLE_DEVICES" {
+            return Err(ValidationError::new(
+                field,
+                format!("`{k}` is set by Runyard and cannot be overridden"),
+            ));
+        }
+        if env.contains_key(k) {
+            return Err(ValidationError::new(
+                field,
+                format!("`{k}` is also in `env`: give it in one of them"),
+            ));
+        }
+        match source {
+            SecretSource::Value(v) if v.contains('\0') => {
+                return Err(ValidationError::new(field, "the value contains a NUL byte"));
+            }
+            SecretSource::Value(v) if v.len() > MAX_SECRET_VALUE => {
+                return Err(ValidationError::new(
+                    field,
+                    format!("the value is longer than {} KiB", MAX_SECRET_VALUE / 1024),
+                ));
+            }
+            SecretSource::Secret { secret } if !is_secret_name(secret) => {
+                return Err(ValidationError::new(
+                    field,
+                    format!(
+                        "`{secret}` is not a secret name: 1 to 64 of a-z, 0-9, `.`, `_`, `-`, starting with a letter or digit"
+                    ),
+                ));
+            }
+            SecretSource::Given { given: false } => {
+                return Err(ValidationError::new(
+                    field,
+                    "give a value, or {\"secret\": NAME} for a controller-side secret",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` may name a controller-side secret (the same form as token names).
+pub fn is_secret_name(name: &str) -> bool {
+    crate::access::is_token_name(name)
+}
+
 fn validate_args(args: &[String]) -> Result<(), ValidationError> {
     if args.len() > MAX_ARGS {
         return Err(ValidationError::new(
@@ -273,7 +372,7 @@ fn validate_args(args: &[String]) -> Result<(), ValidationError> {
 }
 
 /// Every field of `JobSpec` as it appears in JSON.
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 13] = [
     "name",
     "repo",
     "revision",
@@ -286,6 +385,7 @@ const FIELDS: [&str; 12] = [
     "timeout",
     "retries",
     "stop_grace",
+    "secrets",
 ];
 
 /// Reads a spec that was validated when it was submitted (a stored job, an API reply), ignoring
@@ -534,6 +634,7 @@ mod tests {
         let mut full = base();
         full["requirements_file"] = json!("r.txt");
         full["timeout"] = json!("1h");
+        full["secrets"] = json!({"TOKEN": {"secret": "hub"}});
         let spec = JobSpec::from_value(full).unwrap();
         let v = serde_json::to_value(&spec).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();

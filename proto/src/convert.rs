@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use runyard_model::spec::SecretSource;
 use runyard_model::{
     AgentCommand, AttemptState, AttemptStatus, Compute, FailureKind, GpuInfo, JobSpec,
 };
@@ -105,6 +106,15 @@ pub fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
         compute: s.compute.to_string(),
         timeout_ms: s.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
         stop_grace_ms: s.stop_grace.as_millis() as u64,
+        // Only resolved values travel; the controller resolves every secret before it assigns.
+        secrets: s
+            .secrets
+            .iter()
+            .filter_map(|(k, v)| match v {
+                SecretSource::Value(v) => Some((k.clone(), v.clone())),
+                _ => None,
+            })
+            .collect(),
     }
 }
 
@@ -127,6 +137,11 @@ pub fn spec_from_wire(w: v1::JobSpec) -> Result<JobSpec, ConvertError> {
         timeout: Some(Duration::from_millis(w.timeout_ms)).filter(|d| !d.is_zero()),
         retries: 0,
         stop_grace: Duration::from_millis(w.stop_grace_ms),
+        secrets: w
+            .secrets
+            .into_iter()
+            .map(|(k, v)| (k, SecretSource::Value(v)))
+            .collect(),
     };
     spec.validate().map_err(|e| ConvertError {
         field: "spec",
