@@ -56,6 +56,9 @@ pub enum Command {
     /// Named API tokens with a role (admins only): create, ls, revoke.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Controller-side secrets that jobs name in `secrets` (set and rm: admins only).
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Show who the token is: its name and role.
     Whoami(ClientArgs),
 }
@@ -68,6 +71,28 @@ pub enum TokenCommand {
     Ls(ClientArgs),
     /// Revoke a token: refused from the next request on.
     Revoke(TokenNameArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Set (or replace) a secret; the value is read from stdin (or --from-file), never from the
+    /// command line.
+    Set(SecretSetArgs),
+    /// List the secrets' names (never their values).
+    Ls(ClientArgs),
+    /// Remove a secret (jobs submitted before keep their copy).
+    Rm(TokenNameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SecretSetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The secret's name (1 to 64 of a-z, 0-9, `.`, `_`, `-`).
+    pub name: String,
+    /// Read the value from this file instead of stdin.
+    #[arg(long, value_name = "PATH")]
+    pub from_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -264,6 +289,11 @@ pub struct SubmitArgs {
     /// An environment variable for the script, KEY=VALUE (repeatable).
     #[arg(long = "env", env = "RUNYARD_SUBMIT_ENV", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// A secret environment variable from a controller-side secret, KEY=SECRET (repeatable;
+    /// `runyard secret set SECRET` first). Values themselves go in `-f job.yaml`, never on a
+    /// command line.
+    #[arg(long = "secret", value_name = "KEY=SECRET")]
+    pub secrets: Vec<String>,
     /// Compute: `cpu-small`, `gpu` or `gpu:N`.
     #[arg(long, env = "RUNYARD_SUBMIT_COMPUTE", value_name = "COMPUTE")]
     pub compute: Option<String>,

@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use runyard_api::{
     AgentList, AgentView, CreateToken, ErrorBody, JobView, ListJobsQuery, LogsQuery, PlacementList,
-    TokenCreated, TokenList, TokenView, WhoAmI,
+    SecretList, SecretView, SetSecret, TokenCreated, TokenList, TokenView, WhoAmI,
 };
 use runyard_model::{JobSpec, JobStatus};
 use serde::de::DeserializeOwned;
@@ -277,6 +277,32 @@ impl ApiClient {
     /// `DELETE /api/v1/tokens/{name}`.
     pub async fn revoke_token(&self, name: &str) -> Result<Reply<TokenView>, ClientError> {
         let url = self.url(&["api", "v1", "tokens", name]);
+        self.json(self.request(Method::DELETE, &url), url).await
+    }
+
+    /// `PUT /api/v1/secrets/{name}`.
+    pub async fn set_secret(
+        &self,
+        name: &str,
+        value: &str,
+    ) -> Result<Reply<SecretView>, ClientError> {
+        let url = self.url(&["api", "v1", "secrets", name]);
+        let body = SetSecret {
+            value: value.to_string(),
+        };
+        self.json(self.request(Method::PUT, &url).json(&body), url)
+            .await
+    }
+
+    /// `GET /api/v1/secrets`.
+    pub async fn secrets(&self) -> Result<Reply<SecretList>, ClientError> {
+        let url = self.url(&["api", "v1", "secrets"]);
+        self.json(self.request(Method::GET, &url), url).await
+    }
+
+    /// `DELETE /api/v1/secrets/{name}`.
+    pub async fn remove_secret(&self, name: &str) -> Result<Reply<serde_json::Value>, ClientError> {
+        let url = self.url(&["api", "v1", "secrets", name]);
         self.json(self.request(Method::DELETE, &url), url).await
     }
 

@@ -558,6 +558,8 @@ fn tokens_are_made_listed_and_revoked_from_the_cli() {
     let data = sb.path().join("controller");
     let (http, grpc) = (free_port(), free_port());
     let _ctl = start_controller(&mut sb, &data, http, grpc, &[]);
+    let agent_dir = sb.path().join("a1");
+    let _agent = start_agent(&mut sb, "a1", grpc, &data, &agent_dir);
     assert_eq!(sb.ok(&["whoami"]), "admin (admin)\n");
 
     let r = sb.run(&["token", "create", "vera", "--role", "viewer"]);
@@ -577,6 +579,50 @@ fn tokens_are_made_listed_and_revoked_from_the_cli() {
     let r = sb.run(&["token", "create", "vera"]);
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("exists"), "{r}");
+
+    // A controller-side secret: set from a file, listed by name, in the job's environment and
+    // in none of the CLI's output.
+    let value = "hub-token-5f1e7c";
+    let file = sb.path().join("hub.secret");
+    std::fs::write(&file, format!("{value}\n")).expect("secret file");
+    assert_eq!(
+        sb.ok(&[
+            "secret",
+            "set",
+            "hub",
+            "--from-file",
+            &file.display().to_string()
+        ]),
+        "hub set\n"
+    );
+    let table = sb.ok(&["secret", "ls"]);
+    assert!(table.contains("hub") && !table.contains(value), "{table}");
+    let out = sb.ok(&[
+        "submit",
+        "--json",
+        "--repo",
+        &repo.url(),
+        "--script",
+        "hello.py",
+        "--secret",
+        "HUB_TOKEN=hub",
+        "--",
+        "x",
+    ]);
+    assert!(!out.contains(value), "{out}");
+    let job: Value = serde_json::from_str(&out).expect("json");
+    let id = job["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        job["spec"]["secrets"]["HUB_TOKEN"],
+        serde_json::json!({"secret": "hub"})
+    );
+    sb.wait_status(&id, &["succeeded"], JOB);
+    for args in [["status", &id], ["attempts", &id], ["ls", "--all"]] {
+        let out = sb.ok(&args);
+        assert!(!out.contains(value), "{args:?}: {out}");
+    }
+    let r = sb.run(&["secret", "rm", "nope"]);
+    assert_eq!(r.code, Some(1), "{r}");
 
     let admin = std::fs::read_to_string(data.join("admin.token")).expect("admin.token");
     sb.set_client_env("RUNYARD_TOKEN", &vera);

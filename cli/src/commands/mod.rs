@@ -5,7 +5,7 @@
 //! - `submit`: flags and `-f` file to a job spec, submit, optionally follow.
 //! - `jobs`: `ls`, `status`, `logs`, `stop`, `rm`, `agents`.
 //! - `download`: `download` (the best checkpoint, verified, to a local file).
-//! - `access`: `token create|ls|revoke` and `whoami`.
+//! - `access`: `token create|ls|revoke`, `secret set|ls|rm` and `whoami`.
 //!
 //! Invariant: every command returns the process exit code or a `CommandError` whose message is
 //! one line; `main` prints it as `error: <message>`.
@@ -114,6 +114,7 @@ pub async fn run(command: Command) -> Result<u8, CommandError> {
         Command::Agents(a) => jobs::agents(a).await,
         Command::Download(a) => download::download(a).await,
         Command::Token(t) => access::token(t).await,
+        Command::Secret(s) => access::secret(s).await,
         Command::Whoami(a) => access::whoami(a).await,
     }
 }

@@ -111,6 +111,17 @@ fn merge_flags(
         }
         base.insert("env".into(), Value::Object(env));
     }
+    if !args.secrets.is_empty() {
+        let mut secrets = match base.remove("secrets") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        for pair in &args.secrets {
+            let (k, name) = parse_env_pair(pair)?;
+            secrets.insert(k.to_string(), serde_json::json!({ "secret": name }));
+        }
+        base.insert("secrets".into(), Value::Object(secrets));
+    }
     Ok(base)
 }
 
