@@ -3,6 +3,7 @@
 //! - `v1`: code generated from `proto/runyard/agent/v1/agent.proto` by build.rs.
 //! - `convert`: `From`/`TryFrom` between wire messages and `runyard_model` types.
 //! - `secret`: the tokens and credentials both sides keep on disk (random, 0600).
+//! - `join`: the agent join token (`RY1<CA fingerprint>::<secret>`) and CA fingerprints.
 
 pub mod v1 {
     // Generated code: `Assign` carries a whole spec; boxing it would only make call sites noisier
@@ -12,6 +13,7 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod join;
 pub mod secret;
 
 /// gRPC metadata naming the agent that makes a call (sessions and uploads).
@@ -19,6 +21,7 @@ pub const AGENT_NAME_HEADER: &str = "x-runyard-agent";
 /// gRPC metadata carrying the agent's own credential (see README "Agents: enrolment").
 pub const CREDENTIAL_HEADER: &str = "x-runyard-credential";
 
+pub use join::{Fingerprint, JoinToken, JoinTokenError};
 pub use convert::{
     ConvertError, command_to_wire, spec_from_wire, spec_to_wire, status_from_wire, status_to_wire,
 };
