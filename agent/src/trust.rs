@@ -82,8 +82,7 @@ impl Trust {
             _ => return Err(TrustError::Scheme { url: url.into() }),
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let (verifier, describe): (Arc<dyn ServerCertVerifier>, String) = match (https, token.ca)
-        {
+        let (verifier, describe): (Arc<dyn ServerCertVerifier>, String) = match (https, token.ca) {
             (false, Some(_)) => return Err(TrustError::PlainWithPin { url: url.into() }),
             (false, None) => {
                 return Ok(Trust {
@@ -350,7 +349,13 @@ mod tests {
         rest: &[CertificateDer<'_>],
         name: &str,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        pin.verify_server_cert(leaf, rest, &server_name(name).unwrap(), &[], UnixTime::now())
+        pin.verify_server_cert(
+            leaf,
+            rest,
+            &server_name(name).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
     }
 
     #[test]
@@ -364,14 +369,23 @@ mod tests {
         // Right CA, wrong host: webpki's name check still applies.
         let e = verify(&pin, &leaf, std::slice::from_ref(&ca), "other.example").unwrap_err();
         assert!(
-            matches!(e, rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })
-                | rustls::Error::InvalidCertificate(CertificateError::NotValidForName)),
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })
+                    | rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+            ),
             "{e:?}"
         );
 
         // Another CA (an impostor with a chain of its own): refused, naming both fingerprints.
         let (other_leaf, other_ca) = chain(&["localhost"]);
-        let e = verify(&pin, &other_leaf, std::slice::from_ref(&other_ca), "localhost").unwrap_err();
+        let e = verify(
+            &pin,
+            &other_leaf,
+            std::slice::from_ref(&other_ca),
+            "localhost",
+        )
+        .unwrap_err();
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
         let text = explain_handshake_error(&io);
         assert_eq!(
@@ -382,7 +396,9 @@ mod tests {
             }
             .to_string()
         );
-        assert!(text.starts_with("the controller's CA does not match the join token: fingerprint "));
+        assert!(
+            text.starts_with("the controller's CA does not match the join token: fingerprint ")
+        );
 
         // The pinned CA sent alongside a leaf it did not sign: the signature check refuses it.
         let e = verify(&pin, &other_leaf, std::slice::from_ref(&ca), "localhost").unwrap_err();

@@ -152,10 +152,21 @@ pub struct ControllerArgs {
     /// Serve with this certificate chain (PEM: the server's certificate first, then its
     /// issuers) instead of the data dir's CA. With an issuer in the file, the join token pins
     /// the last one.
-    #[arg(long, env = "RUNYARD_TLS_CERT", value_name = "FILE", requires = "tls_key", conflicts_with = "no_tls")]
+    #[arg(
+        long,
+        env = "RUNYARD_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "no_tls"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// The private key (PEM) of --tls-cert.
-    #[arg(long, env = "RUNYARD_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "RUNYARD_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
     pub tls_key: Option<PathBuf>,
     /// Serve plain HTTP and gRPC: tokens and job data travel unencrypted. Only behind a
     /// TLS-terminating proxy or on a trusted network.

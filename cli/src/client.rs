@@ -111,12 +111,10 @@ impl ApiClient {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let http = builder
-            .build()
-            .map_err(|e| ClientError::Request {
-                url: base.to_string(),
-                cause: one_line(&cause_of(&e)),
-            })?;
+        let http = builder.build().map_err(|e| ClientError::Request {
+            url: base.to_string(),
+            cause: one_line(&cause_of(&e)),
+        })?;
         Ok(ApiClient {
             http,
             base: url,
@@ -426,12 +424,12 @@ mod tests {
 
     #[test]
     fn urls_escape_ids_and_keep_a_prefix() {
-        let c = ApiClient::new("http://h:1/prefix/", None).unwrap();
+        let c = ApiClient::with_ca("http://h:1/prefix/", None, None).unwrap();
         assert_eq!(
             c.url(&["api", "v1", "jobs", "a/b?c"]).as_str(),
             "http://h:1/prefix/api/v1/jobs/a%2Fb%3Fc"
         );
-        let c = ApiClient::new("http://h:1", None).unwrap();
+        let c = ApiClient::with_ca("http://h:1", None, None).unwrap();
         assert_eq!(
             c.url(&["api", "v1", "agents"]).as_str(),
             "http://h:1/api/v1/agents"
@@ -441,14 +439,14 @@ mod tests {
     #[test]
     fn rejects_non_http_urls() {
         for bad in ["127.0.0.1:7900", "ftp://h/", "nonsense", "mailto:x@y"] {
-            let e = ApiClient::new(bad, None).unwrap_err();
+            let e = ApiClient::with_ca(bad, None, None).unwrap_err();
             assert!(matches!(e, ClientError::InvalidUrl { .. }), "{bad}: {e}");
         }
     }
 
     #[test]
     fn api_errors_show_the_api_message() {
-        let c = ApiClient::new("http://h:1", Some("t".into())).unwrap();
+        let c = ApiClient::with_ca("http://h:1", Some("t".into()), None).unwrap();
         let url = c.url(&["api", "v1", "jobs"]);
         let e = c.api_error(
             &url,

@@ -129,7 +129,8 @@ pub async fn prepare_tls(
         })?;
         Ok::<_, ControllerError>((server, token))
     });
-    task.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    task.await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Runs the controller on the given listeners until `cancel` fires.
@@ -261,7 +262,9 @@ pub async fn run(
         }
     };
     if let Some(tls) = tls {
-        tracker.spawn(renew_certificate(tls, cancel.child_token()).instrument(info_span!("tls_renew")));
+        tracker.spawn(
+            renew_certificate(tls, cancel.child_token()).instrument(info_span!("tls_renew")),
+        );
     }
     tracker.close();
 
@@ -302,7 +305,9 @@ async fn renew_certificate(tls: tls::ServerTls, cancel: CancellationToken) {
         match tokio::task::spawn_blocking(move || t.renew_if_due()).await {
             Ok(Ok(true)) => info!("serving the re-issued server certificate"),
             Ok(Ok(false)) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "cannot re-issue the server certificate; will retry"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot re-issue the server certificate; will retry")
+            }
             Err(_) => tracing::warn!("the certificate renewal panicked; will retry"),
         }
     }

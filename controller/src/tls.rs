@@ -358,7 +358,8 @@ fn reissue_reason(
     let Ok((_, leaf)) = x509_parser::parse_x509_certificate(&chain[0]) else {
         return Some("unreadable");
     };
-    let left = leaf.validity().not_after.timestamp() - time::OffsetDateTime::now_utc().unix_timestamp();
+    let left =
+        leaf.validity().not_after.timestamp() - time::OffsetDateTime::now_utc().unix_timestamp();
     if left < RENEW_BEFORE.as_secs() as i64 {
         return Some("expires soon");
     }
@@ -390,13 +391,12 @@ fn reissue_reason(
 fn load_certified(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let chain = read_certs(cert)?;
     let der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, "a private key", e))?;
-    let certified = CertifiedKey::from_der(chain, der, &provider()).map_err(|e| {
-        TlsError::KeyMismatch {
+    let certified =
+        CertifiedKey::from_der(chain, der, &provider()).map_err(|e| TlsError::KeyMismatch {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     Ok(certified)
 }
 

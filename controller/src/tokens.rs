@@ -49,10 +49,7 @@ fn join_token(data_dir: &Path) -> std::io::Result<JoinToken> {
 /// Makes `agent.token` carry `ca` (the fingerprint agents pin, `None` without TLS) and returns
 /// the join token as agents must be given it. The secret is kept; the file is rewritten
 /// (atomically, 0600) only when its prefix changes.
-pub fn publish_join_token(
-    data_dir: &Path,
-    ca: Option<Fingerprint>,
-) -> std::io::Result<JoinToken> {
+pub fn publish_join_token(data_dir: &Path, ca: Option<Fingerprint>) -> std::io::Result<JoinToken> {
     let stored = join_token(data_dir)?;
     let token = JoinToken::new(ca, stored.secret.clone());
     if token != stored {
@@ -108,7 +105,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plain = ensure_tokens(dir.path()).unwrap();
         let file = || fs::read_to_string(dir.path().join(AGENT_TOKEN_FILE)).unwrap();
-        assert_eq!(file().trim(), plain.agent, "an old data dir: the secret alone");
+        assert_eq!(
+            file().trim(),
+            plain.agent,
+            "an old data dir: the secret alone"
+        );
 
         let ca = Fingerprint::of(b"ca");
         let token = publish_join_token(dir.path(), Some(ca)).unwrap();
@@ -129,6 +130,9 @@ mod tests {
 
         fs::write(dir.path().join(AGENT_TOKEN_FILE), "RY1zz::x\n").unwrap();
         let e = ensure_tokens(dir.path()).unwrap_err().to_string();
-        assert!(e.contains(AGENT_TOKEN_FILE) && e.contains("fingerprint"), "{e}");
+        assert!(
+            e.contains(AGENT_TOKEN_FILE) && e.contains("fingerprint"),
+            "{e}"
+        );
     }
 }

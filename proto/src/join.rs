@@ -181,7 +181,10 @@ mod tests {
             ("  \n", JoinTokenError::Empty),
             ("RY1abc", JoinTokenError::Separator),
             ("RY1abc::ryj_x", JoinTokenError::Fingerprint),
-            (&format!("RY1{}::ryj_x", &hex[..63]), JoinTokenError::Fingerprint),
+            (
+                &format!("RY1{}::ryj_x", &hex[..63]),
+                JoinTokenError::Fingerprint,
+            ),
             (
                 &format!("RY1{}zz::ryj_x", &hex[..62]),
                 JoinTokenError::Fingerprint,

@@ -21,7 +21,7 @@ pub const AGENT_NAME_HEADER: &str = "x-runyard-agent";
 /// gRPC metadata carrying the agent's own credential (see README "Agents: enrolment").
 pub const CREDENTIAL_HEADER: &str = "x-runyard-credential";
 
-pub use join::{Fingerprint, JoinToken, JoinTokenError};
 pub use convert::{
     ConvertError, command_to_wire, spec_from_wire, spec_to_wire, status_from_wire, status_to_wire,
 };
+pub use join::{Fingerprint, JoinToken, JoinTokenError};

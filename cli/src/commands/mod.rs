@@ -54,7 +54,9 @@ pub enum CommandError {
     NoAgentToken,
     #[error("cannot read the agent token file {path}: {cause}")]
     TokenFile { path: PathBuf, cause: String },
-    #[error("cannot use the CA file {path}: {cause} (give the controller's <data-dir>/tls/ca.crt with --ca or RUNYARD_CA)")]
+    #[error(
+        "cannot use the CA file {path}: {cause} (give the controller's <data-dir>/tls/ca.crt with --ca or RUNYARD_CA)"
+    )]
     CaFile { path: PathBuf, cause: String },
     #[error("cannot prepare the tokens in {path}: {cause}")]
     Tokens { path: PathBuf, cause: String },

@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use runyard_controller::{TlsSetup, Tokens};
 use runyard_controller::tokens::{ADMIN_TOKEN_FILE, AGENT_TOKEN_FILE};
+use runyard_controller::{TlsSetup, Tokens};
 
 use super::{CommandError, agent, data_dir_or_default};
 use crate::args::{ControllerArgs, UpArgs};
