@@ -483,3 +483,141 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(err)?;
     fs::rename(&tmp, path).map_err(err)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn managed(names: &[&str]) -> TlsSetup {
+        TlsSetup::Managed {
+            advertise: names.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_ca_is_made_once_and_the_server_certificate_follows_the_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join(TLS_DIR);
+        let first = prepare(dir.path(), &managed(&["ctl.example", "10.0.0.5"]))
+            .unwrap()
+            .unwrap();
+        let fp = first.fingerprint.expect("a managed CA is pinned");
+        assert_eq!(
+            fp,
+            Fingerprint::of(&read_one_cert(&tls.join(CA_CERT_FILE)).unwrap())
+        );
+        assert_eq!(
+            first.names,
+            ["10.0.0.5", "127.0.0.1", "::1", "ctl.example", "localhost"],
+            "the loopback names are always there"
+        );
+        assert_eq!(mode(&tls), 0o700);
+        assert_eq!(mode(&tls.join(CA_KEY_FILE)), 0o600);
+        assert_eq!(mode(&tls.join(SERVER_KEY_FILE)), 0o600);
+        // The server sends its certificate and the CA.
+        let chain = read_certs(&tls.join(SERVER_CERT_FILE)).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(Fingerprint::of(&chain[1]), fp);
+
+        // A restart with the same names changes nothing.
+        let leaf = fs::read(tls.join(SERVER_CERT_FILE)).unwrap();
+        let again = prepare(dir.path(), &managed(&["CTL.example", "10.0.0.5"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.fingerprint, Some(fp));
+        assert_eq!(fs::read(tls.join(SERVER_CERT_FILE)).unwrap(), leaf);
+
+        // New names: a new server certificate from the same CA.
+        let moved = prepare(dir.path(), &managed(&["ctl2.example"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.fingerprint, Some(fp), "agents' pins stay valid");
+        assert_ne!(fs::read(tls.join(SERVER_CERT_FILE)).unwrap(), leaf);
+        assert!(moved.names.contains(&"ctl2.example".to_string()));
+        assert!(!moved.names.contains(&"ctl.example".to_string()));
+        assert!(
+            !moved.renew_if_due().unwrap(),
+            "nothing due right after issue"
+        );
+
+        // A loosened key file is tightened on start.
+        fs::set_permissions(tls.join(CA_KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+        prepare(dir.path(), &managed(&["ctl2.example"])).unwrap();
+        assert_eq!(mode(&tls.join(CA_KEY_FILE)), 0o600);
+    }
+
+    #[test]
+    fn a_certificate_of_another_ca_is_reissued() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join(TLS_DIR);
+        prepare(dir.path(), &managed(&[])).unwrap();
+        // The CA replaced by hand (both files): the old server certificate no longer chains.
+        fs::remove_file(tls.join(CA_CERT_FILE)).unwrap();
+        fs::remove_file(tls.join(CA_KEY_FILE)).unwrap();
+        let new = prepare(dir.path(), &managed(&[])).unwrap().unwrap();
+        let chain = read_certs(&tls.join(SERVER_CERT_FILE)).unwrap();
+        assert_eq!(Some(Fingerprint::of(&chain[1])), new.fingerprint);
+    }
+
+    #[test]
+    fn bad_names_and_files_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = prepare(dir.path(), &managed(&["not a name"])).unwrap_err();
+        assert!(matches!(e, TlsError::Name { .. }), "{e}");
+
+        // A CA certificate without its key: reported, never silently replaced.
+        prepare(dir.path(), &managed(&[])).unwrap();
+        fs::remove_file(dir.path().join(TLS_DIR).join(CA_KEY_FILE)).unwrap();
+        let e = prepare(dir.path(), &managed(&[])).unwrap_err().to_string();
+        assert!(e.contains(CA_KEY_FILE), "{e}");
+
+        let missing = TlsSetup::Provided {
+            cert: dir.path().join("nope.pem"),
+            key: dir.path().join("nope.key"),
+        };
+        let e = prepare(dir.path(), &missing).unwrap_err().to_string();
+        assert!(e.contains("nope.pem") && e.contains("cannot read"), "{e}");
+        assert!(prepare(dir.path(), &TlsSetup::Plain).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_operator_chain_pins_its_last_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        // Use a managed identity's files as the operator's.
+        let managed = prepare(dir.path(), &managed(&[])).unwrap().unwrap();
+        let tls = dir.path().join(TLS_DIR);
+        let provided = TlsSetup::Provided {
+            cert: tls.join(SERVER_CERT_FILE),
+            key: tls.join(SERVER_KEY_FILE),
+        };
+        let op = prepare(dir.path(), &provided).unwrap().unwrap();
+        assert_eq!(op.fingerprint, managed.fingerprint);
+        assert_eq!(op.ca_file, None);
+
+        // The leaf alone: nothing to pin.
+        let leaf_only = dir.path().join("leaf.pem");
+        let text = fs::read_to_string(tls.join(SERVER_CERT_FILE)).unwrap();
+        let end = "-----END CERTIFICATE-----";
+        fs::write(&leaf_only, &text[..text.find(end).unwrap() + end.len()]).unwrap();
+        let provided = TlsSetup::Provided {
+            cert: leaf_only,
+            key: tls.join(SERVER_KEY_FILE),
+        };
+        assert_eq!(
+            prepare(dir.path(), &provided).unwrap().unwrap().fingerprint,
+            None
+        );
+
+        // The CA's key with the server's certificate: refused.
+        let wrong = TlsSetup::Provided {
+            cert: tls.join(SERVER_CERT_FILE),
+            key: tls.join(CA_KEY_FILE),
+        };
+        let e = prepare(dir.path(), &wrong).unwrap_err();
+        assert!(matches!(e, TlsError::KeyMismatch { .. }), "{e}");
+    }
+}
