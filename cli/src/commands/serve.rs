@@ -64,7 +64,11 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
             .into(),
     };
     let ca_export = match server_tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
-        Some(ca) => format!("export RUNYARD_CA={}\n", ca.display()),
+        // Absolute: the line is pasted into shells in other directories.
+        Some(ca) => format!(
+            "export RUNYARD_CA={}\n",
+            std::fs::canonicalize(ca).unwrap_or(ca.to_path_buf()).display()
+        ),
         None => String::new(),
     };
     let banner = format!(
