@@ -67,7 +67,9 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
         // Absolute: the line is pasted into shells in other directories.
         Some(ca) => format!(
             "export RUNYARD_CA={}\n",
-            std::fs::canonicalize(ca).unwrap_or(ca.to_path_buf()).display()
+            std::fs::canonicalize(ca)
+                .unwrap_or(ca.to_path_buf())
+                .display()
         ),
         None => String::new(),
     };
