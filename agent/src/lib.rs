@@ -2,6 +2,7 @@
 //! statuses to the controller.
 //!
 //! - `dial`: connecting to the controller with the agent's identity (join token, credential).
+//! - `trust`: how the controller is verified: the join token's pinned CA, `--ca`, system roots.
 //! - `credential`: the agent's own credential, made once in the data dir (0600).
 //! - `session`: the gRPC session with the controller (register, heartbeat, pump, reconnect).
 //! - `attempts`: the attempts this agent holds, their statuses and stop channels.
@@ -34,6 +35,7 @@ pub mod reporter;
 pub mod runner;
 pub mod session;
 pub mod spool;
+pub mod trust;
 pub mod upload;
 
 /// Validated agent configuration.
@@ -41,8 +43,11 @@ pub mod upload;
 pub struct Config {
     /// gRPC URL of the controller, e.g. `http://127.0.0.1:7901`.
     pub controller: String,
-    /// The controller's agent join token.
+    /// The controller's agent join token (`RY1<CA fingerprint>::<secret>`, or an old one).
     pub token: String,
+    /// Trust anchors for an `https://` controller whose join token pins no CA (default: the
+    /// system's roots). Unused when the token carries the CA fingerprint.
+    pub ca: Option<PathBuf>,
     /// Caches (mirrors, uv), job working trees and log spools.
     pub data_dir: PathBuf,
     /// Stable name; the controller keys agents by it.
@@ -84,6 +89,8 @@ pub enum AgentError {
     InUse(PathBuf),
     #[error("GPU detection failed: {0}")]
     Gpu(#[from] gpu::GpuError),
+    #[error("{0}")]
+    Trust(#[from] trust::TrustError),
 }
 
 /// Runs the agent until `cancel` fires. Jobs still running then are stopped (their grace
@@ -93,6 +100,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         path: config.data_dir.clone(),
         source,
     };
+    // Before anything else: a URL or token that cannot be trusted is a configuration error.
+    let trust = trust::Trust::new(&config.controller, &config.token, config.ca.as_deref())?;
+    info!(controller = %config.controller, trust = %trust.describe, "controller trust");
     // One agent per data dir, locked before anything else touches it: a second one would wipe
     // the first one's job dirs, kill its processes (same marker) and share its credential. Held
     // until `run` returns.
@@ -123,9 +133,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
 
     let credential = credential::load_or_create(&config.data_dir).map_err(data_err)?;
     let auth = dial::Auth {
-        token: config.token.clone(),
+        token: trust.secret.clone(),
         name: config.name.clone(),
         credential,
+        tls: trust.tls.clone(),
     };
     let gpus = if config.offer_gpus {
         let lib = config.nvml_library.clone();

@@ -10,8 +10,8 @@ use runyard_model::JobStatus;
 
 /// Default HTTP base URL of the controller for client commands.
 pub const DEFAULT_CONTROLLER_URL: &str = "http://127.0.0.1:7900";
-/// Default gRPC URL of the controller for agents.
-pub const DEFAULT_AGENT_CONTROLLER_URL: &str = "http://127.0.0.1:7901";
+/// Default gRPC URL of the controller for agents (`runyard controller` serves TLS by default).
+pub const DEFAULT_AGENT_CONTROLLER_URL: &str = "https://127.0.0.1:7901";
 /// Default Python interpreter for jobs.
 pub const DEFAULT_PYTHON: &str = "python3";
 /// Default embedded store of the controller.
@@ -132,6 +132,11 @@ pub struct ClientArgs {
     /// Print the API's JSON instead of text.
     #[arg(long, env = "RUNYARD_JSON")]
     pub json: bool,
+    /// CA certificate (PEM) to trust for an https:// controller, besides the system's roots:
+    /// the controller's `<data-dir>/tls/ca.crt`. When unset and the controller is on this
+    /// machine, the CA in the default data dir is trusted if there is one.
+    #[arg(long, env = "RUNYARD_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +151,10 @@ pub struct UpArgs {
     /// Address of the agents' gRPC endpoint.
     #[arg(long, env = "RUNYARD_GRPC", default_value = runyard_controller::DEFAULT_GRPC_ADDR, value_name = "ADDR")]
     pub grpc: String,
+    /// Serve HTTPS and gRPC over TLS with the data dir's CA (as `runyard controller` does).
+    /// Default: plain HTTP, meant for loopback addresses.
+    #[arg(long, env = "RUNYARD_UP_TLS")]
+    pub tls: bool,
     #[command(flatten)]
     pub history: HistoryArgs,
 }
@@ -188,6 +197,40 @@ pub struct ControllerArgs {
     /// An agent silent for this long is lost, and so are its jobs (e.g. `30s`, `2m`).
     #[arg(long, env = "RUNYARD_AGENT_TTL", value_parser = parse_positive_duration, value_name = "DURATION")]
     pub agent_ttl: Option<std::time::Duration>,
+    /// Names the server certificate is issued for, comma-separated: DNS names and IP addresses
+    /// agents and users dial. `localhost`, `127.0.0.1` and `::1` are always added. Default: the
+    /// host name and the addresses of its interfaces.
+    #[arg(
+        long,
+        env = "RUNYARD_ADVERTISE",
+        value_delimiter = ',',
+        value_name = "NAMES",
+        conflicts_with_all = ["tls_cert", "no_tls"]
+    )]
+    pub advertise: Vec<String>,
+    /// Serve with this certificate chain (PEM: the server's certificate first, then its
+    /// issuers) instead of the data dir's CA. With an issuer in the file, the join token pins
+    /// the last one.
+    #[arg(
+        long,
+        env = "RUNYARD_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "no_tls"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "RUNYARD_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP and gRPC: tokens and job data travel unencrypted. Only behind a
+    /// TLS-terminating proxy or on a trusted network.
+    #[arg(long, env = "RUNYARD_NO_TLS")]
+    pub no_tls: bool,
     #[command(flatten)]
     pub history: HistoryArgs,
 }
@@ -214,6 +257,11 @@ pub struct AgentArgs {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+    /// CA certificate (PEM) for an https:// controller whose join token carries no CA
+    /// fingerprint (default: the system's roots). A token that carries one (`RY1...::...`)
+    /// pins that CA and needs no file.
+    #[arg(long, env = "RUNYARD_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Data directory (git mirrors, Python env cache, job trees, log spools, and
     /// `agent.credential`, this agent's identity). One agent per data dir. Default:
     /// `$HOME/.runyard/agent`.

@@ -36,6 +36,12 @@ pub enum ClientError {
         "cannot connect to the controller at {url} ({cause}): start it with `runyard up` or `runyard controller`, or set RUNYARD_CONTROLLER (or --controller) to its URL"
     )]
     Connect { url: String, cause: String },
+    #[error(
+        "cannot verify the TLS certificate of the controller at {url} ({cause}): give its CA with --ca FILE or RUNYARD_CA (the controller keeps it in <data-dir>/tls/ca.crt)"
+    )]
+    Untrusted { url: String, cause: String },
+    #[error("the CA file is not usable: {cause}")]
+    InvalidCa { cause: String },
     #[error("request to {url} failed: {cause}")]
     Request { url: String, cause: String },
     #[error(
@@ -73,8 +79,13 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// Checks the base URL; does no I/O.
-    pub fn new(base: &str, token: Option<String>) -> Result<ApiClient, ClientError> {
+    /// Checks the base URL and `ca` (PEM certificates trusted for an https:// controller,
+    /// besides the system's roots); does no I/O.
+    pub fn with_ca(
+        base: &str,
+        token: Option<String>,
+        ca: Option<&[u8]>,
+    ) -> Result<ApiClient, ClientError> {
         let invalid = |reason: &str| ClientError::InvalidUrl {
             url: base.to_string(),
             reason: reason.to_string(),
@@ -86,13 +97,25 @@ impl ApiClient {
         if url.cannot_be_a_base() || url.host().is_none() {
             return Err(invalid("no host"));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| ClientError::Request {
-                url: base.to_string(),
-                cause: one_line(&cause_of(&e)),
-            })?;
+        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        if let Some(pem) = ca {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| ClientError::InvalidCa {
+                    cause: one_line(&cause_of(&e)),
+                })?;
+            if certs.is_empty() {
+                return Err(ClientError::InvalidCa {
+                    cause: "no PEM certificate in it".into(),
+                });
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| ClientError::Request {
+            url: base.to_string(),
+            cause: one_line(&cause_of(&e)),
+        })?;
         Ok(ApiClient {
             http,
             base: url,
@@ -141,6 +164,12 @@ impl ApiClient {
 
     fn transport(&self, url: &Url, e: &reqwest::Error) -> ClientError {
         let cause = one_line(&cause_of(e));
+        if self.base.scheme() == "https" && cause.to_ascii_lowercase().contains("certificate") {
+            return ClientError::Untrusted {
+                url: self.base.to_string(),
+                cause,
+            };
+        }
         if e.is_connect() {
             ClientError::Connect {
                 url: self.base.to_string(),
@@ -455,12 +484,12 @@ mod tests {
 
     #[test]
     fn urls_escape_ids_and_keep_a_prefix() {
-        let c = ApiClient::new("http://h:1/prefix/", None).unwrap();
+        let c = ApiClient::with_ca("http://h:1/prefix/", None, None).unwrap();
         assert_eq!(
             c.url(&["api", "v1", "jobs", "a/b?c"]).as_str(),
             "http://h:1/prefix/api/v1/jobs/a%2Fb%3Fc"
         );
-        let c = ApiClient::new("http://h:1", None).unwrap();
+        let c = ApiClient::with_ca("http://h:1", None, None).unwrap();
         assert_eq!(
             c.url(&["api", "v1", "agents"]).as_str(),
             "http://h:1/api/v1/agents"
@@ -470,14 +499,14 @@ mod tests {
     #[test]
     fn rejects_non_http_urls() {
         for bad in ["127.0.0.1:7900", "ftp://h/", "nonsense", "mailto:x@y"] {
-            let e = ApiClient::new(bad, None).unwrap_err();
+            let e = ApiClient::with_ca(bad, None, None).unwrap_err();
             assert!(matches!(e, ClientError::InvalidUrl { .. }), "{bad}: {e}");
         }
     }
 
     #[test]
     fn api_errors_show_the_api_message() {
-        let c = ApiClient::new("http://h:1", Some("t".into())).unwrap();
+        let c = ApiClient::with_ca("http://h:1", Some("t".into()), None).unwrap();
         let url = c.url(&["api", "v1", "jobs"]);
         let e = c.api_error(
             &url,

@@ -126,9 +126,22 @@ fn wait_running_with(sb: &mut Sandbox, id: &str, line: &str) -> Value {
     )
 }
 
-/// Starts `runyard controller` and waits until it answers with its admin token; sets the client
-/// environment for it.
+/// Starts `runyard controller` (TLS with the data dir's CA) and waits until it answers with its
+/// admin token; sets the client environment for it (https:// URL, `RUNYARD_CA`).
 fn start_controller(sb: &mut Sandbox, data: &Path, http: u16, grpc: u16, extra: &[&str]) -> Proc {
+    let ca = data.join("tls").join("ca.crt");
+    start_controller_with(sb, data, http, grpc, extra, &ca)
+}
+
+/// `start_controller` whose clients trust `ca`.
+fn start_controller_with(
+    sb: &mut Sandbox,
+    data: &Path,
+    http: u16,
+    grpc: u16,
+    extra: &[&str],
+    ca: &Path,
+) -> Proc {
     let data_arg = data.display().to_string();
     let (http_arg, grpc_arg) = (addr(http), addr(grpc));
     let mut args = vec![
@@ -148,7 +161,8 @@ fn start_controller(sb: &mut Sandbox, data: &Path, http: u16, grpc: u16, extra: 
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
     });
-    sb.set_client_env("RUNYARD_CONTROLLER", &format!("http://{http_arg}"));
+    sb.set_client_env("RUNYARD_CONTROLLER", &format!("https://{http_arg}"));
+    sb.set_client_env("RUNYARD_CA", &ca.display().to_string());
     sb.set_client_env("RUNYARD_TOKEN", &token);
     eventually(STARTUP, "the controller to answer", || {
         assert!(
@@ -161,27 +175,91 @@ fn start_controller(sb: &mut Sandbox, data: &Path, http: u16, grpc: u16, extra: 
     ctl
 }
 
-/// Starts `runyard agent NAME` with its own data dir.
+/// Starts `runyard agent NAME` with its own data dir, dialing the controller over TLS with the
+/// controller's join token file (which pins its CA).
 fn start_agent(sb: &mut Sandbox, name: &str, grpc: u16, data: &Path, dir: &Path) -> Proc {
-    let controller = format!("http://{}", addr(grpc));
+    let controller = format!("https://{}", addr(grpc));
     let token_file = data.join("agent.token").display().to_string();
+    agent_with(sb, name, &controller, &["--token-file", &token_file], dir)
+}
+
+/// Starts `runyard agent NAME` dialing `controller` with the token flags given.
+fn agent_with(sb: &mut Sandbox, name: &str, controller: &str, token: &[&str], dir: &Path) -> Proc {
     let dir = dir.display().to_string();
-    sb.spawn(
+    let mut args = vec!["agent", "--controller", controller];
+    args.extend_from_slice(token);
+    args.extend_from_slice(&[
+        "--name",
         name,
-        &[
-            "agent",
-            "--controller",
-            &controller,
-            "--token-file",
-            &token_file,
-            "--name",
-            name,
-            "--data-dir",
-            &dir,
-            "--compute",
-            "cpu-small:2",
-        ],
+        "--data-dir",
+        &dir,
+        "--compute",
+        "cpu-small:2",
+    ]);
+    sb.spawn(name, &args)
+}
+
+/// sha256 of the first certificate of a PEM file, in hex: the fingerprint a join token carries.
+fn fingerprint(pem_file: &Path) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use sha2::Digest;
+    let der = CertificateDer::from_pem_file(pem_file)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", pem_file.display()));
+    hex::encode(sha2::Sha256::digest(der.as_ref()))
+}
+
+/// The join token in a controller's `agent.token`: (fingerprint, secret).
+fn join_token(data: &Path) -> (String, String) {
+    let text = std::fs::read_to_string(data.join("agent.token")).expect("agent.token");
+    let (fp, secret) = text
+        .trim()
+        .strip_prefix("RY1")
+        .and_then(|t| t.split_once("::"))
+        .unwrap_or_else(|| panic!("a join token without a CA fingerprint: {text}"));
+    (fp.to_string(), secret.to_string())
+}
+
+/// Waits until the log of `p` contains `needle`; fails early if `p` exits without it.
+fn wait_log(p: &mut Proc, needle: &str) -> String {
+    eventually(
+        STARTUP,
+        &format!("`{needle}` in the log of {}", p.name),
+        || {
+            let log = p.stderr();
+            if log.contains(needle) {
+                return Some(log);
+            }
+            assert!(
+                p.wait_exit(Duration::ZERO).is_none() || p.stderr().contains(needle),
+                "{} exited without saying `{needle}`:\n{}",
+                p.name,
+                p.stderr()
+            );
+            None
+        },
     )
+}
+
+/// A TCP server that records what each connection sends, answers like a plain HTTP/2 server
+/// (an empty SETTINGS frame) and closes: the stand-in for a controller run with `--no-tls`.
+fn raw_listener() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = vec![0u8; 64 << 10];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            record.lock().unwrap().push(buf[..n].to_vec());
+            let _ = conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        }
+    });
+    (port, seen)
 }
 
 #[test]
@@ -438,6 +516,8 @@ fn follow_survives_a_controller_restart_with_every_line_once() {
     });
 
     // Restart the controller on the same ports and data dir while the job runs.
+    let token_before = join_token(&data);
+    let ca_before = std::fs::read(data.join("tls/ca.crt")).expect("ca.crt");
     ctl.signal("TERM");
     let status = ctl.wait_exit(JOB).expect("the controller stops on SIGTERM");
     assert!(status.success(), "{status:?}:\n{}", ctl.stderr());
@@ -446,6 +526,16 @@ fn follow_survives_a_controller_restart_with_every_line_once() {
         "the job was still running at the restart"
     );
     let _ctl = start_controller(&mut sb, &data, http, grpc, &[]);
+    assert_eq!(
+        std::fs::read(data.join("tls/ca.crt")).expect("ca.crt"),
+        ca_before,
+        "the CA is made once and kept"
+    );
+    assert_eq!(
+        join_token(&data),
+        token_before,
+        "the same pinned fingerprint"
+    );
 
     let status = follower
         .wait_exit(Duration::from_secs(45))
@@ -460,6 +550,217 @@ fn follow_survives_a_controller_restart_with_every_line_once() {
     assert_eq!(job["status"], "succeeded", "{job:#}");
     assert_eq!(job["attempt"], 1, "the job kept running: {job:#}");
     assert_eq!(job["lost_count"], 0, "{job:#}");
+}
+
+#[test]
+fn agents_pin_the_controllers_ca_and_https_never_downgrades() {
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("hello.py", HELLO)]).expect("git fixture");
+    let data = sb.path().join("controller");
+    let (http, grpc) = (free_port(), free_port());
+    let _ctl = start_controller(&mut sb, &data, http, grpc, &[]);
+
+    // The join token carries the sha256 of the CA certificate; key files are private.
+    let ca = data.join("tls/ca.crt");
+    let (fp, secret) = join_token(&data);
+    assert_eq!(fp, fingerprint(&ca));
+    use std::os::unix::fs::PermissionsExt;
+    for key in ["tls/ca.key", "tls/server.key", "agent.token"] {
+        let mode = std::fs::metadata(data.join(key))
+            .expect(key)
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+
+    // An agent with the token and an https:// URL, nothing else: enrols and runs a job.
+    let a1_dir = sb.path().join("a1");
+    let _a1 = start_agent(&mut sb, "a1", grpc, &data, &a1_dir);
+    wait_connected(&mut sb, &["a1"]);
+    let id = sb.ok(&[
+        "submit",
+        "--repo",
+        &repo.url(),
+        "--script",
+        "hello.py",
+        "--follow",
+        "--",
+        "tls",
+    ]);
+    assert_eq!(id.lines().nth(1), Some("arg: tls"), "{id}");
+
+    // A token pinning another CA: refused, saying which fingerprints differ.
+    let wrong = format!(
+        "{}{}",
+        if fp.starts_with('0') { "1" } else { "0" },
+        &fp[1..]
+    );
+    let url = format!("https://{}", addr(grpc));
+    let bad_token = format!("RY1{wrong}::{secret}");
+    let bad_dir = sb.path().join("bad");
+    let mut bad = agent_with(&mut sb, "bad", &url, &["--token", &bad_token], &bad_dir);
+    wait_log(
+        &mut bad,
+        &format!(
+            "the controller's CA does not match the join token: fingerprint {fp}, token expects {wrong}"
+        ),
+    );
+    assert!(
+        agents(&mut sb).iter().all(|a| a["name"] != "bad"),
+        "the agent with the wrong pin never enrolled"
+    );
+
+    // https:// to a plain server: a clear error, never a plain retry; the server sees a TLS
+    // ClientHello and never the token or the agent's credential.
+    let (raw, seen) = raw_listener();
+    let token_file = data.join("agent.token").display().to_string();
+    let raw_url = format!("https://{}", addr(raw));
+    let plain_dir = sb.path().join("plain");
+    let mut plain = agent_with(
+        &mut sb,
+        "plain",
+        &raw_url,
+        &["--token-file", &token_file],
+        &plain_dir,
+    );
+    let log = wait_log(&mut plain, "the server did not answer in TLS");
+    assert!(log.contains("Nothing secret was sent"), "{log}");
+    eventually(STARTUP, "two attempts at the plain server", || {
+        (seen.lock().unwrap().len() >= 2).then_some(())
+    });
+    let credential = std::fs::read_to_string(sb.path().join("plain/agent.credential"))
+        .expect("the agent's credential")
+        .trim()
+        .to_string();
+    for bytes in seen.lock().unwrap().iter() {
+        assert_eq!(
+            bytes.first(),
+            Some(&0x16),
+            "a TLS handshake record: {bytes:?}"
+        );
+        let text = String::from_utf8_lossy(bytes);
+        assert!(
+            !text.contains(&secret),
+            "the join token reached the plain server"
+        );
+        assert!(
+            !text.contains(&credential),
+            "the credential reached the plain server"
+        );
+        assert!(
+            !text.contains("authorization"),
+            "no request was sent in clear"
+        );
+    }
+    // A pinned token with an http:// URL is a configuration error before any connection.
+    let before = seen.lock().unwrap().len();
+    let r = sb.run(&[
+        "agent",
+        "--controller",
+        &format!("http://{}", addr(raw)),
+        "--token-file",
+        &token_file,
+        "--data-dir",
+        &sb.path().join("clear").display().to_string(),
+        "--name",
+        "clear",
+    ]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("is plain http://: use https://"), "{r}");
+    assert_eq!(seen.lock().unwrap().len(), before, "nothing was dialed");
+
+    // The CLI: without the CA it refuses the controller and says how to trust it ...
+    sb.remove_client_env("RUNYARD_CA");
+    let r = sb.run(&["agents"]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr
+            .contains("cannot verify the TLS certificate of the controller"),
+        "{r}"
+    );
+    assert!(r.stderr.contains("--ca"), "{r}");
+    // ... trusts it with --ca ...
+    let ca_arg = ca.display().to_string();
+    let table = sb.ok(&["agents", "--ca", &ca_arg]);
+    assert!(table.lines().any(|l| l.starts_with("a1 ")), "{table}");
+    // ... and an http:// URL to the TLS port is told to use https://.
+    let r = sb.run(&["agents", "--controller", &format!("http://{}", addr(http))]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("use an https:// URL"), "{r}");
+}
+
+#[test]
+fn an_operator_certificate_is_served_and_pinned() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("hello.py", HELLO)]).expect("git fixture");
+    // The operator's own CA and a server certificate it issued, chain file leaf first.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Operator CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let pki = sb.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let (chain, key, ca) = (
+        pki.join("chain.pem"),
+        pki.join("key.pem"),
+        pki.join("ca.pem"),
+    );
+    std::fs::write(&chain, format!("{}{}", leaf.pem(), ca_cert.pem())).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+
+    let data = sb.path().join("controller");
+    let (http, grpc) = (free_port(), free_port());
+    let (chain_arg, key_arg) = (chain.display().to_string(), key.display().to_string());
+    let _ctl = start_controller_with(
+        &mut sb,
+        &data,
+        http,
+        grpc,
+        &["--tls-cert", &chain_arg, "--tls-key", &key_arg],
+        &ca,
+    );
+    assert!(
+        !data.join("tls/ca.key").exists(),
+        "no CA of its own is made"
+    );
+    let (fp, _) = join_token(&data);
+    assert_eq!(fp, fingerprint(&ca), "the token pins the operator's CA");
+
+    let a1_dir = sb.path().join("a1");
+    let _a1 = start_agent(&mut sb, "a1", grpc, &data, &a1_dir);
+    wait_connected(&mut sb, &["a1"]);
+    let id = submit(&mut sb, &repo, "hello.py");
+    sb.wait_status(&id, &["succeeded"], JOB);
+
+    // A key that is not the certificate's is refused at start, naming both files.
+    let other = pki.join("other-key.pem");
+    std::fs::write(&other, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let r = sb.run(&[
+        "controller",
+        "--data-dir",
+        &sb.path().join("c2").display().to_string(),
+        "--http",
+        &addr(free_port()),
+        "--grpc",
+        &addr(free_port()),
+        "--tls-cert",
+        &chain_arg,
+        "--tls-key",
+        &other.display().to_string(),
+    ]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("do not belong together"), "{r}");
 }
 
 /// A second `runyard up` on a data dir in use fails at once, with the reason, before it prints

@@ -61,6 +61,12 @@ async fn up_prints_how_to_use_it_and_stops_on_sigint() {
         "{printed:#?}"
     );
     assert!(
+        printed
+            .iter()
+            .any(|l| l.contains("TLS:") && l.contains("plain HTTP on loopback")),
+        "the banner says it serves plain HTTP on loopback: {printed:#?}"
+    );
+    assert!(
         data.join("agent.token").is_file(),
         "the agent join token is created"
     );

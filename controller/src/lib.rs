@@ -16,6 +16,8 @@
 //! - `grpc`: the agent-facing `Session` stream: translator and trust boundary.
 //! - `http`: the user-facing JSON API.
 //! - `tokens`: admin and agent join tokens in the data dir.
+//! - `tls`: the CA and server certificate in the data dir (or an operator's), rustls configs.
+//! - `tls_accept`: TLS handshakes on a listener, for the HTTP and gRPC servers.
 //! - `ui`: the web page (embedded static files) and server-rendered metric plots.
 
 use std::path::{Path, PathBuf};
@@ -42,10 +44,13 @@ pub mod reports;
 pub mod scheduler;
 pub mod secrets;
 pub mod store;
+pub mod tls;
+pub mod tls_accept;
 pub mod tokens;
 pub mod ui;
 
 pub use executor::Controller;
+pub use tls::TlsSetup;
 pub use tokens::{Tokens, ensure_tokens};
 
 /// Default HTTP API address.
@@ -73,6 +78,8 @@ pub struct Config {
     pub retention_period: Duration,
     /// Bytes an attempt's log file may reach; further lines are dropped (and counted).
     pub max_log_size: u64,
+    /// TLS on both ports, or plain (the default here; `runyard controller` turns it on).
+    pub tls: TlsSetup,
 }
 
 impl Config {
@@ -84,6 +91,7 @@ impl Config {
             retention: None,
             retention_period: history::RETENTION_PERIOD,
             max_log_size: DEFAULT_MAX_LOG_SIZE,
+            tls: TlsSetup::Plain,
         }
     }
 }
@@ -108,6 +116,30 @@ pub enum ControllerError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// Loads or creates the TLS identity `config.tls` asks for and makes `agent.token` carry its CA
+/// fingerprint; returns it with the join token agents must be given. Idempotent: `runyard up`
+/// calls it for its banner before `run`, which calls it again.
+pub async fn prepare_tls(
+    config: &Config,
+) -> Result<(Option<tls::ServerTls>, runyard_proto::JoinToken), ControllerError> {
+    let (dir, setup) = (config.data_dir.clone(), config.tls.clone());
+    let task = tokio::task::spawn_blocking(move || {
+        let server = tls::prepare(&dir, &setup)?;
+        let fingerprint = server.as_ref().and_then(|s| s.fingerprint);
+        let token = tokens::publish_join_token(&dir, fingerprint).map_err(|source| {
+            ControllerError::DataDir {
+                path: dir.clone(),
+                source,
+            }
+        })?;
+        Ok::<_, ControllerError>((server, token))
+    });
+    task.await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Takes `<data_dir>/controller.lock` for this process (creating the dir, private, if it is
@@ -136,6 +168,7 @@ pub async fn run(
     // returns.
     let _lock = lock_data_dir(&config.data_dir)?;
     let tokens = ensure_tokens(&config.data_dir).map_err(data_err)?;
+    let (tls, _) = prepare_tls(&config).await?;
     let log_store = logs::LogStore::with_limit(config.data_dir.join("logs"), config.max_log_size)
         .map_err(data_err)?;
     let report_store = logs::LogStore::open(config.data_dir.join("reports")).map_err(data_err)?;
@@ -158,6 +191,9 @@ pub async fn run(
         jobs = ctl.jobs.len(),
         http = %http.local_addr().map_err(ControllerError::Http)?,
         grpc = %grpc.local_addr().map_err(ControllerError::Http)?,
+        tls = tls.is_some(),
+        ca_fingerprint = tls.as_ref().and_then(|t| t.fingerprint).map(|f| f.to_string()),
+        names = ?tls.as_ref().map(|t| &t.names),
         "controller started"
     );
 
@@ -193,21 +229,34 @@ pub async fn run(
         grpc::AgentService::new(ctl.clone(), tokens.agent.clone(), cancel.child_token());
     let sessions = agent_service.tasks();
     let grpc_cancel = cancel.child_token();
-    let grpc_task = tracker.spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(health_service)
-            .add_service(
-                runyard_proto::v1::agent_service_server::AgentServiceServer::new(agent_service)
-                    .max_decoding_message_size(16 << 20),
+    let grpc_router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(
+            runyard_proto::v1::agent_service_server::AgentServiceServer::new(agent_service)
+                .max_decoding_message_size(16 << 20),
+        );
+    let grpc_task = match &tls {
+        None => tracker.spawn(grpc_router.serve_with_incoming_shutdown(
+            // Small messages (assignments, acks) must not wait for delayed ACKs.
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            grpc_cancel.cancelled_owned(),
+        )),
+        Some(tls) => {
+            let incoming = tls_accept::TlsListener::spawn(
+                grpc,
+                tls.server_config(tls::ALPN_GRPC)?,
+                tls_accept::PlainReply::Close,
+                cancel.child_token(),
             )
-            .serve_with_incoming_shutdown(
-                // Small messages (assignments, acks) must not wait for delayed ACKs.
-                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            .map_err(ControllerError::Http)?;
+            tracker.spawn(grpc_router.serve_with_incoming_shutdown(
+                incoming.into_stream(),
                 grpc_cancel.cancelled_owned(),
-            ),
-    );
+            ))
+        }
+    };
     let access = access::Access::load(store.clone(), tokens.admin.clone()).await?;
     let app = http::router(http::ApiState {
         ctl: ctl.clone(),
@@ -215,11 +264,32 @@ pub async fn run(
         shutdown: cancel.child_token(),
     });
     let http_cancel = cancel.child_token();
-    let http_task = tracker.spawn(async move {
-        axum::serve(http, app)
-            .with_graceful_shutdown(http_cancel.cancelled_owned())
-            .await
-    });
+    let http_task = match &tls {
+        None => tracker.spawn(async move {
+            axum::serve(http, app)
+                .with_graceful_shutdown(http_cancel.cancelled_owned())
+                .await
+        }),
+        Some(tls) => {
+            let listener = tls_accept::TlsListener::spawn(
+                http,
+                tls.server_config(tls::ALPN_HTTP)?,
+                tls_accept::PlainReply::Http,
+                cancel.child_token(),
+            )
+            .map_err(ControllerError::Http)?;
+            tracker.spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(http_cancel.cancelled_owned())
+                    .await
+            })
+        }
+    };
+    if let Some(tls) = tls {
+        tracker.spawn(
+            renew_certificate(tls, cancel.child_token()).instrument(info_span!("tls_renew")),
+        );
+    }
     tracker.close();
 
     cancel.cancelled().await;
@@ -245,4 +315,24 @@ pub async fn run(
         Err(_) => tracing::warn!("connections did not drain in time; closing them"),
     }
     Ok(())
+}
+
+/// Re-issues the managed server certificate when it is due, every `tls::RENEW_CHECK_PERIOD`.
+async fn renew_certificate(tls: tls::ServerTls, cancel: CancellationToken) {
+    let tls = std::sync::Arc::new(tls);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tls::RENEW_CHECK_PERIOD) => {}
+            _ = cancel.cancelled() => return,
+        }
+        let t = tls.clone();
+        match tokio::task::spawn_blocking(move || t.renew_if_due()).await {
+            Ok(Ok(true)) => info!("serving the re-issued server certificate"),
+            Ok(Ok(false)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot re-issue the server certificate; will retry")
+            }
+            Err(_) => tracing::warn!("the certificate renewal panicked; will retry"),
+        }
+    }
 }

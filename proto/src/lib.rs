@@ -4,6 +4,7 @@
 //! - `convert`: `From`/`TryFrom` between wire messages and `runyard_model` types.
 //! - `secret`: the tokens and credentials both sides keep on disk (random, 0600).
 //! - `datadir`: each side's data dir: created private, never re-moded, one process at a time.
+//! - `join`: the agent join token (`RY1<CA fingerprint>::<secret>`) and CA fingerprints.
 
 pub mod v1 {
     // Generated code: `Assign` carries a whole spec; boxing it would only make call sites noisier
@@ -14,6 +15,7 @@ pub mod v1 {
 
 mod convert;
 pub mod datadir;
+pub mod join;
 pub mod secret;
 
 /// gRPC metadata naming the agent that makes a call (sessions and uploads).
@@ -24,3 +26,4 @@ pub const CREDENTIAL_HEADER: &str = "x-runyard-credential";
 pub use convert::{
     ConvertError, command_to_wire, spec_from_wire, spec_to_wire, status_from_wire, status_to_wire,
 };
+pub use join::{Fingerprint, JoinToken, JoinTokenError};

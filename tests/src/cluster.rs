@@ -227,6 +227,7 @@ impl TestCluster {
         Ok(runyard_agent::Config {
             controller: format!("http://{target}"),
             token: self.agent_token.clone(),
+            ca: None,
             data_dir: self.dir.path().join("agents").join(&spec.name),
             name: spec.name.clone(),
             cpu_small_slots: spec.cpu_small_slots,

@@ -31,6 +31,7 @@ fn auth(name: &str, credential: &str, token: &str) -> Auth {
         token: token.into(),
         name: name.into(),
         credential: credential.into(),
+        tls: None,
     }
 }
 

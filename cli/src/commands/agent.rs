@@ -48,6 +48,7 @@ pub async fn agent(args: AgentArgs) -> Result<u8, CommandError> {
     let config = runyard_agent::Config {
         controller: args.controller,
         token,
+        ca: args.ca,
         data_dir,
         name,
         cpu_small_slots: offer.cpu_small_slots,
@@ -82,6 +83,7 @@ pub async fn local_config(
     runyard_agent::Config {
         controller,
         token,
+        ca: None,
         data_dir: data_dir.join(AGENT_DIR_NAME),
         name: host_name().await,
         cpu_small_slots: offer.cpu_small_slots,

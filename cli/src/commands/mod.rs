@@ -16,6 +16,7 @@ use runyard_model::ValidationError;
 
 use crate::args::{ClientArgs, Command};
 use crate::client::{ApiClient, ClientError, resolve_token};
+use runyard_controller::tls::{CA_CERT_FILE, TLS_DIR};
 
 pub mod access;
 pub mod agent;
@@ -55,6 +56,10 @@ pub enum CommandError {
     NoAgentToken,
     #[error("cannot read the agent token file {path}: {cause}")]
     TokenFile { path: PathBuf, cause: String },
+    #[error(
+        "cannot use the CA file {path}: {cause} (give the controller's <data-dir>/tls/ca.crt with --ca or RUNYARD_CA)"
+    )]
+    CaFile { path: PathBuf, cause: String },
     #[error("cannot prepare the tokens in {path}: {cause}")]
     Tokens { path: PathBuf, cause: String },
     #[error("controller: {0}")]
@@ -142,7 +147,8 @@ pub fn data_dir_or_default(given: Option<PathBuf>) -> Result<PathBuf, CommandErr
 }
 
 /// The API client for `args`. Without a token, a controller on this machine is tried with the
-/// admin token of the default data dir (never sent to another host).
+/// admin token of the default data dir (never sent to another host); without `--ca`, it is
+/// trusted with the default data dir's CA (`tls/ca.crt`) besides the system's roots.
 pub fn client_for(args: &ClientArgs) -> Result<ApiClient, CommandError> {
     let local = reqwest::Url::parse(&args.controller)
         .ok()
@@ -154,7 +160,23 @@ pub fn client_for(args: &ClientArgs) -> Result<ApiClient, CommandError> {
         None
     };
     let token = resolve_token(args.token.clone(), data_dir.as_deref());
-    Ok(ApiClient::new(&args.controller, token)?)
+    let ca_file = match &args.ca {
+        Some(path) => Some(path.clone()),
+        None => data_dir
+            .map(|d| d.join(TLS_DIR).join(CA_CERT_FILE))
+            .filter(|p| p.is_file()),
+    };
+    let ca = match &ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| CommandError::CaFile {
+            path: path.clone(),
+            cause: e.to_string(),
+        })?),
+        None => None,
+    };
+    ApiClient::with_ca(&args.controller, token, ca.as_deref()).map_err(|e| match (e, ca_file) {
+        (ClientError::InvalidCa { cause }, Some(path)) => CommandError::CaFile { path, cause },
+        (e, _) => e.into(),
+    })
 }
 
 /// `localhost` or a loopback IP (IPv6 in URL brackets or not).

@@ -1,6 +1,10 @@
 //! `runyard up` and `runyard controller`: bind the listeners here (so tests and `up` can use port
 //! 0 and print the real address), then run until SIGINT/SIGTERM.
 //!
+//! TLS: `controller` serves TLS by default (the data dir's CA, or `--tls-cert/--tls-key`) and
+//! plain only with `--no-tls`, which it warns about; `up` is plain on loopback unless `--tls`,
+//! and its banner says which.
+//!
 //! `up` shutdown order: the agent stops first (its jobs end while the controller can still record
 //! them), then the controller. If either stops by itself, the other is stopped too and the first
 //! one's error is returned.
@@ -10,10 +14,10 @@ use std::path::Path;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
-use runyard_controller::Tokens;
 use runyard_controller::tokens::{ADMIN_TOKEN_FILE, AGENT_TOKEN_FILE};
+use runyard_controller::{TlsSetup, Tokens};
 
 use super::{CommandError, agent, data_dir_or_default};
 use crate::args::{ControllerArgs, UpArgs};
@@ -28,16 +32,57 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
     let tokens = tokens(&data_dir).await?;
     let http = bind(&args.http, "HTTP API; choose another with --http").await?;
     let grpc = bind(&args.grpc, "agent gRPC; choose another with --grpc").await?;
-    let http_url = url_of(&http)?;
-    let grpc_url = url_of(&grpc)?;
-    let agent_config = agent::local_config(grpc_url.clone(), tokens.agent.clone(), &data_dir).await;
+    let mut config = runyard_controller::Config::new(&data_dir);
+    config.store = crate::args::DEFAULT_STORE.to_string();
+    config.tls = if args.tls {
+        TlsSetup::Managed {
+            advertise: runyard_controller::tls::default_names(),
+        }
+    } else {
+        TlsSetup::Plain
+    };
+    args.history.apply(&mut config);
+    let (server_tls, join_token) = runyard_controller::prepare_tls(&config).await?;
+    let tls = server_tls.is_some();
+    let http_url = url_of(&http, tls)?;
+    let grpc_url = url_of(&grpc, tls)?;
+    let agent_config =
+        agent::local_config(grpc_url.clone(), join_token.to_string(), &data_dir).await;
+    let security = match &server_tls {
+        Some(t) => format!(
+            "\x20 TLS:         CA {} (fingerprint {})\n",
+            t.ca_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            t.fingerprint.map(|f| f.to_string()).unwrap_or_default()
+        ),
+        None if is_loopback(&http) && is_loopback(&grpc) => {
+            "\x20 TLS:         off: plain HTTP on loopback (`runyard up --tls` for HTTPS)\n".into()
+        }
+        None => "\x20 TLS:         off: plain HTTP on a network address: tokens and job data \
+                 travel unencrypted; use --tls\n"
+            .into(),
+    };
+    let ca_export = match server_tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
+        // Absolute: the line is pasted into shells in other directories.
+        Some(ca) => format!(
+            "export RUNYARD_CA={}\n",
+            std::fs::canonicalize(ca)
+                .unwrap_or(ca.to_path_buf())
+                .display()
+        ),
+        None => String::new(),
+    };
     let banner = format!(
         "Runyard is up: controller and local agent `{agent}`.\n\
          \x20 web UI, API: {http_url}\n\
          \x20 admin token: {admin}\n\
          \x20 data dir:    {dir}\n\
+         {security}\
          Point the CLI at it from any shell:\n\
          export RUNYARD_CONTROLLER={http_url}\n\
+         {ca_export}\
          export RUNYARD_TOKEN={admin}\n",
         agent = agent_config.name,
         admin = tokens.admin,
@@ -45,10 +90,7 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
     );
     crate::output::write_stdout(banner.as_bytes()).map_err(CommandError::Stdout)?;
 
-    let mut config = runyard_controller::Config::new(&data_dir);
-    config.store = crate::args::DEFAULT_STORE.to_string();
-    args.history.apply(&mut config);
-    info!(http = %http_url, grpc = %grpc_url, data_dir = %data_dir.display(), "controller starting");
+    info!(http = %http_url, grpc = %grpc_url, tls, data_dir = %data_dir.display(), "controller starting");
     let controller_cancel = CancellationToken::new();
     let agent_cancel = root.child_token();
     let mut controller = tokio::spawn(runyard_controller::run(
@@ -96,14 +138,36 @@ pub async fn controller(args: ControllerArgs) -> Result<u8, CommandError> {
     if let Some(ttl) = args.agent_ttl {
         config.agent_ttl = ttl;
     }
+    config.tls = match (args.no_tls, args.tls_cert, args.tls_key) {
+        (true, _, _) => TlsSetup::Plain,
+        (false, Some(cert), Some(key)) => TlsSetup::Provided { cert, key },
+        _ if !args.advertise.is_empty() => TlsSetup::Managed {
+            advertise: args.advertise,
+        },
+        _ => TlsSetup::Managed {
+            advertise: runyard_controller::tls::default_names(),
+        },
+    };
     args.history.apply(&mut config);
+    let (server_tls, join_token) = runyard_controller::prepare_tls(&config).await?;
+    let tls = server_tls.is_some();
+    if !tls {
+        warn!(
+            "TLS is off (--no-tls): serving plain HTTP and gRPC; the admin token, agent tokens \
+             and job data travel unencrypted. Use it only behind a TLS proxy or on a trusted network"
+        );
+    }
     info!(
-        http = %url_of(&http)?,
-        grpc = %url_of(&grpc)?,
+        http = %url_of(&http, tls)?,
+        grpc = %url_of(&grpc, tls)?,
         store = %config.store,
         retention = ?config.retention,
         max_log_size = config.max_log_size,
         data_dir = %data_dir.display(),
+        tls,
+        ca_file = server_tls.as_ref().and_then(|t| t.ca_file.as_deref()).map(|p| p.display().to_string()),
+        ca_fingerprint = join_token.ca.map(|f| f.to_string()),
+        names = ?server_tls.as_ref().map(|t| &t.names),
         admin_token_file = %data_dir.join(ADMIN_TOKEN_FILE).display(),
         agent_token_file = %data_dir.join(AGENT_TOKEN_FILE).display(),
         "controller starting"
@@ -147,14 +211,25 @@ async fn bind(addr: &str, what: &'static str) -> Result<TcpListener, CommandErro
         })
 }
 
-/// `http://` URL a local client can dial: a wildcard bind is reached through loopback.
-fn url_of(listener: &TcpListener) -> Result<String, CommandError> {
+/// Whether the listener is bound to a loopback address.
+fn is_loopback(listener: &TcpListener) -> bool {
+    listener.local_addr().is_ok_and(|a| a.ip().is_loopback())
+}
+
+/// `http://` (or `https://`) URL a local client can dial: a wildcard bind is reached through
+/// loopback.
+fn url_of(listener: &TcpListener, tls: bool) -> Result<String, CommandError> {
     let addr = listener.local_addr().map_err(|e| CommandError::Bind {
         addr: "(bound)".into(),
         what: "local address",
         cause: e.to_string(),
     })?;
-    Ok(dial_url(addr))
+    let url = dial_url(addr);
+    Ok(if tls {
+        url.replacen("http://", "https://", 1)
+    } else {
+        url
+    })
 }
 
 fn dial_url(addr: SocketAddr) -> String {

@@ -83,6 +83,11 @@ impl Sandbox {
         self.client_env.push((key.to_string(), value.to_string()));
     }
 
+    /// Unsets an environment variable for the client commands run after this.
+    pub fn remove_client_env(&mut self, key: &str) {
+        self.client_env.retain(|(k, _)| k != key);
+    }
+
     /// `runyard` with a clean environment: HOME is the sandbox, PATH the test's (jobs find
     /// `python3` on it), nothing else.
     fn command(&self, args: &[&str]) -> Command {
