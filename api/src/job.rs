@@ -144,7 +144,8 @@ mod tests {
     fn the_view_is_the_record_without_its_bookkeeping() {
         let spec = JobSpec::from_json(br#"{"repo": "https://h/a/b.git", "script": "t.py"}"#)
             .expect("valid spec");
-        let job = Job::new("01j".into(), spec, Timestamp(5));
+        let mut job = Job::new("01j".into(), spec, Timestamp(5));
+        job.owner = Some("alice".into());
         let mut record = serde_json::to_value(&job).unwrap();
         for internal in ["schema_version", "report_offset"] {
             record.as_object_mut().unwrap().remove(internal);
