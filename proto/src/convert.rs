@@ -105,6 +105,7 @@ pub fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
         compute: s.compute.to_string(),
         timeout_ms: s.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
         stop_grace_ms: s.stop_grace.as_millis() as u64,
+        memory_bytes: s.memory.unwrap_or(0),
     }
 }
 
@@ -127,6 +128,7 @@ pub fn spec_from_wire(w: v1::JobSpec) -> Result<JobSpec, ConvertError> {
         timeout: Some(Duration::from_millis(w.timeout_ms)).filter(|d| !d.is_zero()),
         retries: 0,
         stop_grace: Duration::from_millis(w.stop_grace_ms),
+        memory: Some(w.memory_bytes).filter(|&m| m != 0),
     };
     spec.validate().map_err(|e| ConvertError {
         field: "spec",
@@ -168,7 +170,8 @@ mod tests {
     fn spec_round_trips() {
         let spec = JobSpec::from_json(
             br#"{"repo":"file:///tmp/r","script":"a/b.py","args":["x y","'q'"],"env":{"A":"1"},
-                "compute":"gpu:2","timeout":"1h","requirements":["numpy==2.0"],"stop_grace":"3s"}"#,
+                "compute":"gpu:2","timeout":"1h","requirements":["numpy==2.0"],"stop_grace":"3s",
+                "memory":"8GiB"}"#,
         )
         .unwrap();
         let back = spec_from_wire(spec_to_wire(&spec)).unwrap();
