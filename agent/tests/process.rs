@@ -28,6 +28,8 @@ fn python(dir: &Path, name: &str, script: &str, args: &[&str]) -> ProcessSpec {
         )],
         marker: format!("{name}-{}/1", std::process::id()),
         agent_name: format!("agent-{name}-{}", std::process::id()),
+        run_as: None,
+        cgroup: None,
     }
 }
 

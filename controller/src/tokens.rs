@@ -18,9 +18,13 @@ pub struct Tokens {
 }
 
 /// Reads the tokens from `data_dir`, creating any that is missing.
+/// A data dir this creates is made 0700; an existing one keeps its mode (`runyard up` makes its
+/// own 0711, so its agent's jobs can pass through to `<data dir>/agent`).
 pub fn ensure_tokens(data_dir: &Path) -> std::io::Result<Tokens> {
-    fs::create_dir_all(data_dir)?;
-    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))?;
+    if !data_dir.exists() {
+        fs::create_dir_all(data_dir)?;
+        fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))?;
+    }
     Ok(Tokens {
         admin: runyard_proto::secret::ensure(&data_dir.join(ADMIN_TOKEN_FILE), "rya_")?,
         agent: runyard_proto::secret::ensure(&data_dir.join(AGENT_TOKEN_FILE), "ryj_")?,

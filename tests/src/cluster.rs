@@ -103,7 +103,7 @@ impl ClusterBuilder {
 
     pub async fn start(self) -> anyhow::Result<TestCluster> {
         crate::init_tracing();
-        let dir = tempfile::tempdir()?;
+        let dir = crate::reachable_tempdir()?;
         let http = TcpListener::bind("127.0.0.1:0").await?;
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let http_addr = http.local_addr()?;
@@ -240,6 +240,8 @@ impl TestCluster {
             // The shared cache is not one agent's to prune.
             cache_size: Some(u64::MAX),
             min_free: spec.min_free,
+            isolation: Default::default(),
+            git_credentials: Vec::new(),
         })
     }
 

@@ -45,7 +45,7 @@ pub async fn agent(args: AgentArgs) -> Result<u8, CommandError> {
         Some(n) => n,
         None => host_name().await,
     };
-    let config = runyard_agent::Config {
+    let mut config = runyard_agent::Config {
         controller: args.controller,
         token,
         data_dir,
@@ -58,7 +58,10 @@ pub async fn agent(args: AgentArgs) -> Result<u8, CommandError> {
         uv_cache: args.uv_cache,
         cache_size: args.cache_size,
         min_free: args.min_free,
+        isolation: Default::default(),
+        git_credentials: Vec::new(),
     };
+    args.isolation.apply(&mut config);
     info!(
         agent = %config.name,
         controller = %config.controller,
@@ -92,6 +95,8 @@ pub async fn local_config(
         uv_cache: None,
         cache_size: None,
         min_free: runyard_agent::cache::DEFAULT_MIN_FREE,
+        isolation: Default::default(),
+        git_credentials: Vec::new(),
     }
 }
 

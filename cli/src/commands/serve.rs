@@ -25,11 +25,24 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
     let root = shutdown::root_token().map_err(CommandError::Signals)?;
     let data_dir = data_dir_or_default(args.data_dir)?;
     let tokens = tokens(&data_dir).await?;
+    // The local agent's jobs pass through to `<data dir>/agent`: traverse only, no listing; the
+    // controller keeps its own entries private (tokens 0600, logs and store 0700/0600).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).map_err(
+            |e| CommandError::Tokens {
+                path: data_dir.clone(),
+                cause: format!("cannot make the data dir traversable (0711): {e}"),
+            },
+        )?;
+    }
     let http = bind(&args.http, "HTTP API; choose another with --http").await?;
     let grpc = bind(&args.grpc, "agent gRPC; choose another with --grpc").await?;
     let http_url = url_of(&http)?;
     let grpc_url = url_of(&grpc)?;
-    let agent_config = agent::local_config(grpc_url.clone(), tokens.agent.clone(), &data_dir).await;
+    let mut agent_config =
+        agent::local_config(grpc_url.clone(), tokens.agent.clone(), &data_dir).await;
+    args.isolation.apply(&mut agent_config);
     let banner = format!(
         "Runyard is up: controller and local agent `{agent}`.\n\
          \x20 web UI, API: {http_url}\n\
