@@ -83,11 +83,17 @@ impl Cgroups {
         };
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let v2_error = match v2_subtree(&own, &mounts, &name) {
-            Ok(dir) => return Cgroups { kind: Kind::V2(dir) },
+            Ok(dir) => {
+                return Cgroups {
+                    kind: Kind::V2(dir),
+                };
+            }
             Err(e) => e,
         };
         match v1_subtree(&own, &mounts, &name) {
-            Ok(dirs) => Cgroups { kind: Kind::V1(dirs) },
+            Ok(dirs) => Cgroups {
+                kind: Kind::V1(dirs),
+            },
             Err(v1_error) => Cgroups {
                 kind: Kind::None(format!("v2: {v2_error}; v1: {v1_error}")),
             },
@@ -104,7 +110,9 @@ impl Cgroups {
     /// A cgroup v2 subtree at `dir` (which must exist), whatever the host uses: for tests of the
     /// v2 code path on hosts whose agents use v1.
     pub fn v2_at(dir: PathBuf) -> Cgroups {
-        Cgroups { kind: Kind::V2(dir) }
+        Cgroups {
+            kind: Kind::V2(dir),
+        }
     }
 
     /// `"v2"`, `"v1"` or `"none"`.
@@ -124,7 +132,9 @@ impl Cgroups {
                 %why,
                 "job cgroups: none; stops rely on the process marker sweep and `memory` limits are not enforced"
             ),
-            Kind::V1(dirs) => info!(mode = "v1", memory = %dirs[1].display(), "job cgroups: v1 (freezer, memory, pids)"),
+            Kind::V1(dirs) => {
+                info!(mode = "v1", memory = %dirs[1].display(), "job cgroups: v1 (freezer, memory, pids)")
+            }
             Kind::V2(dir) => info!(mode = "v2", dir = %dir.display(), "job cgroups: v2"),
         }
     }
@@ -251,7 +261,13 @@ impl AttemptCgroup {
     pub fn kill(&self, record: impl FnOnce(&[i32])) {
         let (freeze, frozen_value, thawed_value, frozen_file, frozen_line) = if self.v2 {
             let d = &self.dirs[0];
-            (d.join("cgroup.freeze"), "1", "0", d.join("cgroup.events"), "frozen 1")
+            (
+                d.join("cgroup.freeze"),
+                "1",
+                "0",
+                d.join("cgroup.events"),
+                "frozen 1",
+            )
         } else {
             let state = self.dirs[0].join("freezer.state");
             (state.clone(), "FROZEN", "THAWED", state, "FROZEN")
@@ -288,7 +304,8 @@ impl AttemptCgroup {
             .map(|t| {
                 t.lines().any(|l| {
                     let mut f = l.split_whitespace();
-                    f.next() == Some(key) && f.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) > 0
+                    f.next() == Some(key)
+                        && f.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) > 0
                 })
             })
             .unwrap_or(false)
@@ -302,7 +319,9 @@ impl AttemptCgroup {
                 match std::fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
                         std::thread::sleep(POLL);
                     }
                     Err(e) => return Err(e),
@@ -419,7 +438,8 @@ fn v2_subtree(own: &str, mounts: &str, name: &str) -> Result<PathBuf, String> {
 fn v1_subtree(own: &str, mounts: &str, name: &str) -> Result<[PathBuf; 3], String> {
     let mut dirs = Vec::with_capacity(3);
     for controller in V1_CONTROLLERS {
-        let mount = mount_point(mounts, controller).ok_or_else(|| format!("no {controller} hierarchy"))?;
+        let mount =
+            mount_point(mounts, controller).ok_or_else(|| format!("no {controller} hierarchy"))?;
         let path = own_path(own, controller).unwrap_or("/");
         let dir = under(&mount, path).join(name);
         match std::fs::create_dir(&dir) {
@@ -449,15 +469,24 @@ mod tests {
         assert_eq!(own_path(OWN, "freezer"), Some("/"));
         assert_eq!(own_path(OWN, ""), Some("/user.slice/x.scope"));
         assert_eq!(own_path(OWN, "cpu"), None);
-        assert_eq!(mount_point(MOUNTS, "memory"), Some("/sys/fs/cgroup/memory".into()));
-        assert_eq!(mount_point(MOUNTS, ""), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(
+            mount_point(MOUNTS, "memory"),
+            Some("/sys/fs/cgroup/memory".into())
+        );
+        assert_eq!(
+            mount_point(MOUNTS, ""),
+            Some("/sys/fs/cgroup/unified".into())
+        );
         assert_eq!(mount_point(MOUNTS, "cpu"), None);
         assert_eq!(
             under(Path::new("/sys/fs/cgroup/memory"), "/process_api/6a8b"),
             PathBuf::from("/sys/fs/cgroup/memory/process_api/6a8b")
         );
         let a = agent_dir_name("a1@/var/lib/runyard-agent");
-        assert!(a.starts_with("runyard-") && a.len() == "runyard-".len() + 16, "{a}");
+        assert!(
+            a.starts_with("runyard-") && a.len() == "runyard-".len() + 16,
+            "{a}"
+        );
         assert_ne!(a, agent_dir_name("a2@/var/lib/runyard-agent"));
     }
 }

@@ -45,11 +45,19 @@ impl std::str::FromStr for HostCredential {
     /// Parses `HOST=FILE` or `HOST:PORT=FILE`.
     fn from_str(s: &str) -> Result<HostCredential, String> {
         let bad = |why: &str| {
-            format!("invalid git credential `{s}`: {why}; write HOST=FILE, e.g. github.com=/etc/runyard/github.token")
+            format!(
+                "invalid git credential `{s}`: {why}; write HOST=FILE, e.g. github.com=/etc/runyard/github.token"
+            )
         };
         let (host, file) = s.trim().split_once('=').ok_or_else(|| bad("no `=`"))?;
         let (host, port) = match host.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| bad("the port is not a number"))?)),
+            Some((h, p)) => (
+                h,
+                Some(
+                    p.parse::<u16>()
+                        .map_err(|_| bad("the port is not a number"))?,
+                ),
+            ),
             None => (host, None),
         };
         let host = host.trim().to_ascii_lowercase();
@@ -58,7 +66,9 @@ impl std::str::FromStr for HostCredential {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
         {
-            return Err(bad("HOST must be a host name such as github.com, without a scheme or path"));
+            return Err(bad(
+                "HOST must be a host name such as github.com, without a scheme or path",
+            ));
         }
         let file = PathBuf::from(file.trim());
         if !file.is_absolute() {
@@ -176,8 +186,13 @@ impl GitCredentials {
         let Some((cred, kind)) = self.file_for(repo, url) else {
             return Ok(Choice::None);
         };
-        let text = std::fs::read_to_string(&cred.file)
-            .map_err(|e| format!("cannot read the git credential for {} ({}): {e}", cred.host, cred.file.display()))?;
+        let text = std::fs::read_to_string(&cred.file).map_err(|e| {
+            format!(
+                "cannot read the git credential for {} ({}): {e}",
+                cred.host,
+                cred.file.display()
+            )
+        })?;
         match (kind, kind_of(&text)) {
             (SecretKind::Token, SecretKind::Token) => Ok(Choice::Token(text.trim().to_string())),
             (SecretKind::SshKey, SecretKind::SshKey) => Ok(Choice::SshKey(cred.file.clone())),
@@ -218,7 +233,14 @@ mod tests {
         );
         let c: HostCredential = "git.internal:8443=/k".parse().unwrap();
         assert_eq!((c.host.as_str(), c.port), ("git.internal", Some(8443)));
-        for bad in ["github.com", "https://github.com=/t", "github.com=relative", "=/t", "h:x=/t", "a/b=/t"] {
+        for bad in [
+            "github.com",
+            "https://github.com=/t",
+            "github.com=relative",
+            "=/t",
+            "h:x=/t",
+            "a/b=/t",
+        ] {
             let e = bad.parse::<HostCredential>().unwrap_err();
             assert!(e.contains("invalid git credential"), "{bad}: {e}");
         }
@@ -229,7 +251,10 @@ mod tests {
     #[test]
     fn urls_name_their_scheme_host_and_port() {
         let r = remote("https://user:pw@Git.Example.com:8443/o/r.git").unwrap();
-        assert_eq!((r.scheme, r.host.as_str(), r.port), ("https", "git.example.com", Some(8443)));
+        assert_eq!(
+            (r.scheme, r.host.as_str(), r.port),
+            ("https", "git.example.com", Some(8443))
+        );
         let r = remote("git@github.com:o/r.git").unwrap();
         assert_eq!((r.scheme, r.host.as_str()), ("ssh", "github.com"));
         let r = remote("http://[::1]:9000/r.git").unwrap();
@@ -243,39 +268,124 @@ mod tests {
         let token = dir.path().join("t");
         std::fs::write(&token, "s3cret\n").unwrap();
         let key = dir.path().join("k");
-        std::fs::write(&key, "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n").unwrap();
+        std::fs::write(
+            &key,
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let creds = GitCredentials::new(vec![
-            HostCredential { host: "git.example.com".into(), port: None, file: token.clone() },
-            HostCredential { host: "ssh.example.com".into(), port: None, file: key.clone() },
-            HostCredential { host: "pinned.example.com".into(), port: Some(8443), file: token.clone() },
+            HostCredential {
+                host: "git.example.com".into(),
+                port: None,
+                file: token.clone(),
+            },
+            HostCredential {
+                host: "ssh.example.com".into(),
+                port: None,
+                file: key.clone(),
+            },
+            HostCredential {
+                host: "pinned.example.com".into(),
+                port: Some(8443),
+                file: token.clone(),
+            },
         ]);
         let tok = Choice::Token("s3cret".into());
         let cases = [
-            ("https://git.example.com/o/r.git", "https://git.example.com/o/r.git", tok.clone()),
-            ("https://git.example.com:444/o/r.git", "https://git.example.com:444/o/r.git", tok.clone()),
+            (
+                "https://git.example.com/o/r.git",
+                "https://git.example.com/o/r.git",
+                tok.clone(),
+            ),
+            (
+                "https://git.example.com:444/o/r.git",
+                "https://git.example.com:444/o/r.git",
+                tok.clone(),
+            ),
             // Plain http, git:// and other hosts never get it.
-            ("http://git.example.com/o/r.git", "http://git.example.com/o/r.git", Choice::None),
-            ("git://git.example.com/o/r.git", "git://git.example.com/o/r.git", Choice::None),
-            ("https://evil.example.net/o/r.git", "https://evil.example.net/o/r.git", Choice::None),
-            ("https://git.example.com.evil.net/r", "https://git.example.com.evil.net/r", Choice::None),
+            (
+                "http://git.example.com/o/r.git",
+                "http://git.example.com/o/r.git",
+                Choice::None,
+            ),
+            (
+                "git://git.example.com/o/r.git",
+                "git://git.example.com/o/r.git",
+                Choice::None,
+            ),
+            (
+                "https://evil.example.net/o/r.git",
+                "https://evil.example.net/o/r.git",
+                Choice::None,
+            ),
+            (
+                "https://git.example.com.evil.net/r",
+                "https://git.example.com.evil.net/r",
+                Choice::None,
+            ),
             // A redirect to plain http or to another host does not take it along.
-            ("https://git.example.com/o/r.git", "http://git.example.com/o/r.git", Choice::None),
-            ("https://git.example.com/o/r.git", "https://evil.example.net/o/r.git", Choice::None),
-            ("https://evil.example.net/o/r.git", "https://git.example.com/o/r.git", Choice::None),
+            (
+                "https://git.example.com/o/r.git",
+                "http://git.example.com/o/r.git",
+                Choice::None,
+            ),
+            (
+                "https://git.example.com/o/r.git",
+                "https://evil.example.net/o/r.git",
+                Choice::None,
+            ),
+            (
+                "https://evil.example.net/o/r.git",
+                "https://git.example.com/o/r.git",
+                Choice::None,
+            ),
             // A port, when given, must match.
-            ("https://pinned.example.com:8443/r", "https://pinned.example.com:8443/r", tok.clone()),
-            ("https://pinned.example.com/r", "https://pinned.example.com/r", Choice::None),
+            (
+                "https://pinned.example.com:8443/r",
+                "https://pinned.example.com:8443/r",
+                tok.clone(),
+            ),
+            (
+                "https://pinned.example.com/r",
+                "https://pinned.example.com/r",
+                Choice::None,
+            ),
             // A key goes over ssh only; a token never over ssh, a key never over https.
-            ("ssh://git@ssh.example.com/o/r.git", "ssh://git@ssh.example.com/o/r.git", Choice::SshKey(key.clone())),
-            ("git@ssh.example.com:o/r.git", "git@ssh.example.com:o/r.git", Choice::SshKey(key.clone())),
-            ("https://ssh.example.com/o/r.git", "https://ssh.example.com/o/r.git", Choice::None),
-            ("ssh://git@git.example.com/o/r.git", "ssh://git@git.example.com/o/r.git", Choice::None),
+            (
+                "ssh://git@ssh.example.com/o/r.git",
+                "ssh://git@ssh.example.com/o/r.git",
+                Choice::SshKey(key.clone()),
+            ),
+            (
+                "git@ssh.example.com:o/r.git",
+                "git@ssh.example.com:o/r.git",
+                Choice::SshKey(key.clone()),
+            ),
+            (
+                "https://ssh.example.com/o/r.git",
+                "https://ssh.example.com/o/r.git",
+                Choice::None,
+            ),
+            (
+                "ssh://git@git.example.com/o/r.git",
+                "ssh://git@git.example.com/o/r.git",
+                Choice::None,
+            ),
         ];
         for (repo, url, want) in cases {
-            assert_eq!(creds.choose(repo, url).unwrap(), want, "{repo} asked by {url}");
+            assert_eq!(
+                creds.choose(repo, url).unwrap(),
+                want,
+                "{repo} asked by {url}"
+            );
         }
         std::fs::remove_file(&token).unwrap();
-        let err = creds.choose("https://git.example.com/r", "https://git.example.com/r").unwrap_err();
-        assert!(err.contains("cannot read the git credential for git.example.com"), "{err}");
+        let err = creds
+            .choose("https://git.example.com/r", "https://git.example.com/r")
+            .unwrap_err();
+        assert!(
+            err.contains("cannot read the git credential for git.example.com"),
+            "{err}"
+        );
     }
 }

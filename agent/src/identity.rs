@@ -64,7 +64,9 @@ impl std::str::FromStr for UidRange {
     type Err = String;
 
     fn from_str(s: &str) -> Result<UidRange, String> {
-        let bad = |why: &str| format!("invalid uid range `{s}`: {why}; write FIRST-LAST, e.g. 1879048192-1879113727");
+        let bad = |why: &str| {
+            format!("invalid uid range `{s}`: {why}; write FIRST-LAST, e.g. 1879048192-1879113727")
+        };
         let (a, b) = s.trim().split_once('-').ok_or_else(|| bad("no `-`"))?;
         let first: u32 = a.trim().parse().map_err(|_| bad("FIRST is not a uid"))?;
         let last: u32 = b.trim().parse().map_err(|_| bad("LAST is not a uid"))?;
@@ -72,10 +74,14 @@ impl std::str::FromStr for UidRange {
             return Err(bad("FIRST is above LAST"));
         }
         if first < 1000 {
-            return Err(bad("it must start at 1000 or above (system users live below)"));
+            return Err(bad(
+                "it must start at 1000 or above (system users live below)",
+            ));
         }
         if (first..=last).contains(&65534) || last == u32::MAX {
-            return Err(bad("it must not contain 65534 (nobody) or 4294967295 (invalid)"));
+            return Err(bad(
+                "it must not contain 65534 (nobody) or 4294967295 (invalid)",
+            ));
         }
         Ok(UidRange { first, last })
     }
@@ -113,7 +119,9 @@ pub enum IdentityError {
          runs as uid {uid}: start it as root, or drop --run-as to run jobs as the agent's user"
     )]
     RunAsNotRoot { user: String, uid: u32 },
-    #[error("--run-as {0}: no such user on this host: create it (useradd --system {0}) or name another")]
+    #[error(
+        "--run-as {0}: no such user on this host: create it (useradd --system {0}) or name another"
+    )]
     NoSuchUser(String),
     #[error("--run-as {0}: jobs must not run as root; name an unprivileged user")]
     RunAsRoot(String),
@@ -124,9 +132,9 @@ pub enum IdentityError {
     #[error("cannot prepare {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error(
-        "jobs cannot reach {target}: {blocker} has mode {mode:04o} and is not {who}'s; let them pass \
-         (chmod o+x {blocker}, or 0711) or choose a data dir they can reach, e.g. \
-         --data-dir /var/lib/runyard-agent"
+        "jobs cannot reach {target}: {blocker} has mode {mode:04o} and is not {who}'s; let them \
+         through (chmod o+x {blocker}) or use a path they can reach (a data dir such as \
+         --data-dir /var/lib/runyard-agent, an interpreter such as --python /usr/bin/python3)"
     )]
     Unreachable {
         target: PathBuf,
@@ -134,7 +142,9 @@ pub enum IdentityError {
         mode: u32,
         who: String,
     },
-    #[error("no free job uid in {0}: every one is held by a running attempt on this host; widen --job-uids")]
+    #[error(
+        "no free job uid in {0}: every one is held by a running attempt on this host; widen --job-uids"
+    )]
     NoFreeUid(UidRange),
 }
 
@@ -366,18 +376,25 @@ impl Identities {
     }
 
     /// Checks that a job could pass through every directory down to `target` (searchable by
-    /// others, or by the job group). Always true when jobs run as the agent's user.
+    /// others, or by the job group), along its path as written and its real path (symlinks
+    /// resolved), and use `target` itself (search a directory, run a file). Always true when
+    /// jobs run as the agent's user.
     pub fn check_reachable(&self, target: &Path) -> Result<(), IdentityError> {
         let (uid, gid, who) = match &self.mode {
             Mode::Shared => return Ok(()),
             Mode::User { uid, gid, name } => (Some(*uid), *gid, name.clone()),
             Mode::PerAttempt { gid, name, .. } => (None, *gid, format!("group {name}")),
         };
-        let target = std::fs::canonicalize(target).map_err(|source| IdentityError::Io {
+        let written = std::path::absolute(target).map_err(|source| IdentityError::Io {
             path: target.to_path_buf(),
             source,
         })?;
-        for dir in target.ancestors() {
+        let real = std::fs::canonicalize(target).map_err(|source| IdentityError::Io {
+            path: target.to_path_buf(),
+            source,
+        })?;
+        let lexical = written.parent().map(Path::ancestors).into_iter().flatten();
+        for dir in real.ancestors().chain(lexical) {
             let meta = std::fs::metadata(dir).map_err(|source| IdentityError::Io {
                 path: dir.to_path_buf(),
                 source,
@@ -392,7 +409,7 @@ impl Identities {
             };
             if mode & bit == 0 {
                 return Err(IdentityError::Unreachable {
-                    target: target.clone(),
+                    target: written.clone(),
                     blocker: dir.to_path_buf(),
                     mode: mode & 0o7777,
                     who,
@@ -401,11 +418,55 @@ impl Identities {
         }
         Ok(())
     }
+
+    /// The interpreter jobs run: `python` itself when it is a path (it must be within jobs'
+    /// reach), else the first `python` on `PATH` that jobs can reach and run (an interpreter
+    /// under the agent user's private home, such as pyenv's, is skipped with a note).
+    pub fn job_python(&self, python: &Path) -> Result<PathBuf, IdentityError> {
+        if !self.isolated() {
+            return Ok(python.to_path_buf());
+        }
+        if python.components().count() > 1 {
+            self.check_reachable(python)?;
+            return Ok(python.to_path_buf());
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut first_error = None;
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(python);
+            let runnable = std::fs::metadata(&candidate)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false);
+            if !runnable {
+                continue;
+            }
+            match self.check_reachable(&candidate) {
+                Ok(()) => {
+                    if let Some(skipped) = &first_error {
+                        info!(python = %candidate.display(), %skipped, "jobs use the first interpreter on PATH they can reach");
+                    }
+                    return Ok(candidate);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| IdentityError::Io {
+            path: python.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::NotFound, "not found on PATH"),
+        }))
+    }
 }
 
 /// [`Identities::check_reachable`] for each target.
-pub fn check_reachable_all(identities: &Identities, targets: &[&Path]) -> Result<(), IdentityError> {
-    targets.iter().try_for_each(|t| identities.check_reachable(t))
+pub fn check_reachable_all(
+    identities: &Identities,
+    targets: &[&Path],
+) -> Result<(), IdentityError> {
+    targets
+        .iter()
+        .try_for_each(|t| identities.check_reachable(t))
 }
 
 impl JobIdentity {
@@ -513,7 +574,14 @@ pub fn ensure_user(name: &str) -> Result<User, IdentityError> {
         .unwrap_or("/bin/false");
     let out = std::process::Command::new("useradd")
         .args(["--system", "--no-create-home", "--home-dir", "/nonexistent"])
-        .args(["--shell", shell, "--user-group", "--comment", "Runyard jobs", name])
+        .args([
+            "--shell",
+            shell,
+            "--user-group",
+            "--comment",
+            "Runyard jobs",
+            name,
+        ])
         .output()
         .map_err(|e| IdentityError::CreateUser {
             user: name.to_string(),
@@ -534,7 +602,12 @@ pub fn ensure_user(name: &str) -> Result<User, IdentityError> {
         user: name.to_string(),
         message: "useradd succeeded but the user is not found".into(),
     })?;
-    info!(user = name, uid = user.uid.as_raw(), gid = user.gid.as_raw(), "created the job user");
+    info!(
+        user = name,
+        uid = user.uid.as_raw(),
+        gid = user.gid.as_raw(),
+        "created the job user"
+    );
     Ok(user)
 }
 
@@ -558,7 +631,9 @@ pub fn readable_by_jobs(identities: &Identities, meta: &std::fs::Metadata) -> bo
                 || (meta.gid() == *gid && mode & 0o040 != 0)
                 || mode & 0o004 != 0
         }
-        Mode::PerAttempt { gid, .. } => (meta.gid() == *gid && mode & 0o040 != 0) || mode & 0o004 != 0,
+        Mode::PerAttempt { gid, .. } => {
+            (meta.gid() == *gid && mode & 0o040 != 0) || mode & 0o004 != 0
+        }
     }
 }
 
@@ -574,7 +649,16 @@ mod tests {
         );
         assert_eq!(DEFAULT_JOB_UIDS.to_string(), "1879048192-1879113727");
         assert_eq!(DEFAULT_JOB_UIDS.len(), 65536);
-        for bad in ["", "5", "200000-100000", "0-100", "999-2000", "60000-70000", "1000-4294967295", "a-b"] {
+        for bad in [
+            "",
+            "5",
+            "200000-100000",
+            "0-100",
+            "999-2000",
+            "60000-70000",
+            "1000-4294967295",
+            "a-b",
+        ] {
             let e = bad.parse::<UidRange>().unwrap_err();
             assert!(e.contains("invalid uid range"), "{bad}: {e}");
         }
@@ -593,7 +677,10 @@ mod tests {
             ..IsolationConfig::default()
         })
         .unwrap_err();
-        assert!(err.to_string().contains("needs the agent to run as root"), "{err}");
+        assert!(
+            err.to_string().contains("needs the agent to run as root"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -636,7 +723,12 @@ mod tests {
 
     #[test]
     fn the_job_user_is_created_when_missing() {
-        if !Uid::effective().is_root() || std::process::Command::new("useradd").arg("--help").output().is_err() {
+        if !Uid::effective().is_root()
+            || std::process::Command::new("useradd")
+                .arg("--help")
+                .output()
+                .is_err()
+        {
             return;
         }
         let name = format!("ryt{}", std::process::id());

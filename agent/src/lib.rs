@@ -141,6 +141,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         identity::create_private_dir(&config.data_dir.join(private))?;
     }
     identity::check_reachable_all(&identities, &[&jobs_dir])?;
+    // Venvs link to it and jobs without requirements run it: it must be within their reach.
+    let python = identities.job_python(&config.python)?;
     check_git_credentials(&config.git_credentials, &identities)?;
     if let Err(error) = process::become_subreaper() {
         warn!(%error, "cannot become a child subreaper; processes that leave their group may escape stops");
@@ -204,7 +206,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
     identity::check_reachable_all(&identities, &[&reporter_dir])?;
     let uv = match config.uv.clone().or_else(|| pyenv::find_on_path("uv")) {
         Some(uv) => Some(uv),
-        None => match pyenv::bootstrap_uv(&config.python, &data_dir.join("tools")).await {
+        None => match pyenv::bootstrap_uv(&python, &data_dir.join("tools")).await {
             Ok(uv) => Some(uv),
             Err(error) => {
                 warn!(%error, "cannot install uv; environments are built with pip");
@@ -242,7 +244,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
             config.data_dir.join("mirrors"),
             git_auth::GitCredentials::new(config.git_credentials.clone()),
         ),
-        envs: pyenv::EnvBuilder::new(config.python.clone(), uv, uv_cache),
+        envs: pyenv::EnvBuilder::new(python.clone(), uv, uv_cache),
         attempts: attempts::Attempts::default(),
         tasks: tokio_util::task::TaskTracker::new(),
         janitor: Arc::new(janitor),

@@ -407,7 +407,10 @@ impl JobProcess {
                 if !cgroup.is_empty() {
                     cgroup.kill(|_| {});
                 }
-                (cgroup.oom_killed(), cgroup.remove().err().map(|e| e.to_string()))
+                (
+                    cgroup.oom_killed(),
+                    cgroup.remove().err().map(|e| e.to_string()),
+                )
             })
             .await;
             self.oom_killed = oom;

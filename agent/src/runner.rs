@@ -398,15 +398,21 @@ async fn hand_over(
         identity.hand_over(&dir).map_err(|e| {
             End::failed(
                 FailureKind::Agent,
-                format!("agent {agent} cannot give {} to the job: {e}", dir.display()),
+                format!(
+                    "agent {agent} cannot give {} to the job: {e}",
+                    dir.display()
+                ),
             )
         })?;
-        cgroups.create(&name, memory).map(|c| c.map(Arc::new)).map_err(|e| {
-            End::failed(
-                FailureKind::Agent,
-                format!("agent {agent} cannot make the job's cgroup: {e}"),
-            )
-        })
+        cgroups
+            .create(&name, memory)
+            .map(|c| c.map(Arc::new))
+            .map_err(|e| {
+                End::failed(
+                    FailureKind::Agent,
+                    format!("agent {agent} cannot make the job's cgroup: {e}"),
+                )
+            })
     })
     .await
     .unwrap_or_else(|e| {
