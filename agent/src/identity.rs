@@ -430,7 +430,9 @@ impl Identities {
             self.check_reachable(python)?;
             return Ok(python.to_path_buf());
         }
-        let path = std::env::var_os("PATH").unwrap_or_default();
+        // Where exec looks when PATH is unset.
+        let path =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
         let mut first_error = None;
         for dir in std::env::split_paths(&path) {
             let candidate = dir.join(python);

@@ -313,6 +313,10 @@ pub struct SubmitArgs {
         allow_hyphen_values = true
     )]
     pub stop_grace: Option<String>,
+    /// Memory limit of one attempt (`512MiB`, `8GiB`, or bytes): over it the job fails with
+    /// `oom`.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
     /// Then stream the logs until the job ends (with a progress bar on a terminal, as `logs
     /// -f`); exit 0 if it succeeded, the script's exit code if it failed with one, 1 otherwise.
     #[arg(long, env = "RUNYARD_SUBMIT_FOLLOW")]
@@ -437,6 +441,57 @@ mod tests {
         assert_eq!(ls.limit, Some(5));
         assert!(Cli::try_parse_from(["runyard", "ls", "--status", "done"]).is_err());
         assert!(Cli::try_parse_from(["runyard", "ls", "--limit", "0"]).is_err());
+    }
+
+    #[test]
+    fn isolation_flags_parse_and_bad_ones_are_refused() {
+        let Command::Agent(a) = Cli::try_parse_from([
+            "runyard",
+            "agent",
+            "--token",
+            "t",
+            "--run-as",
+            "nobody",
+            "--job-uids",
+            "200000-200099",
+            "--git-credential",
+            "github.com=/etc/runyard/gh.token",
+            "--git-credential",
+            "git.internal:8443=/etc/runyard/key",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not agent");
+        };
+        let mut config = crate::commands::agent::test_config();
+        a.isolation.apply(&mut config);
+        assert_eq!(config.isolation.run_as.as_deref(), Some("nobody"));
+        assert_eq!(config.isolation.job_uids.to_string(), "200000-200099");
+        let hosts: Vec<_> = config
+            .git_credentials
+            .iter()
+            .map(|c| (c.host.as_str(), c.port))
+            .collect();
+        assert_eq!(hosts, [("github.com", None), ("git.internal", Some(8443))]);
+        let Command::Up(u) = Cli::try_parse_from(["runyard", "up"]).unwrap().command else {
+            panic!("not up");
+        };
+        assert_eq!(
+            u.isolation.job_uids,
+            runyard_agent::identity::DEFAULT_JOB_UIDS,
+            "the default range, as documented"
+        );
+        for bad in [
+            ["--job-uids", "5-1"],
+            ["--job-uids", "0-100"],
+            ["--git-credential", "github.com"],
+            ["--git-credential", "https://github.com=/t"],
+        ] {
+            let mut argv = vec!["runyard", "agent", "--token", "t"];
+            argv.extend(bad);
+            assert!(Cli::try_parse_from(&argv).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -100,6 +100,27 @@ pub async fn local_config(
     }
 }
 
+/// A configuration to apply flags to, in tests.
+#[cfg(test)]
+pub fn test_config() -> runyard_agent::Config {
+    runyard_agent::Config {
+        controller: String::new(),
+        token: String::new(),
+        data_dir: PathBuf::new(),
+        name: String::new(),
+        cpu_small_slots: 0,
+        offer_gpus: false,
+        nvml_library: None,
+        python: PathBuf::from(DEFAULT_PYTHON),
+        uv: None,
+        uv_cache: None,
+        cache_size: None,
+        min_free: 0,
+        isolation: Default::default(),
+        git_credentials: Vec::new(),
+    }
+}
+
 /// `cpu-small:<CPUs>,gpu`.
 pub fn default_offer() -> Offer {
     Offer {
