@@ -22,7 +22,7 @@
 //! - `RUNYARD_GIT_TOKEN` (a token sent to every host, even over plain http) is refused at start
 //!   with a message naming its replacement.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The environment variable of the old, host-less token; refused at start.
 pub const LEGACY_TOKEN_ENV: &str = "RUNYARD_GIT_TOKEN";
@@ -156,11 +156,6 @@ impl GitCredentials {
         GitCredentials { hosts }
     }
 
-    /// The configured credentials.
-    pub fn hosts(&self) -> &[HostCredential] {
-        &self.hosts
-    }
-
     /// The credential file for authenticating to `url` (libgit2's, after redirects) while
     /// fetching `repo`, and what kind it must be; `None` unless both name the same configured
     /// host over https (token) or ssh (key).
@@ -209,11 +204,6 @@ pub fn kind_of(text: &str) -> SecretKind {
     } else {
         SecretKind::Token
     }
-}
-
-/// The credential files, for the start check (they must exist and be unreadable by jobs).
-pub fn files(creds: &GitCredentials) -> impl Iterator<Item = &Path> {
-    creds.hosts.iter().map(|c| c.file.as_path())
 }
 
 #[cfg(test)]

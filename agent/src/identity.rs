@@ -16,8 +16,9 @@
 //!   over until that directory is removed, whichever agent on the host holds it. The lock goes
 //!   with the process, so a crashed agent frees its uids.
 //! - Before exec the job process drops every supplementary group and takes the job's gid and
-//!   uid (see `process`); under a per-attempt uid it then kills whatever else still runs as that
-//!   uid, which can only be a leftover.
+//!   uid (see `process`). Whatever runs under a per-attempt uid while no attempt holds it is a
+//!   leftover: it is killed when the uid is taken (before the attempt's directory is given to
+//!   it), before exec, and when the attempt ends (`clear`), cgroups or not.
 //! - The hand-over chowns the attempt directory's tree to the job, except files with more than
 //!   one link: venv files hardlinked from the uv cache stay the agent's (chowning one would chown
 //!   the cache's inode), readable by the job and never writable by it.
@@ -359,11 +360,17 @@ impl Identities {
             }
         };
         match file.try_lock() {
-            Ok(()) => Ok(Some(UidLease {
-                uid,
-                held: self.held.clone(),
-                _file: file,
-            })),
+            Ok(()) => {
+                let lease = UidLease {
+                    uid,
+                    held: self.held.clone(),
+                    _file: file,
+                };
+                // Whatever still runs as this uid (left by a crashed agent, or one without
+                // cgroups) dies before the uid is given a new attempt's directory.
+                kill_uid(uid).map_err(|source| IdentityError::Io { path, source })?;
+                Ok(Some(lease))
+            }
             Err(std::fs::TryLockError::WouldBlock) => {
                 release();
                 Ok(None)
@@ -472,6 +479,16 @@ pub fn check_reachable_all(
 }
 
 impl JobIdentity {
+    /// Kills whatever still runs under a per-attempt uid (a process that escaped without a
+    /// cgroup); called when the attempt has ended. Blocking.
+    pub fn clear(&self) {
+        if let (Some(run_as), Some(_)) = (self.run_as, &self._lease)
+            && let Err(error) = kill_uid(run_as.uid)
+        {
+            warn!(uid = run_as.uid, %error, "cannot clear the job uid's processes");
+        }
+    }
+
     /// Gives the attempt directory to the job: the tree is chowned to its uid and gid (files
     /// hardlinked from a cache excepted), the directory itself made 0700, and `home` and `tmp`
     /// created in it. Nothing changes for a job run as the agent's user but the two
@@ -494,6 +511,49 @@ impl JobIdentity {
         };
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         chown_tree(dir, run_as.uid, run_as.gid)
+    }
+}
+
+/// SIGKILLs every process running as `uid`: a child takes that uid, so `kill(-1)` reaches
+/// exactly them. Blocking (a fork and a wait, well under a millisecond).
+pub fn kill_uid(uid: u32) -> io::Result<()> {
+    // SAFETY: the child only makes raw system calls (setuid, kill, exit), which are
+    // async-signal-safe, and never returns into Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see above; the raw setuid changes this single-threaded child only.
+        unsafe {
+            if libc::syscall(libc::SYS_setuid, uid as libc::c_long) != 0 {
+                libc::_exit(1);
+            }
+            // kill(-1) reaches every process the caller may signal at once (a fork racing it
+            // fails on its parent's pending SIGKILL); its result says nothing about how many
+            // were ours (EPERM from others is not reported), so it is not looked at.
+            for _ in 0..3 {
+                libc::kill(-1, libc::SIGKILL);
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waitpid on the child just forked, with a valid out-pointer.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
+        Some(0) => Ok(()),
+        Some(1) => Err(io::Error::other(format!(
+            "cannot take uid {uid} to clear it"
+        ))),
+        _ => Err(io::Error::other(format!(
+            "processes of uid {uid} survive SIGKILL"
+        ))),
     }
 }
 
@@ -742,6 +802,37 @@ mod tests {
         assert!(user.uid.as_raw() < 1000, "a system user: {}", user.uid);
         assert_eq!(group, name, "with its own group");
         assert!(user.shell.to_string_lossy().contains("nologin") || user.shell.ends_with("false"));
+    }
+
+    #[test]
+    fn kill_uid_kills_exactly_that_uids_processes() {
+        use std::os::unix::process::CommandExt;
+        if !Uid::effective().is_root() {
+            return;
+        }
+        let uid = 0x7002_0000 + std::process::id() % 1000;
+        let spawn = |uid: u32| {
+            std::process::Command::new("sleep")
+                .arg("60")
+                .uid(uid)
+                .gid(uid)
+                .spawn()
+                .unwrap()
+        };
+        let (mut target, mut bystander) = (spawn(uid), spawn(uid + 1000));
+        kill_uid(uid).unwrap();
+        let status = target.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "another uid is left alone"
+        );
+        bystander.kill().unwrap();
+        bystander.wait().unwrap();
+        kill_uid(uid).unwrap();
     }
 
     #[test]

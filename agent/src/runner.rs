@@ -200,7 +200,10 @@ pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
     {
         warn!(job = %a.job_id, %error, dir = %dir.display(), "cannot remove the job's working dir");
     }
-    drop(identity);
+    if let Some(identity) = identity {
+        // Nothing may run under the uid once another attempt can take it.
+        let _ = tokio::task::spawn_blocking(move || identity.clear()).await;
+    }
     drop(held);
 }
 
