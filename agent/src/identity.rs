@@ -682,7 +682,7 @@ pub fn group_name(gid: u32) -> String {
         .unwrap_or_else(|| gid.to_string())
 }
 
-/// Whether the file at `path` can be read by a job of these identities (by others, or through
+/// Whether a file with this metadata can be read by a job of these identities (by others, or through
 /// the job group). Used to refuse secrets jobs could read.
 pub fn readable_by_jobs(identities: &Identities, meta: &std::fs::Metadata) -> bool {
     let mode = meta.permissions().mode();
