@@ -186,7 +186,7 @@ impl Cgroups {
         Ok(Some(cg))
     }
 
-    /// Removes this agent's (empty) subtree; at shutdown.
+    /// Removes this agent's subtree once it is empty (at shutdown; also when dropped).
     pub fn close(&self) {
         for root in self.roots() {
             let _ = std::fs::remove_dir(root);
@@ -207,6 +207,14 @@ impl Cgroups {
             dirs: self.roots().into_iter().map(|r| r.join(name)).collect(),
             memory: None,
         }
+    }
+}
+
+impl Drop for Cgroups {
+    /// An agent whose task is dropped (a test's runtime ending) leaves no empty subtree behind;
+    /// one with attempt cgroups left is cleaned at its next start instead.
+    fn drop(&mut self) {
+        self.close();
     }
 }
 

@@ -506,7 +506,6 @@ async fn cgroup_v1_catches_an_escaped_process() {
         return;
     }
     an_escaped_process_dies_with_its_cgroup(&cgroups).await;
-    cgroups.close();
 }
 
 /// The v2 code path (cgroup.procs before exec, cgroup.kill, removal) on the unified hierarchy,
@@ -533,6 +532,8 @@ async fn cgroup_v2_catches_an_escaped_process() {
         .join(path.trim_start_matches('/'))
         .join(format!("runyard-process-test-v2-{}", std::process::id()));
     std::fs::create_dir(&subtree).unwrap();
-    an_escaped_process_dies_with_its_cgroup(&Cgroups::v2_at(subtree.clone())).await;
-    std::fs::remove_dir(&subtree).unwrap();
+    let cgroups = Cgroups::v2_at(subtree.clone());
+    an_escaped_process_dies_with_its_cgroup(&cgroups).await;
+    drop(cgroups);
+    assert!(!subtree.exists(), "the agent's subtree goes with it");
 }
