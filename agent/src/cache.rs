@@ -38,7 +38,7 @@ const TRASH_SUFFIX: &str = ".deleting";
 /// Suffix of a mirror whose first fetch is in progress (or was interrupted): see `checkout`.
 const TMP_SUFFIX: &str = ".tmp";
 /// The spool directory inside `jobs/`: live data, never a leftover.
-const SPOOL_DIR: &str = "spool";
+pub const SPOOL_DIR: &str = "spool";
 /// Longest a `uv cache` command may run: it waits for running installs to release the cache.
 const UV_TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -11,6 +11,8 @@
 //! - The mirror tracks `refs/heads/*` and `refs/tags/*` of the remote (pruned), and its `HEAD`
 //!   follows the remote's `HEAD`, so an empty revision means "the default branch".
 //! - A full commit id already in the mirror is used without touching the network.
+//! - Credentials: only those `git_auth` chooses for the URL asking (its host, over https or
+//!   ssh), then the agent user's ssh-agent and default keys over ssh; never over plain http.
 //! - Cancellation: `checkout` takes a [`CancellationToken`]; a fetch in progress notices it at
 //!   the next progress callback and returns [`CheckoutError::Cancelled`]. Dropping the future
 //!   also works but lets a running fetch finish in the background.
@@ -27,9 +29,7 @@ use git2::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-/// Environment variable holding a token for https remotes (sent as the password of HTTP basic
-/// auth, user `x-access-token`, which GitHub, GitLab and Gitea accept).
-pub const GIT_TOKEN_ENV: &str = "RUNYARD_GIT_TOKEN";
+use crate::git_auth::{self, Choice, GitCredentials};
 
 /// Refspecs of a mirror: every branch and tag, forced (remote rewrites win).
 const MIRROR_REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
@@ -61,15 +61,23 @@ pub enum CheckoutError {
 /// Bare mirrors of remote repositories under one cache root, shared by all jobs of an agent.
 pub struct CheckoutCache {
     root: PathBuf,
+    credentials: Arc<GitCredentials>,
     /// One lock per mirror directory; entries are never removed (one per repository ever used).
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl CheckoutCache {
-    /// A cache keeping its mirrors in `root` (created on first use).
+    /// A cache keeping its mirrors in `root` (created on first use), fetching with no
+    /// credentials but the ssh ones of the agent's user.
     pub fn new(root: PathBuf) -> Self {
+        CheckoutCache::with_credentials(root, GitCredentials::default())
+    }
+
+    /// A cache that authenticates with `credentials` (by host, see `git_auth`).
+    pub fn with_credentials(root: PathBuf, credentials: GitCredentials) -> Self {
         CheckoutCache {
             root,
+            credentials: Arc::new(credentials),
             locks: Mutex::new(HashMap::new()),
         }
     }
@@ -108,10 +116,11 @@ impl CheckoutCache {
             cancel.clone(),
         );
         let mirror_dir = mirror.clone();
+        let creds = self.credentials.clone();
         let oid = spawn_git(move || {
             // The guard moves here so it is released only when the blocking work ends.
             let _guard = guard;
-            let oid = update_and_resolve(&root, &mirror_dir, &url, &rev, &token)?;
+            let oid = update_and_resolve(&root, &mirror_dir, &url, &rev, &creds, &token)?;
             let _ = crate::cache::touch_mirror(&mirror_dir);
             Ok(oid)
         })
@@ -195,6 +204,7 @@ fn update_and_resolve(
     mirror: &Path,
     url: &str,
     revision: &str,
+    creds: &GitCredentials,
     cancel: &CancellationToken,
 ) -> Result<Oid, CheckoutError> {
     if url.starts_with('/') && !Path::new(url).exists() {
@@ -216,10 +226,10 @@ fn update_and_resolve(
             debug!(repo = %redact(url), commit = %oid, "commit already in mirror, not fetching");
             return Ok(oid);
         }
-        fetch(&repo, url, cancel)?;
+        fetch(&repo, url, creds, cancel)?;
         repo
     } else {
-        create_mirror(root, mirror, url, cancel)?
+        create_mirror(root, mirror, url, creds, cancel)?
     };
     resolve(&repo, url, revision, cancel)
 }
@@ -237,6 +247,7 @@ fn create_mirror(
     root: &Path,
     mirror: &Path,
     url: &str,
+    creds: &GitCredentials,
     cancel: &CancellationToken,
 ) -> Result<Repository, CheckoutError> {
     std::fs::create_dir_all(root).map_err(|source| CheckoutError::Io {
@@ -257,7 +268,7 @@ fn create_mirror(
     }
     let result = Repository::init_bare(&tmp)
         .map_err(|e| CheckoutError::Clone(format!("cannot create a mirror: {}", e.message())))
-        .and_then(|repo| fetch(&repo, url, cancel));
+        .and_then(|repo| fetch(&repo, url, creds, cancel));
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -274,7 +285,12 @@ fn create_mirror(
 
 /// Fetches branches and tags (only what's new: git negotiates with what the mirror has) and
 /// points the mirror's `HEAD` where the remote's points.
-fn fetch(repo: &Repository, url: &str, cancel: &CancellationToken) -> Result<(), CheckoutError> {
+fn fetch(
+    repo: &Repository,
+    url: &str,
+    creds: &GitCredentials,
+    cancel: &CancellationToken,
+) -> Result<(), CheckoutError> {
     let clone_err = |e: git2::Error| {
         if cancel.is_cancelled() {
             CheckoutError::Cancelled
@@ -284,7 +300,7 @@ fn fetch(repo: &Repository, url: &str, cancel: &CancellationToken) -> Result<(),
     };
     let mut remote = repo.remote_anonymous(url).map_err(clone_err)?;
     let mut opts = FetchOptions::new();
-    opts.remote_callbacks(callbacks(cancel))
+    opts.remote_callbacks(callbacks(url, creds, cancel))
         .prune(FetchPrune::On)
         .download_tags(AutotagOption::None);
     remote
@@ -315,46 +331,64 @@ fn fetch(repo: &Repository, url: &str, cancel: &CancellationToken) -> Result<(),
     Ok(())
 }
 
-/// Callbacks for fetches: credentials (ssh-agent, then default keys; a token for https) and
-/// cancellation through the progress callbacks.
-fn callbacks(cancel: &CancellationToken) -> RemoteCallbacks<'static> {
+/// Callbacks for fetches: credentials (see the module invariants) and cancellation through the
+/// progress callbacks.
+fn callbacks<'a>(
+    repo_url: &'a str,
+    creds: &'a GitCredentials,
+    cancel: &CancellationToken,
+) -> RemoteCallbacks<'a> {
     let mut cb = RemoteCallbacks::new();
     // libgit2 calls back again after each rejected credential: count to try each one once.
     let (mut ssh_tries, mut token_tries) = (0usize, 0u32);
     let have_agent = std::env::var_os("SSH_AUTH_SOCK").is_some();
-    cb.credentials(move |_url, username, allowed| {
+    cb.credentials(move |url, username, allowed| {
         let user = username.unwrap_or("git");
         if allowed.contains(CredentialType::USERNAME) {
             return Cred::username(user);
         }
         if allowed.contains(CredentialType::SSH_KEY) {
-            ssh_tries += 1;
-            if have_agent && ssh_tries == 1 {
-                return Cred::ssh_key_from_agent(user);
+            // The host's configured key, then the agent user's ssh-agent and default keys.
+            let mut keys: Vec<Option<PathBuf>> = Vec::new();
+            if let Ok(Choice::SshKey(key)) = creds.choose(repo_url, url) {
+                keys.push(Some(key));
+            }
+            if have_agent {
+                keys.push(None);
             }
             let home = std::env::var_os("HOME")
                 .map(PathBuf::from)
                 .unwrap_or_default();
-            let key = ["id_ed25519", "id_rsa"]
-                .iter()
-                .map(|k| home.join(".ssh").join(k))
-                .filter(|p| p.is_file())
-                .nth(ssh_tries - 1 - usize::from(have_agent));
-            return match key {
-                Some(key) => Cred::ssh_key(user, None, &key, None),
+            keys.extend(
+                ["id_ed25519", "id_rsa"]
+                    .iter()
+                    .map(|k| home.join(".ssh").join(k))
+                    .filter(|p| p.is_file())
+                    .map(Some),
+            );
+            ssh_tries += 1;
+            return match keys.get(ssh_tries - 1) {
+                Some(Some(key)) => Cred::ssh_key(user, None, key, None),
+                Some(None) => Cred::ssh_key_from_agent(user),
                 None => Err(git2::Error::from_str(
-                    "ssh authentication failed (tried ssh-agent, ~/.ssh/id_ed25519, ~/.ssh/id_rsa)",
+                    "ssh authentication failed (tried the host's --git-credential key, ssh-agent, \
+                     ~/.ssh/id_ed25519, ~/.ssh/id_rsa)",
                 )),
             };
         }
         if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) && token_tries == 0 {
             token_tries += 1;
-            if let Ok(token) = std::env::var(GIT_TOKEN_ENV) {
-                return Cred::userpass_plaintext("x-access-token", &token);
+            match creds.choose(repo_url, url) {
+                Ok(Choice::Token(token)) => {
+                    return Cred::userpass_plaintext(git_auth::TOKEN_USER, &token);
+                }
+                Err(message) => return Err(git2::Error::from_str(&message)),
+                Ok(_) => {}
             }
         }
         Err(git2::Error::from_str(
-            "the remote asks for credentials and none are configured",
+            "the remote asks for credentials and this agent has none for it: give the agent \
+             --git-credential HOST=FILE (sent over https and ssh only, never plain http)",
         ))
     });
     let c = cancel.clone();

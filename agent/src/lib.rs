@@ -13,6 +13,9 @@
 //! - `pyenv`: per-job Python environments (uv, or venv + pip).
 //! - `reporter`: the Lightning reporter (Python) installed for every job's PYTHONPATH.
 //! - `process`: the job's process group, line capture, stop and sweep (child subreaper).
+//! - `identity`: who jobs run as (per-attempt uids, `--run-as`), and handing a job its directory.
+//! - `cgroup`: one cgroup per attempt (v2, v1 or none): kill-all, memory limit, OOM.
+//! - `git_auth`: git credentials by host, sent over https or ssh only.
 //! - `upload`: streams the best checkpoint to the controller's artifact store.
 //! - `gpu`: GPU detection and sampling through NVML.
 
@@ -24,10 +27,13 @@ use tracing::{Instrument, info, info_span, warn};
 
 pub mod attempts;
 pub mod cache;
+pub mod cgroup;
 pub mod checkout;
 pub mod credential;
 pub mod dial;
+pub mod git_auth;
 pub mod gpu;
+pub mod identity;
 pub mod process;
 pub mod pyenv;
 pub mod reaper;
@@ -70,6 +76,10 @@ pub struct Config {
     pub cache_size: Option<u64>,
     /// New jobs fail ("disk full") while the data dir's file system has less free space.
     pub min_free: u64,
+    /// Who jobs run as (`--run-as`, `--job-uids`).
+    pub isolation: identity::IsolationConfig,
+    /// Git credentials by host (`--git-credential HOST=FILE`).
+    pub git_credentials: Vec<git_auth::HostCredential>,
 }
 
 /// How often the caches are swept besides before each job.
@@ -91,6 +101,17 @@ pub enum AgentError {
     Gpu(#[from] gpu::GpuError),
     #[error("{0}")]
     Trust(#[from] trust::TrustError),
+    #[error("{0}")]
+    Identity(#[from] identity::IdentityError),
+    #[error(
+        "{} is no longer used: it was sent to every git host, even over plain http. Put the token \
+         in a file only the agent can read (chmod 600) and give --git-credential HOST=FILE \
+         (or RUNYARD_GIT_CREDENTIALS=HOST=FILE,...): it then goes to HOST alone, over https",
+        git_auth::LEGACY_TOKEN_ENV
+    )]
+    LegacyGitToken,
+    #[error("git credential {}: {message}", path.display())]
+    GitCredential { path: PathBuf, message: String },
 }
 
 /// Runs the agent until `cancel` fires. Jobs still running then are stopped (their grace
@@ -103,16 +124,37 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
     // Before anything else: a URL or token that cannot be trusted is a configuration error.
     let trust = trust::Trust::new(&config.controller, &config.token, config.ca.as_deref())?;
     info!(controller = %config.controller, trust = %trust.describe, "controller trust");
+    if std::env::var_os(git_auth::LEGACY_TOKEN_ENV).is_some() {
+        return Err(AgentError::LegacyGitToken);
+    }
+    if !config.data_dir.exists() {
+        // Made here, so its mode is ours to choose: jobs pass through it (traverse only) to
+        // their directories and the reporter. A data dir that exists keeps its mode.
+        identity::set_dir_mode(&config.data_dir, 0o711)?;
+    }
     // One agent per data dir, locked before anything else touches it: a second one would wipe
     // the first one's job dirs, kill its processes (same marker) and share its credential. Held
     // until `run` returns.
     let _lock = lock_data_dir(&config.data_dir)?;
+    let isolation = config.isolation.clone();
+    let identities = tokio::task::spawn_blocking(move || identity::Identities::setup(&isolation))
+        .await
+        .expect("identity setup panicked")?;
     let jobs_dir = config.data_dir.join("jobs");
     // A previous incarnation's leftovers: working dirs and spools of attempts nobody will report.
     if jobs_dir.exists() {
         let _ = std::fs::remove_dir_all(&jobs_dir);
     }
-    std::fs::create_dir_all(&jobs_dir).map_err(data_err)?;
+    // Modes: what jobs pass through 0711, what they read 0755, the rest the agent's alone.
+    identity::set_dir_mode(&jobs_dir, 0o711)?;
+    identity::create_private_dir(&jobs_dir.join(cache::SPOOL_DIR))?;
+    for private in ["mirrors", "tools"] {
+        identity::create_private_dir(&config.data_dir.join(private))?;
+    }
+    identity::check_reachable_all(&identities, &[&jobs_dir])?;
+    // Venvs link to it and jobs without requirements run it: it must be within their reach.
+    let python = identities.job_python(&config.python)?;
+    check_git_credentials(&config.git_credentials, &identities)?;
     if let Err(error) = process::become_subreaper() {
         warn!(%error, "cannot become a child subreaper; processes that leave their group may escape stops");
     }
@@ -130,6 +172,25 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
             "killed processes left by a previous run of this agent"
         );
     }
+    let cgroup_identity = identity.clone();
+    let cgroups = tokio::task::spawn_blocking(move || {
+        let cgroups = cgroup::Cgroups::detect(&cgroup_identity);
+        let stale = cgroups.clean_stale();
+        (cgroups, stale)
+    })
+    .await
+    .map(|(cgroups, stale)| {
+        if stale > 0 {
+            warn!(
+                cgroups = stale,
+                "killed and removed job cgroups left by a previous run of this agent"
+            );
+        }
+        cgroups
+    })
+    .unwrap_or_else(|_| cgroup::Cgroups::none("cgroup detection panicked"));
+    cgroups.log();
+    identities.log();
 
     let credential = credential::load_or_create(&config.data_dir).map_err(data_err)?;
     let auth = dial::Auth {
@@ -152,9 +213,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         .await
         .expect("reporter install panicked")
         .map_err(data_err)?;
+    // Every job imports it: readable by all, writable by the agent alone.
+    identity::set_dir_mode(&reporter_dir, 0o755)?;
+    identity::check_reachable_all(&identities, &[&reporter_dir])?;
     let uv = match config.uv.clone().or_else(|| pyenv::find_on_path("uv")) {
         Some(uv) => Some(uv),
-        None => match pyenv::bootstrap_uv(&config.python, &data_dir.join("tools")).await {
+        None => match pyenv::bootstrap_uv(&python, &data_dir.join("tools")).await {
             Ok(uv) => Some(uv),
             Err(error) => {
                 warn!(%error, "cannot install uv; environments are built with pip");
@@ -162,10 +226,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
             }
         },
     };
-    let uv_cache = config
-        .uv_cache
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join("uv-cache"));
+    let uv_cache = match config.uv_cache.clone() {
+        Some(dir) => dir,
+        None => {
+            // Jobs read its files through the hardlinks in their venvs, never through this path.
+            let dir = config.data_dir.join("uv-cache");
+            identity::create_private_dir(&dir)?;
+            dir
+        }
+    };
     let janitor = {
         let (dir, uv_cache, size) = (data_dir.clone(), uv_cache.clone(), config.cache_size);
         tokio::task::spawn_blocking(move || match size {
@@ -183,13 +252,18 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         auth: auth.clone(),
         identity,
         jobs_dir,
-        checkouts: checkout::CheckoutCache::new(config.data_dir.join("mirrors")),
-        envs: pyenv::EnvBuilder::new(config.python.clone(), uv, uv_cache),
+        checkouts: checkout::CheckoutCache::with_credentials(
+            config.data_dir.join("mirrors"),
+            git_auth::GitCredentials::new(config.git_credentials.clone()),
+        ),
+        envs: pyenv::EnvBuilder::new(python.clone(), uv, uv_cache),
         attempts: attempts::Attempts::default(),
         tasks: tokio_util::task::TaskTracker::new(),
         janitor: Arc::new(janitor),
         in_use: cache::InUse::default(),
         min_free: config.min_free,
+        identities: Arc::new(identities),
+        cgroups: Arc::new(cgroups),
     });
     let sweeper = {
         let (svc, cancel) = (svc.clone(), cancel.clone());
@@ -214,6 +288,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         gpus = gpus.sample().len(),
         installer = svc.envs.installer(),
         cache_max_bytes = svc.janitor.max_bytes,
+        cgroups = svc.cgroups.mode(),
+        jobs_run_as = %svc.identities.describe(),
         "agent started"
     );
     let session = session::SessionLoop {
@@ -256,6 +332,32 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
             tasks = svc.tasks.len(),
             "attempts did not end in time; exiting"
         );
+    }
+    svc.cgroups.close();
+    Ok(())
+}
+
+/// Refuses credential files that are missing or that a job could read.
+fn check_git_credentials(
+    creds: &[git_auth::HostCredential],
+    identities: &identity::Identities,
+) -> Result<(), AgentError> {
+    for c in creds {
+        let meta = std::fs::metadata(&c.file).map_err(|e| AgentError::GitCredential {
+            path: c.file.clone(),
+            message: format!("cannot read it ({e}): give an existing file for {}", c.host),
+        })?;
+        if identities.isolated() && identity::readable_by_jobs(identities, &meta) {
+            use std::os::unix::fs::PermissionsExt;
+            return Err(AgentError::GitCredential {
+                path: c.file.clone(),
+                message: format!(
+                    "jobs could read it (mode {:04o}): make it the agent's alone (chmod 600 {})",
+                    meta.permissions().mode() & 0o7777,
+                    c.file.display()
+                ),
+            });
+        }
     }
     Ok(())
 }

@@ -11,6 +11,12 @@
 //! - Started without a shell, in its own process group, stdin on /dev/null, with exactly the
 //!   caller's environment plus `PYTHONUNBUFFERED=1`, `RUNYARD_ATTEMPT=<marker>` and
 //!   `RUNYARD_AGENT=<name>`, which every descendant inherits (see `reaper`).
+//! - Between fork and exec, in this order: the process writes its pid into its cgroup (as root,
+//!   so nothing of the job ever runs outside it), then (isolated jobs) drops every supplementary
+//!   group, takes the job's gid and uid, sets no-new-privileges (a setuid binary cannot raise it
+//!   again) and, under a per-attempt uid, SIGKILLs every other process of that uid (leftovers).
+//! - With a cgroup, nothing of the attempt outlives `wait` or `stop` however it left its group
+//!   and environment: the kill round freezes and kills the whole cgroup; `finish` removes it.
 //! - stdout and stderr are the same pipe, so lines keep the order in which the process wrote them.
 //! - The main process is reaped only after every other process of the attempt is gone: while it
 //!   is an unreaped zombie its pid, hence its process group id, cannot be reused, so `killpg` can
@@ -20,7 +26,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -37,6 +43,8 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cgroup::AttemptCgroup;
+use crate::identity::RunAs;
 use crate::reaper::{AGENT_VAR, ATTEMPT_VAR, Tracker};
 
 pub use crate::reaper::{become_subreaper, sweep_agent};
@@ -72,6 +80,10 @@ pub struct ProcessSpec {
     pub marker: String,
     /// The agent's name; becomes `RUNYARD_AGENT`.
     pub agent_name: String,
+    /// The identity to switch to before exec; `None`: the agent's own.
+    pub run_as: Option<RunAs>,
+    /// The attempt's cgroup, joined before exec and removed by `finish`.
+    pub cgroup: Option<Arc<AttemptCgroup>>,
 }
 
 /// Why a job process could not be started.
@@ -86,6 +98,9 @@ pub enum SpawnError {
     /// The output pipe could not be set up.
     #[error("cannot create output pipe: {0}")]
     Pipe(#[source] io::Error),
+    /// The attempt's cgroup could not be opened.
+    #[error("cannot join the job's cgroup: {0}")]
+    Cgroup(#[source] io::Error),
     /// fork/exec failed: missing program, missing working directory, permissions.
     #[error("cannot start {program} in {cwd}: {source}")]
     Exec {
@@ -155,6 +170,9 @@ pub struct JobProcess {
     stop_reading: CancellationToken,
     /// Everything is over: the final outcome.
     outcome: Option<ExitOutcome>,
+    cgroup: Option<Arc<AttemptCgroup>>,
+    /// The kernel killed a process of the attempt for going over its memory limit.
+    oom_killed: bool,
 }
 
 impl JobProcess {
@@ -198,6 +216,21 @@ impl JobProcess {
             .stdout(Stdio::from(write_end))
             .stderr(Stdio::from(write_end_err))
             .process_group(0);
+        // Open in this process, written in the child: the files close at exec (O_CLOEXEC).
+        let procs = match &spec.cgroup {
+            Some(cg) => cg.procs_files().map_err(SpawnError::Cgroup)?,
+            None => Vec::new(),
+        };
+        let procs_fds: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        let run_as = spec.run_as;
+        if !procs_fds.is_empty() || run_as.is_some() {
+            // SAFETY: the closure runs in the child between fork and exec and calls only
+            // async-signal-safe functions (getpid, write, setgroups, setgid, setuid, prctl,
+            // kill); it allocates nothing (the fd list was built before the fork).
+            unsafe {
+                command.pre_exec(move || enter(&procs_fds, run_as));
+            }
+        }
         let child = command.spawn().map_err(|source| SpawnError::Exec {
             program: spec.program.clone(),
             cwd: spec.cwd.clone(),
@@ -205,6 +238,7 @@ impl JobProcess {
         })?;
         // Close our copies of the write end now: EOF must mean the job's processes closed theirs.
         drop(command);
+        drop(procs);
         // The std handle is not used to wait: the main process is reaped by hand, late (see the
         // module invariants). Dropping it neither kills nor reaps.
         let pid = child.id() as i32;
@@ -230,7 +264,9 @@ impl JobProcess {
         info!(attempt = %spec.marker, pid, program = %spec.program.display(), "job process started");
         Ok(JobProcess {
             pid,
-            tracker: Arc::new(Tracker::new(ATTEMPT_VAR, &spec.marker)),
+            tracker: Arc::new(
+                Tracker::new(ATTEMPT_VAR, &spec.marker).with_cgroup(spec.cgroup.clone()),
+            ),
             marker: spec.marker,
             exit_watch,
             record_tick,
@@ -240,7 +276,15 @@ impl JobProcess {
             output_closed,
             stop_reading,
             outcome: None,
+            cgroup: spec.cgroup,
+            oom_killed: false,
         })
+    }
+
+    /// Whether the kernel killed a process of the attempt for going over its memory limit;
+    /// known once `wait` or `stop` returned.
+    pub fn oom_killed(&self) -> bool {
+        self.oom_killed
     }
 
     /// The main process id (also its process group id).
@@ -357,6 +401,23 @@ impl JobProcess {
         if pending > 0 {
             warn!(attempt = %self.marker, pending, "job processes still not reaped");
         }
+        if let Some(cgroup) = self.cgroup.take() {
+            let (oom, removed) = blocking(move || {
+                // Anything left (a process that escaped every scan) dies with the cgroup.
+                if !cgroup.is_empty() {
+                    cgroup.kill(|_| {});
+                }
+                (
+                    cgroup.oom_killed(),
+                    cgroup.remove().err().map(|e| e.to_string()),
+                )
+            })
+            .await;
+            self.oom_killed = oom;
+            if let Some(error) = removed {
+                warn!(attempt = %self.marker, %error, "cannot remove the job's cgroup");
+            }
+        }
         self.drain_output().await;
         self.outcome = Some(main);
         info!(attempt = %self.marker, outcome = %main, "job process finished");
@@ -395,6 +456,7 @@ impl Drop for JobProcess {
         let tracker = Arc::clone(&self.tracker);
         let pid = self.pid;
         let reaped = self.main_reaped;
+        let cgroup = self.cgroup.take();
         // A plain thread, not spawn_blocking: a drop may happen while the runtime shuts down,
         // when blocking tasks are no longer started.
         let cleanup = std::thread::Builder::new()
@@ -411,6 +473,9 @@ impl Drop for JobProcess {
                     }
                 }
                 tracker.settle(Some(pid));
+                if let Some(cgroup) = cgroup {
+                    let _ = cgroup.remove();
+                }
             });
         if let Err(error) = cleanup {
             warn!(attempt = %self.marker, %error, "cannot start job cleanup thread");
@@ -430,6 +495,53 @@ where
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         Err(_) => T::default(),
     }
+}
+
+/// In the child, before exec: joins the cgroup, then drops to the job's identity (see the
+/// module invariants). Async-signal-safe only.
+fn enter(procs: &[RawFd], run_as: Option<RunAs>) -> io::Result<()> {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let mut buf = [0u8; 12];
+    let digits = format_pid(pid, &mut buf);
+    for &fd in procs {
+        // SAFETY: fd is open (the parent keeps the file until spawn returns); digits is valid.
+        if unsafe { libc::write(fd, digits.as_ptr().cast(), digits.len()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let Some(id) = run_as else { return Ok(()) };
+    let groups = [id.gid as libc::gid_t];
+    // SAFETY: plain system calls on values; `groups` outlives the call.
+    unsafe {
+        if libc::setgroups(1, groups.as_ptr()) != 0
+            || libc::setgid(id.gid) != 0
+            || libc::setuid(id.uid) != 0
+            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if id.sweep {
+            // Every other process of this uid: leftovers of an earlier holder (ESRCH: none).
+            libc::kill(-1, libc::SIGKILL);
+        }
+    }
+    Ok(())
+}
+
+/// Writes `pid` in decimal into `buf` without allocating; returns the digits.
+fn format_pid(pid: i32, buf: &mut [u8; 12]) -> &[u8] {
+    let mut n = pid.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
 }
 
 fn open_pidfd(pid: i32) -> io::Result<OwnedFd> {

@@ -15,19 +15,24 @@
 //!   several agents can live in one process (tests).
 //! - Everything here blocks on /proc: async callers go through `spawn_blocking`.
 //!
-//! Limits: a process that both leaves the process group and clears its environment before any
-//! scan saw it, or one that execs a binary whose environ we may not read (setuid), is invisible
-//! here; cgroups would catch those. An orphaned job process that exits on its own between two
-//! scans stays a zombie child of the agent until the agent exits.
+//! - With a cgroup, its members are the attempt's too, whatever their group or environment, and
+//!   the kill round freezes the cgroup and records its members (pid and start time, stable while
+//!   frozen) before killing them, so their zombies are reaped like the others.
+//!
+//! Limits without a cgroup: a process that both leaves the process group and clears its
+//! environment before any scan saw it is invisible here. An orphaned job process that exits on
+//! its own between two scans stays a zombie child of the agent until the agent exits.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tracing::warn;
+
+use crate::cgroup::AttemptCgroup;
 
 /// Environment variable naming the attempt a process belongs to (`<job id>/<attempt>`).
 pub const ATTEMPT_VAR: &str = "RUNYARD_ATTEMPT";
@@ -85,6 +90,8 @@ pub(crate) struct Tracker {
     /// Every pid seen belonging to the attempt and not yet known gone, with its start time
     /// (clock ticks since boot) so a reused pid is never mistaken for ours.
     seen: Mutex<HashMap<i32, u64>>,
+    /// The attempt's cgroup: every process in it is the attempt's.
+    cgroup: Option<Arc<AttemptCgroup>>,
 }
 
 impl Tracker {
@@ -93,7 +100,28 @@ impl Tracker {
         Tracker {
             entry: format!("{var}={value}").into_bytes(),
             seen: Mutex::new(HashMap::new()),
+            cgroup: None,
         }
+    }
+
+    /// Also counts every process in `cgroup` as the attempt's.
+    pub(crate) fn with_cgroup(mut self, cgroup: Option<Arc<AttemptCgroup>>) -> Tracker {
+        self.cgroup = cgroup;
+        self
+    }
+
+    /// Freezes the cgroup (if any), records its members and kills them all (see the module
+    /// invariants).
+    fn kill_cgroup(&self) {
+        let Some(cgroup) = &self.cgroup else { return };
+        cgroup.kill(|pids| {
+            let mut seen = self.seen();
+            for &pid in pids {
+                if let Some(stat) = read_stat(pid) {
+                    seen.insert(pid, stat.start);
+                }
+            }
+        });
     }
 
     fn seen(&self) -> MutexGuard<'_, HashMap<i32, u64>> {
@@ -107,6 +135,10 @@ impl Tracker {
     /// Scans /proc, records every live (non-zombie) process of the attempt and returns their
     /// pids. `group` is the attempt's process group id, passed only while its leader is unreaped.
     pub(crate) fn scan(&self, group: Option<i32>) -> Vec<i32> {
+        let members: HashSet<i32> = match &self.cgroup {
+            Some(cgroup) => cgroup.pids().into_iter().collect(),
+            None => HashSet::new(),
+        };
         let mut seen = self.seen();
         let mut live = Vec::new();
         let result = for_each_process(|pid, stat, environ| {
@@ -115,6 +147,7 @@ impl Tracker {
             }
             let ours = group == Some(stat.pgrp)
                 || seen.get(&pid) == Some(&stat.start)
+                || members.contains(&pid)
                 || has_entry(environ, &self.entry);
             if ours {
                 live.push((pid, stat.start));
@@ -151,6 +184,7 @@ impl Tracker {
     /// SIGKILLs the group and every process of the attempt, rescanning until a scan finds none
     /// (bounded by `KILL_ROUNDS`). Returns how many were still alive at the last scan.
     pub(crate) fn kill_until_gone(&self, group: Option<i32>) -> usize {
+        self.kill_cgroup();
         for _ in 0..KILL_ROUNDS {
             if self.signal_all(group, &[Signal::SIGKILL]) == 0 {
                 return 0;

@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, error, info, warn};
 
 use crate::attempts::{Attempt, Attempts, StopRequest};
+use crate::cgroup::AttemptCgroup;
 use crate::checkout::{CheckoutCache, CheckoutError, resolve_script_at};
+use crate::identity::JobIdentity;
 use crate::process::{ExitOutcome, JobProcess, ProcessSpec};
 use crate::pyenv::EnvBuilder;
 
@@ -68,6 +70,10 @@ pub struct Services {
     pub in_use: crate::cache::InUse,
     /// A job does not start while the data dir's file system has less free space.
     pub min_free: u64,
+    /// Who jobs run as.
+    pub identities: Arc<crate::identity::Identities>,
+    /// The attempts' cgroups.
+    pub cgroups: Arc<crate::cgroup::Cgroups>,
 }
 
 /// Runs one cache sweep off the async threads; failures are logged.
@@ -149,7 +155,32 @@ pub async fn supervise(
 pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
     let dir = svc.jobs_dir.join(format!("{}-{}", a.job_id, a.attempt));
     let held = svc.in_use.hold(&dir);
-    let (end, best) = execute(&svc, &a, &spec, &dir).await;
+    // Held until the attempt's directory is gone: no other attempt gets its uid before.
+    let identities = svc.identities.clone();
+    let identity = match tokio::task::spawn_blocking(move || identities.acquire()).await {
+        Ok(Ok(identity)) => Some(Arc::new(identity)),
+        Ok(Err(e)) => {
+            error!(job = %a.job_id, error = %e, "no identity for the job");
+            None
+        }
+        Err(e) => {
+            error!(job = %a.job_id, error = %e, "identity lookup panicked");
+            None
+        }
+    };
+    let (end, best) = match &identity {
+        Some(identity) => execute(&svc, &a, &spec, &dir, identity).await,
+        None => (
+            End::failed(
+                FailureKind::Agent,
+                format!(
+                    "agent {} has no free job identity (see its log)",
+                    svc.agent_name
+                ),
+            ),
+            None,
+        ),
+    };
     if let Some(best) = best {
         upload_best(&svc, &a, &dir, &best).await;
     }
@@ -168,6 +199,10 @@ pub async fn run_attempt(svc: Arc<Services>, a: Arc<Attempt>, spec: JobSpec) {
         && error.kind() != std::io::ErrorKind::NotFound
     {
         warn!(job = %a.job_id, %error, dir = %dir.display(), "cannot remove the job's working dir");
+    }
+    if let Some(identity) = identity {
+        // Nothing may run under the uid once another attempt can take it.
+        let _ = tokio::task::spawn_blocking(move || identity.clear()).await;
     }
     drop(held);
 }
@@ -188,6 +223,7 @@ async fn execute(
     a: &Arc<Attempt>,
     spec: &JobSpec,
     dir: &Path,
+    identity: &Arc<JobIdentity>,
 ) -> (End, Option<Best>) {
     let mut stop_rx = a.stop.subscribe();
     let src = dir.join("src");
@@ -205,6 +241,22 @@ async fn execute(
         Err(end) => return (end, None),
     };
     let report_file = dir.join("report.jsonl");
+    let cgroup = match hand_over(svc, a, spec, dir, identity).await {
+        Ok(cgroup) => cgroup,
+        Err(end) => return (end, None),
+    };
+    if let (Some(limit), None) = (spec.memory, &cgroup) {
+        let line = format!(
+            "{LOG_PREFIX}memory limit {} not enforced: agent {} has no cgroups ({})",
+            runyard_model::size::format(limit),
+            svc.agent_name,
+            "see its start log"
+        );
+        warn!(job = %a.job_id, "memory limit not enforced: no cgroups");
+        if let Err(error) = a.spool.append(&[line]) {
+            warn!(job = %a.job_id, %error, "cannot spool the memory line");
+        }
+    }
 
     let mut env: Vec<(String, String)> = PASSED_ENV
         .iter()
@@ -240,6 +292,16 @@ async fn execute(
     ));
     env.push(("RUNYARD_JOB_ID".into(), a.job_id.clone()));
     env.push(("RUNYARD_ATTEMPT_NUMBER".into(), a.attempt.to_string()));
+    if identity.run_as.is_some() {
+        // Its own scratch and identity: nothing of the agent's user's HOME or TMPDIR.
+        env.retain(|(k, _)| !matches!(k.as_str(), "HOME" | "TMPDIR" | "USER" | "LOGNAME"));
+        let home = dir.join(crate::identity::HOME_DIR).display().to_string();
+        let tmp = dir.join(crate::identity::TMP_DIR).display().to_string();
+        env.push(("HOME".into(), home));
+        env.push(("TMPDIR".into(), tmp));
+        env.push(("USER".into(), identity.user.clone()));
+        env.push(("LOGNAME".into(), identity.user.clone()));
+    }
 
     let mut args = vec![script.display().to_string()];
     args.extend(spec.args.iter().cloned());
@@ -262,6 +324,8 @@ async fn execute(
             env,
             marker: format!("{}/{}", a.job_id, a.attempt),
             agent_name: svc.identity.clone(),
+            run_as: identity.run_as,
+            cgroup: cgroup.clone(),
         },
         tx,
     );
@@ -286,7 +350,21 @@ async fn execute(
 
     let timeout = spec.timeout.unwrap_or(Duration::MAX);
     let end = tokio::select! {
-        outcome = proc.wait() => exit_end(outcome),
+        outcome = proc.wait() => {
+            match (proc.oom_killed(), spec.memory) {
+                (true, Some(limit)) => End {
+                    exit_code: exit_code(outcome),
+                    ..End::failed(
+                        FailureKind::Oom,
+                        format!(
+                            "out of memory: the job used more than its {} limit (`memory` in the job spec)",
+                            runyard_model::size::format(limit)
+                        ),
+                    )
+                },
+                _ => exit_end(outcome),
+            }
+        }
         req = wait_stop(&mut stop_rx) => {
             let outcome = proc.stop(req.grace).await;
             End { exit_code: exit_code(outcome), ..End::stopped(&req) }
@@ -307,6 +385,50 @@ async fn execute(
     tail_done.cancel();
     let best = tailer.await.ok().flatten();
     (end, best)
+}
+
+/// Gives the attempt's directory to its identity and makes its cgroup, off the async threads.
+async fn hand_over(
+    svc: &Services,
+    a: &Attempt,
+    spec: &JobSpec,
+    dir: &Path,
+    identity: &Arc<JobIdentity>,
+) -> Result<Option<Arc<AttemptCgroup>>, End> {
+    let (identity, cgroups) = (identity.clone(), svc.cgroups.clone());
+    let (dir, name, memory) = (
+        dir.to_path_buf(),
+        format!("{}-{}", a.job_id, a.attempt),
+        spec.memory,
+    );
+    let agent = svc.agent_name.clone();
+    tokio::task::spawn_blocking(move || {
+        identity.hand_over(&dir).map_err(|e| {
+            End::failed(
+                FailureKind::Agent,
+                format!(
+                    "agent {agent} cannot give {} to the job: {e}",
+                    dir.display()
+                ),
+            )
+        })?;
+        cgroups
+            .create(&name, memory)
+            .map(|c| c.map(Arc::new))
+            .map_err(|e| {
+                End::failed(
+                    FailureKind::Agent,
+                    format!("agent {agent} cannot make the job's cgroup: {e}"),
+                )
+            })
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(End::failed(
+            FailureKind::Agent,
+            format!("agent error: the job's setup panicked: {e}"),
+        ))
+    })
 }
 
 /// Copies complete JSON lines the job appends to its report file into the report spool, until
@@ -376,9 +498,17 @@ async fn upload_best(svc: &Services, a: &Attempt, dir: &Path, best: &Best) {
         dir.join("src").join(path)
     };
     let started = std::time::Instant::now();
-    let result =
+    // The agent reads the file with its own rights: an isolated job may only name its own files
+    // (everything of the job has ended, so nothing can change under this check).
+    let outside = svc.identities.isolated()
+        && std::fs::symlink_metadata(&path).is_ok()
+        && !inside(&path, dir);
+    let result = if outside {
+        Err(crate::upload::UploadError::Outside(path.clone()))
+    } else {
         crate::upload::upload_checkpoint(&svc.controller, &svc.auth, &a.job_id, a.attempt, &path)
-            .await;
+            .await
+    };
     let report = match result {
         Ok((size, sha256)) => {
             info!(job = %a.job_id, path = %path.display(), size, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint uploaded");
@@ -404,6 +534,14 @@ async fn upload_best(svc: &Services, a: &Attempt, dir: &Path, best: &Best) {
         warn!(job = %a.job_id, %error, "cannot spool the artifact report");
     }
     svc.attempts.wake();
+}
+
+/// Whether `path`, symlinks resolved, is inside `dir`.
+fn inside(path: &Path, dir: &Path) -> bool {
+    match (std::fs::canonicalize(path), std::fs::canonicalize(dir)) {
+        (Ok(p), Ok(d)) => p.starts_with(d),
+        _ => false,
+    }
 }
 
 async fn sleep_max(d: Duration) {

@@ -24,6 +24,11 @@ pub enum UploadError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "checkpoint {} is outside the job's directory: an isolated job uploads only its own files",
+        .0.display()
+    )]
+    Outside(std::path::PathBuf),
     #[error("the controller refused the checkpoint: {0}")]
     Refused(String),
     #[error("cannot reach the controller: {0}")]

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use runyard_agent::cgroup::Cgroups;
 use runyard_agent::process::{
     ExitOutcome, JobProcess, ProcessSpec, SpawnError, become_subreaper, sweep_agent,
 };
@@ -28,6 +31,8 @@ fn python(dir: &Path, name: &str, script: &str, args: &[&str]) -> ProcessSpec {
         )],
         marker: format!("{name}-{}/1", std::process::id()),
         agent_name: format!("agent-{name}-{}", std::process::id()),
+        run_as: None,
+        cgroup: None,
     }
 }
 
@@ -422,4 +427,113 @@ for _ in range(300):
         bytes,
         secs
     );
+}
+
+/// A grandchild that leaves the session, clears its environment and ignores SIGTERM, while the
+/// main process exits at once: before any scan can record it, and with nothing that marks it.
+const ESCAPE: &str = r#"
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execve(sys.executable, [sys.executable, "-c",
+            "import os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+            "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+            "while True: time.sleep(1)\n", sys.argv[1]], {})
+    os._exit(0)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+"#;
+
+/// Runs `ESCAPE` in `cgroups`' attempt cgroup: once `wait` returns the escaped process is gone
+/// (reaped, not a zombie) and the cgroup removed. Also shows that without a cgroup it escapes.
+async fn an_escaped_process_dies_with_its_cgroup(cgroups: &Cgroups) {
+    become_subreaper().expect("subreaper");
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("escaped.pid");
+    let name = format!("escape-{}", std::process::id());
+    let cgroup = Arc::new(cgroups.create(&name, None).unwrap().expect("a cgroup"));
+    let mut spec = python(dir.path(), &name, ESCAPE, &[pidfile.to_str().unwrap()]);
+    spec.cgroup = Some(cgroup.clone());
+    let (outcome, _) = run(spec).await;
+    assert_eq!(outcome, ExitOutcome::Exited(0));
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().parse().unwrap();
+    assert!(
+        !exists(pid),
+        "the escaped process {pid} outlived its attempt"
+    );
+    assert!(cgroup.pids().is_empty());
+    assert!(
+        cgroups.create(&name, None).unwrap().is_some(),
+        "the name is free again: the old cgroup was removed"
+    );
+
+    // The same without a cgroup: the escaped process survives the attempt (then it is killed).
+    std::fs::remove_file(&pidfile).unwrap();
+    let (outcome, _) = run(python(
+        dir.path(),
+        "escape-free",
+        ESCAPE,
+        &[pidfile.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(outcome, ExitOutcome::Exited(0));
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().parse().unwrap();
+    let escaped = exists(pid);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    assert!(
+        escaped,
+        "without a cgroup the marker sweep cannot see it (the reason for cgroups)"
+    );
+    let leftover = cgroups.create(&name, None).unwrap().unwrap();
+    leftover.remove().unwrap();
+}
+
+fn root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+#[tokio::test]
+async fn cgroup_v1_catches_an_escaped_process() {
+    let cgroups = Cgroups::detect(&format!("process-test-v1@{}", std::process::id()));
+    if !root() || cgroups.mode() != "v1" {
+        eprintln!(
+            "no cgroup v1 here (mode {}): nothing to test",
+            cgroups.mode()
+        );
+        return;
+    }
+    an_escaped_process_dies_with_its_cgroup(&cgroups).await;
+}
+
+/// The v2 code path (cgroup.procs before exec, cgroup.kill, removal) on the unified hierarchy,
+/// also where agents use v1 (a hybrid host: no controllers needed for this).
+#[tokio::test]
+async fn cgroup_v2_catches_an_escaped_process() {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let unified = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    });
+    let (true, Some(unified)) = (root(), unified) else {
+        eprintln!("no cgroup2 hierarchy to write to: nothing to test");
+        return;
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/");
+    let subtree = unified
+        .join(path.trim_start_matches('/'))
+        .join(format!("runyard-process-test-v2-{}", std::process::id()));
+    std::fs::create_dir(&subtree).unwrap();
+    let cgroups = Cgroups::v2_at(subtree.clone());
+    an_escaped_process_dies_with_its_cgroup(&cgroups).await;
+    drop(cgroups);
+    assert!(!subtree.exists(), "the agent's subtree goes with it");
 }

@@ -157,6 +157,8 @@ pub struct UpArgs {
     pub tls: bool,
     #[command(flatten)]
     pub history: HistoryArgs,
+    #[command(flatten)]
+    pub isolation: IsolationArgs,
 }
 
 /// What the controller keeps of finished jobs (`up` and `controller`).
@@ -296,6 +298,62 @@ pub struct AgentArgs {
     /// Jobs fail with "disk full" while the data dir's file system has less free space.
     #[arg(long, env = "RUNYARD_MIN_FREE", value_name = "SIZE", default_value = "1GiB", value_parser = runyard_agent::cache::parse_size)]
     pub min_free: u64,
+    #[command(flatten)]
+    pub isolation: IsolationArgs,
+}
+
+/// Who jobs run as, and the git credentials their checkouts use (`agent`; `up` takes the same).
+#[derive(Debug, Clone, Args)]
+pub struct IsolationArgs {
+    /// Run every job as this user (its uid and primary group; the agent must be root). Jobs then
+    /// share one uid and can reach each other's files. Default, as root: each attempt gets its
+    /// own uid from --job-uids, with the group of the `runyard-job` user (created if missing);
+    /// not root: jobs run as the agent's user, without isolation.
+    #[arg(long, env = "RUNYARD_RUN_AS", value_name = "USER")]
+    pub run_as: Option<String>,
+    /// The uids jobs get, one per running attempt (agent running as root, no --run-as):
+    /// FIRST-LAST, none of them a real user's.
+    #[arg(long, env = "RUNYARD_JOB_UIDS", value_name = "FIRST-LAST", default_value = DEFAULT_JOB_UIDS, value_parser = parse_uid_range)]
+    pub job_uids: runyard_agent::identity::UidRange,
+    /// A git credential, sent only to HOST and only over https (a token file) or ssh (a private
+    /// key file): `HOST=FILE` or `HOST:PORT=FILE`, repeatable. The file must be readable by the
+    /// agent alone (mode 0600).
+    #[arg(long = "git-credential", value_name = "HOST=FILE", value_parser = parse_git_credential)]
+    pub git_credentials: Vec<runyard_agent::git_auth::HostCredential>,
+    /// More git credentials, comma-separated `HOST=FILE` (added to --git-credential).
+    #[arg(long = "git-credentials", env = "RUNYARD_GIT_CREDENTIALS", value_name = "LIST", hide = true, value_parser = parse_git_credential_list)]
+    pub git_credential_list: Option<Vec<runyard_agent::git_auth::HostCredential>>,
+}
+
+impl IsolationArgs {
+    /// Sets these on an agent configuration.
+    pub fn apply(&self, config: &mut runyard_agent::Config) {
+        config.isolation = runyard_agent::identity::IsolationConfig {
+            run_as: self.run_as.clone(),
+            job_uids: self.job_uids,
+        };
+        config.git_credentials = self.git_credentials.clone();
+        config
+            .git_credentials
+            .extend(self.git_credential_list.iter().flatten().cloned());
+    }
+}
+
+/// `--job-uids` default, as written.
+const DEFAULT_JOB_UIDS: &str = "1879048192-1879113727";
+
+fn parse_uid_range(s: &str) -> Result<runyard_agent::identity::UidRange, String> {
+    s.parse()
+}
+
+fn parse_git_credential(s: &str) -> Result<runyard_agent::git_auth::HostCredential, String> {
+    s.parse()
+}
+
+fn parse_git_credential_list(
+    s: &str,
+) -> Result<Vec<runyard_agent::git_auth::HostCredential>, String> {
+    runyard_agent::git_auth::parse_list(s)
 }
 
 /// `runyard submit`. Flags override the fields of the `-f` file: scalar fields and lists are
@@ -367,6 +425,10 @@ pub struct SubmitArgs {
         allow_hyphen_values = true
     )]
     pub stop_grace: Option<String>,
+    /// Memory limit of one attempt (`512MiB`, `8GiB`, or bytes): over it the job fails with
+    /// `oom`.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
     /// Then stream the logs until the job ends (with a progress bar on a terminal, as `logs
     /// -f`); exit 0 if it succeeded, the script's exit code if it failed with one, 1 otherwise.
     #[arg(long, env = "RUNYARD_SUBMIT_FOLLOW")]
@@ -495,6 +557,57 @@ mod tests {
         assert_eq!(ls.limit, Some(5));
         assert!(Cli::try_parse_from(["runyard", "ls", "--status", "done"]).is_err());
         assert!(Cli::try_parse_from(["runyard", "ls", "--limit", "0"]).is_err());
+    }
+
+    #[test]
+    fn isolation_flags_parse_and_bad_ones_are_refused() {
+        let Command::Agent(a) = Cli::try_parse_from([
+            "runyard",
+            "agent",
+            "--token",
+            "t",
+            "--run-as",
+            "nobody",
+            "--job-uids",
+            "200000-200099",
+            "--git-credential",
+            "github.com=/etc/runyard/gh.token",
+            "--git-credential",
+            "git.internal:8443=/etc/runyard/key",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not agent");
+        };
+        let mut config = crate::commands::agent::test_config();
+        a.isolation.apply(&mut config);
+        assert_eq!(config.isolation.run_as.as_deref(), Some("nobody"));
+        assert_eq!(config.isolation.job_uids.to_string(), "200000-200099");
+        let hosts: Vec<_> = config
+            .git_credentials
+            .iter()
+            .map(|c| (c.host.as_str(), c.port))
+            .collect();
+        assert_eq!(hosts, [("github.com", None), ("git.internal", Some(8443))]);
+        let Command::Up(u) = Cli::try_parse_from(["runyard", "up"]).unwrap().command else {
+            panic!("not up");
+        };
+        assert_eq!(
+            u.isolation.job_uids,
+            runyard_agent::identity::DEFAULT_JOB_UIDS,
+            "the default range, as documented"
+        );
+        for bad in [
+            ["--job-uids", "5-1"],
+            ["--job-uids", "0-100"],
+            ["--git-credential", "github.com"],
+            ["--git-credential", "https://github.com=/t"],
+        ] {
+            let mut argv = vec!["runyard", "agent", "--token", "t"];
+            argv.extend(bad);
+            assert!(Cli::try_parse_from(&argv).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -208,6 +208,7 @@ pub fn job_details(job: &JobView, now: Timestamp) -> String {
         ("compute", spec.compute.to_string()),
         ("timeout", opt(spec.timeout.map(human_duration))),
         ("stop grace", human_duration(spec.stop_grace)),
+        ("memory", opt(spec.memory.map(runyard_model::size::format))),
         ("created", time(Some(job.created_at))),
         ("scheduled", time(job.scheduled_at)),
         ("started", time(job.started_at)),

@@ -942,3 +942,114 @@ fn tokens_are_made_listed_and_revoked_from_the_cli() {
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("revoked"), "{r}");
 }
+
+/// Tries to read and list each `name=path` argument; prints `DENIED name` or `LEAKED name`.
+const PROBE: &str = r#"
+import os, sys
+for arg in sys.argv[1:]:
+    name, path = arg.split("=", 1)
+    try:
+        if os.path.isdir(path):
+            print("LEAKED", name, os.listdir(path)[:3])
+        else:
+            with open(path, "rb") as f:
+                print("LEAKED", name, f.read(80))
+    except OSError as e:
+        print("DENIED", name, e.errno)
+"#;
+
+#[test]
+fn up_keeps_its_secrets_from_its_jobs() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("not root: jobs run as the agent's user, there is no isolation to test");
+        return;
+    }
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("probe.py", PROBE)]).expect("git fixture");
+    let data = sb.path().join("data");
+    let (http, grpc) = (free_port(), free_port());
+    let data_arg = data.display().to_string();
+    let mut up = sb.spawn(
+        "up",
+        &[
+            "up",
+            "--data-dir",
+            &data_arg,
+            "--http",
+            &addr(http),
+            "--grpc",
+            &addr(grpc),
+        ],
+    );
+    let token = eventually(STARTUP, "the admin token", || {
+        assert!(
+            up.wait_exit(Duration::ZERO).is_none(),
+            "runyard up exited:\n{}",
+            up.stderr()
+        );
+        std::fs::read_to_string(data.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    });
+    sb.set_client_env("RUNYARD_CONTROLLER", &format!("http://{}", addr(http)));
+    sb.set_client_env("RUNYARD_TOKEN", &token);
+    wait_connected(&mut sb, &[&host_name()]);
+    let targets = [
+        ("admin_token", data.join("admin.token")),
+        ("agent_token", data.join("agent.token")),
+        ("store", data.join("state.redb")),
+        ("logs", data.join("logs")),
+        ("data_dir", data.clone()),
+        (
+            "agent_credential",
+            data.join("agent").join("agent.credential"),
+        ),
+        ("agent_dir", data.join("agent")),
+        ("spools", data.join("agent").join("jobs").join("spool")),
+    ];
+    let args: Vec<String> = targets
+        .iter()
+        .map(|(n, p)| format!("{n}={}", p.display()))
+        .collect();
+    let url = repo.url();
+    let mut argv = vec![
+        "submit", "--repo", &url, "--script", "probe.py", "--follow", "--",
+    ];
+    argv.extend(args.iter().map(String::as_str));
+    let r = sb.run(&argv);
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(!r.stdout.contains("LEAKED"), "{r}");
+    for (name, _) in &targets {
+        assert!(
+            r.stdout.contains(&format!("DENIED {name} ")),
+            "no denial of {name}: {r}"
+        );
+    }
+    for secret in ["admin.token", "agent.token"] {
+        let s = std::fs::read_to_string(data.join(secret)).expect(secret);
+        assert!(!r.stdout.contains(s.trim()), "{secret} leaked");
+    }
+}
+
+#[test]
+fn the_old_host_less_git_token_is_refused_with_its_replacement() {
+    let mut sb = Sandbox::new();
+    sb.set_client_env("RUNYARD_GIT_TOKEN", "ghp_old");
+    let dir = sb.path().join("agent").display().to_string();
+    let r = sb.run(&[
+        "agent",
+        "--token",
+        "ryj_x",
+        "--controller",
+        &format!("http://{}", addr(free_port())),
+        "--data-dir",
+        &dir,
+    ]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr.contains("RUNYARD_GIT_TOKEN is no longer used"),
+        "{r}"
+    );
+    assert!(r.stderr.contains("--git-credential HOST=FILE"), "{r}");
+}

@@ -153,6 +153,25 @@ pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, Contro
     })
 }
 
+/// Makes what the controller keeps in its data dir readable by it alone (directories 0700, the
+/// embedded store 0600): under `runyard up` the dir is open to the local agent's jobs for
+/// traversal (they pass through to `<data dir>/agent`), and must show them nothing else.
+fn keep_private(data_dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (name, mode) in [
+        ("logs", 0o700),
+        ("reports", 0o700),
+        ("artifacts", 0o700),
+        (store::DEFAULT_FILE_NAME, 0o600),
+    ] {
+        let path = data_dir.join(name);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs the controller on the given listeners until `cancel` fires.
 pub async fn run(
     config: Config,
@@ -176,6 +195,7 @@ pub async fn run(
         artifacts::DirStore::open(config.data_dir.join("artifacts")).map_err(data_err)?,
     );
     let store = store::open(&config.store, &config.data_dir).await?;
+    keep_private(&config.data_dir).map_err(data_err)?;
     let jobs = jobs::Jobs::load(store.clone()).await?;
     let agents = agents::Agents::load(store.clone(), Timestamp::now()).await?;
     let ctl = Controller::new(

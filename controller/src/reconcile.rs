@@ -380,7 +380,10 @@ pub fn on_status(
             p.exit_code = st.exit_code;
             let failure = st.failure.or(Some(FailureKind::Agent));
             p.end(JobStatus::Failed, Some(st.reason.clone()), failure, now);
-            let retryable = matches!(st.failure, Some(FailureKind::Exit | FailureKind::Timeout));
+            let retryable = matches!(
+                st.failure,
+                Some(FailureKind::Exit | FailureKind::Timeout | FailureKind::Oom)
+            );
             if retryable {
                 i.failures += 1;
             }

@@ -127,6 +127,8 @@ pub enum FailureKind {
     AgentLost,
     /// The agent could not start the process (or another agent-side error).
     Agent,
+    /// The attempt used more memory than its spec's `memory` limit and was killed.
+    Oom,
 }
 
 impl FailureKind {
@@ -144,6 +146,7 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::AgentLost => "agent_lost",
             FailureKind::Agent => "agent",
+            FailureKind::Oom => "oom",
         }
     }
 }

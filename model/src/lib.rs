@@ -6,6 +6,7 @@
 //! - `compute`: what a job asks for (`cpu-small`, `gpu`, `gpu:N`).
 //! - `spec`: the job spec users submit, its parsing and validation.
 //! - `limits`: how big each field of a spec may be.
+//! - `size`: byte sizes as users write them (`512MiB`, `8GiB`) and as they are shown.
 //! - `intent`: what a user wants of a job (stored at `jobs/ID`).
 //! - `placement`: one attempt of a job on an agent (stored at `placements/ID/N`).
 //! - `job`: a job as a whole (intent + current placement), and its lifecycle states.
@@ -23,6 +24,7 @@ pub mod job;
 pub mod limits;
 pub mod placement;
 pub mod report;
+pub mod size;
 pub mod spec;
 pub mod time;
 

@@ -34,6 +34,8 @@ pub const MAX_REQUIREMENT_LEN: usize = 1024;
 pub const MAX_SECRETS: usize = 64;
 /// Bytes of one secret's value.
 pub const MAX_SECRET_VALUE: usize = 64 * 1024;
+/// The smallest `memory` limit: below it Python itself cannot start.
+pub const MIN_MEMORY: u64 = 16 << 20;
 /// Upper bound on `retries`.
 pub const MAX_RETRIES: u32 = 100;
 /// Longest `timeout`.

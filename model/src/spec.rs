@@ -16,7 +16,7 @@ use crate::limits::*;
 
 /// Default grace between SIGTERM and SIGKILL when a job is stopped.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
-pub use crate::limits::MAX_RETRIES;
+pub use crate::limits::{MAX_RETRIES, MIN_MEMORY};
 
 /// A bad input, naming the field at fault.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize)]
@@ -78,6 +78,11 @@ pub struct JobSpec {
     #[schema(value_type = String, example = "10s")]
     #[serde(default = "default_grace", with = "duration")]
     pub stop_grace: Duration,
+    /// Memory limit of one attempt (`512MiB`, `8GiB`, or bytes): past it the job is killed and
+    /// fails with `oom`. Absent = no limit. Enforced by the agent's cgroup.
+    #[schema(value_type = Option<String>, example = "8GiB")]
+    #[serde(default, with = "opt_size", skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
     /// Environment variables whose values are secret: they reach the job's environment but
     /// never the API, the page, the CLI's output or the logs. Each is a value (kept apart from
     /// the spec once submitted: shown as `{"given": true}`) or `{"secret": NAME}`, a
@@ -197,6 +202,18 @@ impl JobSpec {
             return Err(ValidationError::new(
                 "stop_grace",
                 format!("at most {}", format_duration(MAX_STOP_GRACE)),
+            ));
+        }
+        if let Some(m) = self.memory
+            && m < MIN_MEMORY
+        {
+            return Err(ValidationError::new(
+                "memory",
+                format!(
+                    "{} is too small: at least {} (a Python process needs more to start)",
+                    crate::size::format(m),
+                    crate::size::format(MIN_MEMORY)
+                ),
             ));
         }
         if self.name.is_empty() {
@@ -372,7 +389,7 @@ fn validate_args(args: &[String]) -> Result<(), ValidationError> {
 }
 
 /// Every field of `JobSpec` as it appears in JSON.
-const FIELDS: [&str; 13] = [
+const FIELDS: [&str; 14] = [
     "name",
     "repo",
     "revision",
@@ -386,6 +403,7 @@ const FIELDS: [&str; 13] = [
     "retries",
     "stop_grace",
     "secrets",
+    "memory",
 ];
 
 /// Reads a spec that was validated when it was submitted (a stored job, an API reply), ignoring
@@ -624,6 +642,27 @@ mod opt_duration {
     }
 }
 
+mod opt_size {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(m: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match m {
+            Some(m) => s.serialize_str(&crate::size::format(*m)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        crate::size::parse_value(&v)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,6 +674,7 @@ mod tests {
         full["requirements_file"] = json!("r.txt");
         full["timeout"] = json!("1h");
         full["secrets"] = json!({"TOKEN": {"secret": "hub"}});
+        full["memory"] = json!("1GiB");
         let spec = JobSpec::from_value(full).unwrap();
         let v = serde_json::to_value(&spec).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -725,10 +765,31 @@ mod tests {
                 with("requirements_file", json!("../r.txt")),
                 "requirements_file",
             ),
+            (with("memory", json!("8 parsecs")), "memory"),
+            (with("memory", json!("1MiB")), "memory"),
+            (with("memory", json!(-1)), "memory"),
         ];
         for (body, field) in cases {
             assert_eq!(field_of(body.clone()), field, "body {body}");
         }
+    }
+
+    #[test]
+    fn memory_accepts_units_and_bytes_and_reads_back() {
+        let spec = JobSpec::from_value(with("memory", json!("512MiB"))).unwrap();
+        assert_eq!(spec.memory, Some(512 << 20));
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["memory"], "512MiB");
+        assert_eq!(JobSpec::from_value(json).unwrap(), spec);
+        let spec = JobSpec::from_value(with("memory", json!(1 << 30))).unwrap();
+        assert_eq!(spec.memory, Some(1 << 30));
+        let spec = JobSpec::from_value(with("memory", json!("8GiB"))).unwrap();
+        assert_eq!(spec.memory, Some(8 << 30));
+        let none = JobSpec::from_value(base()).unwrap();
+        assert_eq!(none.memory, None);
+        assert!(serde_json::to_value(&none).unwrap().get("memory").is_none());
+        let err = JobSpec::from_value(with("memory", json!("lots"))).unwrap_err();
+        assert!(err.message.contains("is not a size"), "{err}");
     }
 
     #[test]

@@ -115,6 +115,7 @@ pub fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
                 _ => None,
             })
             .collect(),
+        memory_bytes: s.memory.unwrap_or(0),
     }
 }
 
@@ -142,6 +143,7 @@ pub fn spec_from_wire(w: v1::JobSpec) -> Result<JobSpec, ConvertError> {
             .into_iter()
             .map(|(k, v)| (k, SecretSource::Value(v)))
             .collect(),
+        memory: Some(w.memory_bytes).filter(|&m| m != 0),
     };
     spec.validate().map_err(|e| ConvertError {
         field: "spec",
@@ -183,7 +185,8 @@ mod tests {
     fn spec_round_trips() {
         let spec = JobSpec::from_json(
             br#"{"repo":"file:///tmp/r","script":"a/b.py","args":["x y","'q'"],"env":{"A":"1"},
-                "compute":"gpu:2","timeout":"1h","requirements":["numpy==2.0"],"stop_grace":"3s"}"#,
+                "compute":"gpu:2","timeout":"1h","requirements":["numpy==2.0"],"stop_grace":"3s",
+                "memory":"8GiB"}"#,
         )
         .unwrap();
         let back = spec_from_wire(spec_to_wire(&spec)).unwrap();

@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Why a data dir could not be locked.
@@ -46,6 +46,7 @@ pub fn lock(dir: &Path, name: &str) -> Result<File, LockError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(dir.join(name))
         .map_err(io_err)?;
     match file.try_lock() {

@@ -25,6 +25,8 @@ pub struct AgentSpec {
     pub via_proxy: bool,
     /// Free space below which the agent refuses to start jobs.
     pub min_free: u64,
+    /// `--git-credential HOST=FILE` of the agent.
+    pub git_credentials: Vec<runyard_agent::git_auth::HostCredential>,
 }
 
 impl AgentSpec {
@@ -35,7 +37,15 @@ impl AgentSpec {
             gpus: 0,
             via_proxy: false,
             min_free: runyard_agent::cache::DEFAULT_MIN_FREE,
+            git_credentials: Vec::new(),
         }
+    }
+
+    /// Gives the agent a git credential (`HOST=FILE`).
+    pub fn git_credential(mut self, host_eq_file: &str) -> AgentSpec {
+        self.git_credentials
+            .push(host_eq_file.parse().expect("a HOST=FILE credential"));
+        self
     }
 
     pub fn slots(mut self, n: u32) -> AgentSpec {
@@ -103,7 +113,7 @@ impl ClusterBuilder {
 
     pub async fn start(self) -> anyhow::Result<TestCluster> {
         crate::init_tracing();
-        let dir = tempfile::tempdir()?;
+        let dir = crate::reachable_tempdir()?;
         let http = TcpListener::bind("127.0.0.1:0").await?;
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let http_addr = http.local_addr()?;
@@ -228,7 +238,7 @@ impl TestCluster {
             controller: format!("http://{target}"),
             token: self.agent_token.clone(),
             ca: None,
-            data_dir: self.dir.path().join("agents").join(&spec.name),
+            data_dir: self.agent_dir(&spec.name),
             name: spec.name.clone(),
             cpu_small_slots: spec.cpu_small_slots,
             offer_gpus: spec.gpus > 0,
@@ -241,6 +251,8 @@ impl TestCluster {
             // The shared cache is not one agent's to prune.
             cache_size: Some(u64::MAX),
             min_free: spec.min_free,
+            isolation: Default::default(),
+            git_credentials: spec.git_credentials.clone(),
         })
     }
 
@@ -269,6 +281,11 @@ impl TestCluster {
             },
         )
         .await
+    }
+
+    /// The data dir of agent `name`.
+    pub fn agent_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("agents").join(name)
     }
 
     /// Stops an agent abruptly: its session drops and its jobs' processes are killed, as when

@@ -43,6 +43,23 @@ where
     }
 }
 
+/// A temp dir that jobs may pass through (0711), for agent data dirs: a job running under its
+/// own uid must reach its directory below it (`tempfile` makes 0700 dirs).
+pub fn reachable_tempdir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    Ok(dir)
+}
+
+/// A temp dir anyone may write into (1777, like /tmp), for files a test and its jobs exchange.
+pub fn exchange_dir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))?;
+    Ok(dir)
+}
+
 /// The uv cache shared by tests: `RUNYARD_TEST_UV_CACHE`, else `$HOME/.cache/runyard-test-uv`.
 pub fn shared_uv_cache() -> std::path::PathBuf {
     match std::env::var_os("RUNYARD_TEST_UV_CACHE") {

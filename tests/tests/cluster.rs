@@ -203,18 +203,20 @@ while True:
     time.sleep(1)
 "#;
     let repo = GitRepo::new(&[("stubborn.py", script)])?;
-    let pidfile = tempfile::NamedTempFile::new()?;
+    // The job runs under its own uid: it writes where the test lets it.
+    let exchange = runyard_tests::exchange_dir()?;
+    let pidfile = exchange.path().join("pids");
     let c = TestCluster::builder()
         .agent(AgentSpec::new("a1"))
         .start()
         .await?;
     let mut s = spec(&repo, "stubborn.py");
-    s["args"] = json!([pidfile.path()]);
+    s["args"] = json!([pidfile]);
     s["stop_grace"] = json!("1s");
     let id = c.submit(s).await?;
     c.wait_status(&id, &["running"], LONG).await?;
     let pids: Vec<u32> = runyard_tests::eventually(LONG, "pid file", || async {
-        let t = std::fs::read_to_string(pidfile.path()).ok()?;
+        let t = std::fs::read_to_string(&pidfile).ok()?;
         let p: Vec<u32> = t
             .split_whitespace()
             .filter_map(|x| x.parse().ok())

@@ -548,7 +548,7 @@ async fn a_second_agent_with_the_same_name_is_refused() -> anyhow::Result<()> {
         "{refused:?}"
     );
     // A real second agent, same name, its own data dir (so its own credential).
-    let dir = tempfile::tempdir()?;
+    let dir = runyard_tests::reachable_tempdir()?;
     let config = runyard_agent::Config {
         data_dir: dir.path().join("agent"),
         ..c.agent_config(&AgentSpec::new("host").slots(1)).await?

@@ -45,7 +45,7 @@ pub async fn agent(args: AgentArgs) -> Result<u8, CommandError> {
         Some(n) => n,
         None => host_name().await,
     };
-    let config = runyard_agent::Config {
+    let mut config = runyard_agent::Config {
         controller: args.controller,
         token,
         ca: args.ca,
@@ -59,7 +59,10 @@ pub async fn agent(args: AgentArgs) -> Result<u8, CommandError> {
         uv_cache: args.uv_cache,
         cache_size: args.cache_size,
         min_free: args.min_free,
+        isolation: Default::default(),
+        git_credentials: Vec::new(),
     };
+    args.isolation.apply(&mut config);
     info!(
         agent = %config.name,
         controller = %config.controller,
@@ -94,6 +97,30 @@ pub async fn local_config(
         uv_cache: None,
         cache_size: None,
         min_free: runyard_agent::cache::DEFAULT_MIN_FREE,
+        isolation: Default::default(),
+        git_credentials: Vec::new(),
+    }
+}
+
+/// A configuration to apply flags to, in tests.
+#[cfg(test)]
+pub fn test_config() -> runyard_agent::Config {
+    runyard_agent::Config {
+        controller: String::new(),
+        token: String::new(),
+        data_dir: PathBuf::new(),
+        name: String::new(),
+        cpu_small_slots: 0,
+        offer_gpus: false,
+        nvml_library: None,
+        python: PathBuf::from(DEFAULT_PYTHON),
+        uv: None,
+        uv_cache: None,
+        cache_size: None,
+        min_free: 0,
+        ca: None,
+        isolation: Default::default(),
+        git_credentials: Vec::new(),
     }
 }
 

@@ -30,6 +30,17 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
     let data_dir = data_dir_or_default(args.data_dir)?;
     refuse_if_in_use(&data_dir)?;
     let tokens = tokens(&data_dir).await?;
+    // The local agent's jobs pass through to `<data dir>/agent`: traverse only, no listing; the
+    // controller keeps its own entries private (tokens 0600, logs and store 0700/0600).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).map_err(
+            |e| CommandError::Tokens {
+                path: data_dir.clone(),
+                cause: format!("cannot make the data dir traversable (0711): {e}"),
+            },
+        )?;
+    }
     let http = bind(&args.http, "HTTP API; choose another with --http").await?;
     let grpc = bind(&args.grpc, "agent gRPC; choose another with --grpc").await?;
     let mut config = runyard_controller::Config::new(&data_dir);
@@ -46,8 +57,9 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
     let tls = server_tls.is_some();
     let http_url = url_of(&http, tls)?;
     let grpc_url = url_of(&grpc, tls)?;
-    let agent_config =
+    let mut agent_config =
         agent::local_config(grpc_url.clone(), join_token.to_string(), &data_dir).await;
+    args.isolation.apply(&mut agent_config);
     let security = match &server_tls {
         Some(t) => format!(
             "\x20 TLS:         CA {} (fingerprint {})\n",

@@ -98,6 +98,7 @@ fn merge_flags(
     set("retries", args.retries.map(Value::from));
     set("timeout", string(&args.timeout));
     set("stop_grace", string(&args.stop_grace));
+    set("memory", string(&args.memory));
     if !args.env.is_empty() {
         let mut env = match base.remove("env") {
             Some(Value::Object(m)) => m,

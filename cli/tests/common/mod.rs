@@ -60,6 +60,13 @@ pub struct Sandbox {
 impl Sandbox {
     pub fn new() -> Sandbox {
         let dir = tempfile::tempdir().expect("temp dir");
+        // Jobs run under their own uid when the tests run as root: they pass through this dir
+        // to their agent's data dir below it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                .expect("traversable temp dir");
+        }
         let canonical = std::fs::canonicalize(dir.path()).expect("canonical temp dir");
         for sub in ["logs", "client"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("log dirs");
