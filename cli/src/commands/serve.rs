@@ -28,18 +28,29 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
     // Before anything a user may interrupt (the banner invites it).
     let root = shutdown::root_token().map_err(CommandError::Signals)?;
     let data_dir = data_dir_or_default(args.data_dir)?;
+    let existed = data_dir.exists();
     refuse_if_in_use(&data_dir)?;
     let tokens = tokens(&data_dir).await?;
     // The local agent's jobs pass through to `<data dir>/agent`: traverse only, no listing; the
-    // controller keeps its own entries private (tokens 0600, logs and store 0700/0600).
+    // controller keeps its own entries private (tokens 0600, logs and store 0700/0600). A data
+    // dir made here, or one an earlier version made (ours, exactly 0700), becomes 0711; any
+    // other existing directory keeps its mode (a shared 1777 one is traversable already).
     {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).map_err(
-            |e| CommandError::Tokens {
-                path: data_dir.clone(),
-                cause: format!("cannot make the data dir traversable (0711): {e}"),
-            },
-        )?;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(&data_dir).map_err(|e| CommandError::Tokens {
+            path: data_dir.clone(),
+            cause: e.to_string(),
+        })?;
+        let ours_private =
+            meta.mode() & 0o7777 == 0o700 && meta.uid() == nix::unistd::Uid::effective().as_raw();
+        if !existed || ours_private {
+            std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).map_err(
+                |e| CommandError::Tokens {
+                    path: data_dir.clone(),
+                    cause: format!("cannot make the data dir traversable (0711): {e}"),
+                },
+            )?;
+        }
     }
     let http = bind(&args.http, "HTTP API; choose another with --http").await?;
     let grpc = bind(&args.grpc, "agent gRPC; choose another with --grpc").await?;
