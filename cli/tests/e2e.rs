@@ -858,9 +858,9 @@ fn tokens_are_made_listed_and_revoked_from_the_cli() {
     let repo = GitRepo::new(&[("hello.py", HELLO)]).expect("git fixture");
     let data = sb.path().join("controller");
     let (http, grpc) = (free_port(), free_port());
-    let _ctl = start_controller(&mut sb, &data, http, grpc, &[]);
+    let ctl = start_controller(&mut sb, &data, http, grpc, &[]);
     let agent_dir = sb.path().join("a1");
-    let _agent = start_agent(&mut sb, "a1", grpc, &data, &agent_dir);
+    let agent = start_agent(&mut sb, "a1", grpc, &data, &agent_dir);
     assert_eq!(sb.ok(&["whoami"]), "admin (admin)\n");
 
     let r = sb.run(&["token", "create", "vera", "--role", "viewer"]);
@@ -924,6 +924,11 @@ fn tokens_are_made_listed_and_revoked_from_the_cli() {
     }
     let r = sb.run(&["secret", "rm", "nope"]);
     assert_eq!(r.code, Some(1), "{r}");
+    // Nor in the servers' logs (the value crossed both).
+    for (who, log) in [("controller", ctl.stderr()), ("agent", agent.stderr())] {
+        assert!(log.contains("job"), "{who} logged: {log}");
+        assert!(!log.contains(value), "{who} logged the secret: {log}");
+    }
 
     let admin = std::fs::read_to_string(data.join("admin.token")).expect("admin.token");
     sb.set_client_env("RUNYARD_TOKEN", &vera);
@@ -1052,4 +1057,65 @@ fn the_old_host_less_git_token_is_refused_with_its_replacement() {
         "{r}"
     );
     assert!(r.stderr.contains("--git-credential HOST=FILE"), "{r}");
+}
+
+/// `runyard up --tls`: HTTPS and gRPC over TLS with the data dir's CA; the banner exports
+/// `RUNYARD_CA`, and the CLI with it runs a job end to end.
+#[test]
+fn up_with_tls_serves_https_and_the_cli_trusts_its_ca() {
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("hello.py", HELLO)]).expect("git fixture");
+    let data = sb.path().join("data");
+    let (http, grpc) = (free_port(), free_port());
+    let data_arg = data.display().to_string();
+    let mut up = sb.spawn(
+        "up",
+        &[
+            "up",
+            "--tls",
+            "--data-dir",
+            &data_arg,
+            "--http",
+            &addr(http),
+            "--grpc",
+            &addr(grpc),
+        ],
+    );
+    let banner = eventually(STARTUP, "the banner of runyard up --tls", || {
+        assert!(up.wait_exit(Duration::ZERO).is_none(), "{}", up.stderr());
+        let out = up.stdout();
+        let done = out.lines().any(|l| l.starts_with("export RUNYARD_CA="));
+        (done && out.lines().any(|l| l.starts_with("export RUNYARD_TOKEN="))).then_some(out)
+    });
+    let export = |key: &str| {
+        banner
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("export {key}=")))
+            .unwrap_or_else(|| panic!("no export of {key} in\n{banner}"))
+            .to_string()
+    };
+    let controller = export("RUNYARD_CONTROLLER");
+    assert_eq!(controller, format!("https://127.0.0.1:{http}"), "{banner}");
+    let ca = export("RUNYARD_CA");
+    assert!(std::path::Path::new(&ca).is_absolute(), "{banner}");
+    assert_eq!(fingerprint(std::path::Path::new(&ca)), join_token(&data).0);
+    sb.set_client_env("RUNYARD_CONTROLLER", &controller);
+    sb.set_client_env("RUNYARD_TOKEN", &export("RUNYARD_TOKEN"));
+    // Without the CA: refused, naming what to give.
+    let r = sb.run(&["ls"]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("--ca"), "{r}");
+    sb.set_client_env("RUNYARD_CA", &ca);
+    wait_connected(&mut sb, &[&host_name()]);
+    let out = sb.ok(&[
+        "submit",
+        "--repo",
+        &repo.url(),
+        "--script",
+        "hello.py",
+        "--follow",
+        "--",
+        "over-tls",
+    ]);
+    assert_eq!(out.lines().nth(1), Some("arg: over-tls"), "{out}");
 }
