@@ -433,61 +433,8 @@ pub fn mentions_disk_full(message: &str) -> bool {
     message.contains("No space left on device") || message.contains("Disk quota exceeded")
 }
 
-/// Parses a size: a number (decimals allowed) with an optional unit, case-insensitive, spaces
-/// allowed between them. `B`; `KB`, `MB`, `GB`, `TB` are powers of 1000; `KiB`, `MiB`, `GiB`,
-/// `TiB` (also `Ki`, `K`, ...) powers of 1024. `500MiB`, `50GiB`, `1TB`, `1024` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = |why: &str| {
-        format!(
-            "invalid size `{s}`: {why}; expected a number with an optional unit \
-             (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 50GiB"
-        )
-    };
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (number, unit) = (&t[..split], t[split..].trim());
-    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
-    if int.is_empty() && frac.is_empty() {
-        return Err(bad("no number"));
-    }
-    if frac.contains('.') {
-        return Err(bad("more than one decimal point"));
-    }
-    let multiplier: u128 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        "k" | "ki" | "kib" => 1 << 10,
-        "m" | "mi" | "mib" => 1 << 20,
-        "g" | "gi" | "gib" => 1 << 30,
-        "t" | "ti" | "tib" => 1 << 40,
-        _ => return Err(bad("unknown unit")),
-    };
-    let too_big = || bad("too large");
-    let int: u128 = if int.is_empty() {
-        0
-    } else {
-        int.parse().map_err(|_| too_big())?
-    };
-    let frac_digits = frac.trim_end_matches('0');
-    let frac_value = if frac_digits.is_empty() {
-        0
-    } else {
-        let digits: u32 = frac_digits.len().try_into().map_err(|_| too_big())?;
-        let scale = 10u128.checked_pow(digits).ok_or_else(too_big)?;
-        let f: u128 = frac_digits.parse().map_err(|_| too_big())?;
-        f.checked_mul(multiplier).ok_or_else(too_big)? / scale
-    };
-    let bytes = int
-        .checked_mul(multiplier)
-        .and_then(|b| b.checked_add(frac_value))
-        .ok_or_else(too_big)?;
-    u64::try_from(bytes).map_err(|_| too_big())
-}
+/// Parses a size (`500MiB`, `50GiB`, `1.5TB`, `1024`): the model's one size parser.
+pub use runyard_model::size::parse as parse_size;
 
 /// A size for people: `512 B`, `1.5 KiB`, `2.0 GiB`.
 pub fn format_size(bytes: u64) -> String {

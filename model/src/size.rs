@@ -5,22 +5,29 @@
 //! canonical form (`format`) uses the largest binary unit that divides the size exactly, so a
 //! size reads back as itself.
 
-/// Parses a size: a whole number with an optional unit (case-insensitive, spaces allowed
-/// before the unit). `512MiB`, `8GiB`, `2GB`, `1048576`.
+/// Parses a size: a number (decimals allowed) with an optional unit, case-insensitive, spaces
+/// allowed before the unit. `512MiB`, `8GiB`, `1.5GiB`, `2GB`, `1048576`. The one parser of sizes
+/// (spec fields and flags alike).
 pub fn parse(s: &str) -> Result<u64, String> {
     let bad = |why: &str| {
         format!(
-            "`{s}` is not a size ({why}): give a whole number with a unit, such as `512MiB` or \
+            "`{s}` is not a size ({why}): give a number with a unit, such as `512MiB` or \
              `8GiB` (KiB, MiB, GiB, TiB; KB, MB, GB, TB; or bytes)"
         )
     };
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (number, unit) = (&t[..split], t[split..].trim());
-    if number.is_empty() {
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    if int.is_empty() && frac.is_empty() {
         return Err(bad("no number"));
     }
-    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+    if frac.contains('.') {
+        return Err(bad("more than one decimal point"));
+    }
+    let multiplier: u128 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1_000,
         "mb" => 1_000_000,
@@ -32,11 +39,26 @@ pub fn parse(s: &str) -> Result<u64, String> {
         "t" | "ti" | "tib" => 1 << 40,
         _ => return Err(bad("unknown unit")),
     };
-    number
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(multiplier))
-        .ok_or_else(|| bad("too large"))
+    let too_big = || bad("too large");
+    let int: u128 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| too_big())?
+    };
+    let frac_digits = frac.trim_end_matches('0');
+    let frac_value = if frac_digits.is_empty() {
+        0
+    } else {
+        let digits: u32 = frac_digits.len().try_into().map_err(|_| too_big())?;
+        let scale = 10u128.checked_pow(digits).ok_or_else(too_big)?;
+        let f: u128 = frac_digits.parse().map_err(|_| too_big())?;
+        f.checked_mul(multiplier).ok_or_else(too_big)? / scale
+    };
+    let bytes = int
+        .checked_mul(multiplier)
+        .and_then(|b| b.checked_add(frac_value))
+        .ok_or_else(too_big)?;
+    u64::try_from(bytes).map_err(|_| too_big())
 }
 
 /// The canonical form: `64MiB`, `8GiB`, or a number of bytes when no binary unit divides it.
@@ -78,11 +100,12 @@ mod tests {
         assert_eq!(parse("2GB"), Ok(2_000_000_000));
         assert_eq!(parse("1048576"), Ok(1 << 20));
         assert_eq!(parse("64M"), Ok(64 << 20));
+        assert_eq!(parse("1.5GiB"), Ok(1536 << 20));
         for bad in [
             "",
             "MiB",
             "-1GiB",
-            "1.5GiB",
+            "1.2.3GiB",
             "8 parsecs",
             "99999999999999999999",
             "16777216TiB",
