@@ -147,12 +147,7 @@ impl Controller {
     /// on the way to the agent).
     pub async fn assignment(&self, job: &Job) -> Result<AgentCommand, SecretError> {
         let spec = self.secrets.resolve(&job.id, &job.spec).await?;
-        Ok(AgentCommand::Assign {
-            job_id: job.id.clone(),
-            attempt: job.attempt,
-            spec: Box::new(spec),
-            gpus: job.gpus.clone(),
-        })
+        Ok(AgentCommand::assign(job, spec))
     }
 
     /// Stops a job. `Ok(None)`: unknown job; `Err(msg)` inside: the job is already finished.

@@ -241,6 +241,26 @@ impl From<AccessError> for ApiError {
     }
 }
 
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> ApiError {
+        let status = e.status();
+        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is larger than {} KiB", MAX_BODY / 1024)
+        } else {
+            format!("cannot read the request body: {e}")
+        };
+        ApiError::new(status, msg, Some("body"))
+    }
+}
+
+/// A JSON request body of type `T` (413 past `MAX_BODY`, 400 naming `body` when it does not
+/// parse).
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    serde_json::from_slice(&body?).map_err(|e| ApiError::rejected("body", &e.to_string()))
+}
+
 /// May the caller do `act`? A 403 that says why when not.
 fn allow(who: &Caller, act: Act<'_>) -> Result<(), ApiError> {
     who.may(act).map_err(ApiError::forbidden)
@@ -412,16 +432,7 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     allow(&who, Act::Submit)?;
-    let body = body.map_err(|e| {
-        let status = e.status();
-        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the request body is larger than {} KiB", MAX_BODY / 1024)
-        } else {
-            format!("cannot read the request body: {e}")
-        };
-        ApiError::new(status, msg, Some("body"))
-    })?;
-    let spec = JobSpec::from_json(&body)?;
+    let spec = JobSpec::from_json(&body?)?;
     let job = state.ctl.submit(spec, &who.name).await?;
     Ok((StatusCode::CREATED, Json(JobView::from(&job))))
 }
@@ -867,9 +878,7 @@ async fn create_token(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     allow(&who, Act::Administer)?;
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text(), Some("body")))?;
-    let req: CreateToken =
-        serde_json::from_slice(&body).map_err(|e| ApiError::rejected("body", &e.to_string()))?;
+    let req: CreateToken = json_body(body)?;
     let (record, token) = state.access.create(&req.name, req.role, &who).await?;
     Ok((
         StatusCode::CREATED,
@@ -966,9 +975,7 @@ async fn set_secret(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<SecretView>, ApiError> {
     allow(&who, Act::Administer)?;
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text(), Some("body")))?;
-    let req: SetSecret =
-        serde_json::from_slice(&body).map_err(|e| ApiError::rejected("body", &e.to_string()))?;
+    let req: SetSecret = json_body(body)?;
     let record = state.ctl.secrets.set(&name, &req.value, &who.name).await?;
     tracing::info!(secret = %name, by = %who.name, "secret set");
     Ok(Json(SecretView {

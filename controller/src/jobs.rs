@@ -329,34 +329,28 @@ impl Table {
         if e.stale {
             return None;
         }
-        let intent = e.intent.as_deref()?.clone();
-        let current = self.placements.get(id);
+        let state = self.state_of(e.intent.as_deref()?);
         Some(Loaded {
-            state: JobState {
-                intent,
-                placement: current.map(|c| c.placement.clone()),
-                earlier: current.map(|c| c.earlier.clone()).unwrap_or_default(),
-            },
+            state,
             iv: e.version,
-            pv: current.map_or(0, |c| c.version),
+            pv: self.placements.get(id).map_or(0, |c| c.version),
             legacy: e.legacy,
         })
     }
 
     fn view(&self, id: &str) -> Option<Job> {
         let e = self.index.get(id)?;
-        let intent = e.intent.as_deref()?;
-        Some(self.compose(intent))
+        Some(self.state_of(e.intent.as_deref()?).view())
     }
 
-    fn compose(&self, intent: &Intent) -> Job {
+    /// An intent in memory with its latest placement, as one state.
+    fn state_of(&self, intent: &Intent) -> JobState {
         let current = self.placements.get(&intent.id);
-        let state = JobState {
+        JobState {
             intent: intent.clone(),
             placement: current.map(|c| c.placement.clone()),
             earlier: current.map(|c| c.earlier.clone()).unwrap_or_default(),
-        };
-        state.view()
+        }
     }
 }
 
@@ -388,6 +382,23 @@ fn decode_placement(key: &str, value: &[u8]) -> Result<Placement, JobsError> {
     serde_json::from_slice(value).map_err(decode_err(key))
 }
 
+/// The stored placements of a job with their versions, oldest first. A record that cannot be
+/// read, or that names another job, is logged and left out.
+async fn stored_placements(
+    store: &dyn Store,
+    id: &str,
+) -> Result<Vec<(Placement, u64)>, JobsError> {
+    let mut stored = Vec::new();
+    for (key, v) in store.list(&placements_of(id)).await? {
+        match decode_placement(&key, &v.value) {
+            Ok(p) if p.job == id => stored.push((p, v.version)),
+            Ok(_) => error!(%key, "placement record skipped: it names another job"),
+            Err(error) => error!(%key, %error, "placement record skipped: it cannot be read"),
+        }
+    }
+    Ok(stored)
+}
+
 /// Reads a job whole: its intent and its placements.
 async fn load(store: &dyn Store, id: &str) -> Result<Option<Loaded>, JobsError> {
     let key = intent_key(id);
@@ -395,14 +406,7 @@ async fn load(store: &dyn Store, id: &str) -> Result<Option<Loaded>, JobsError> 
         return Ok(None);
     };
     let decoded = decode_intent(&key, &v.value)?;
-    let mut stored = Vec::new();
-    for (key, pv) in store.list(&placements_of(id)).await? {
-        match decode_placement(&key, &pv.value) {
-            Ok(p) if p.job == id => stored.push((p, pv.version)),
-            Ok(_) => error!(%key, "placement record skipped: it names another job"),
-            Err(error) => error!(%key, %error, "placement record skipped: it cannot be read"),
-        }
-    }
+    let mut stored = stored_placements(store, id).await?;
     let (intent, legacy_placement, legacy_earlier, legacy) = match decoded {
         Decoded::Intent(i) => (*i, None, Vec::new(), false),
         Decoded::Legacy(s) => (s.intent, s.placement, s.earlier, true),
@@ -462,21 +466,8 @@ async fn list_all(store: &dyn Store) -> Result<Table, JobsError> {
         }
     }
     for id in placed {
-        match store.list(&placements_of(&id)).await {
-            Ok(ps) => {
-                for (key, v) in ps {
-                    match decode_placement(&key, &v.value) {
-                        Ok(p) if p.job == id => {
-                            table.install_placement(p, v.version, None);
-                        }
-                        Ok(_) => error!(%key, "placement record skipped: it names another job"),
-                        Err(error) => {
-                            error!(%key, %error, "placement record skipped: it cannot be read")
-                        }
-                    }
-                }
-            }
-            Err(error) => return Err(error.into()),
+        for (p, version) in stored_placements(store, &id).await? {
+            table.install_placement(p, version, None);
         }
     }
     Ok(table)
@@ -815,16 +806,18 @@ impl Jobs {
         if !self.inner.table.lock().unwrap().index.contains_key(id) {
             return Ok(None);
         }
-        let Some(l) = load(&*self.inner.store, id).await? else {
+        let key = intent_key(id);
+        let Some(v) = self.inner.store.get(&key).await? else {
             return Ok(None);
         };
-        let mut out = Vec::new();
-        for (key, v) in self.inner.store.list(&placements_of(id)).await? {
-            out.push(decode_placement(&key, &v.value)?);
-        }
+        let mut out: Vec<Placement> = stored_placements(&*self.inner.store, id)
+            .await?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         // A version 1 record's placement lives inside it until its next write.
-        if l.legacy
-            && let Some(p) = l.state.placement
+        if let Decoded::Legacy(s) = decode_intent(&key, &v.value)?
+            && let Some(p) = s.placement
             && !out.iter().any(|o| o.attempt == p.attempt)
         {
             out.push(p);
@@ -849,16 +842,7 @@ impl Jobs {
         table
             .active
             .iter()
-            .filter_map(|id| {
-                let e = table.index.get(id)?;
-                let intent = e.intent.as_deref()?.clone();
-                let current = table.placements.get(id);
-                Some(JobState {
-                    intent,
-                    placement: current.map(|c| c.placement.clone()),
-                    earlier: current.map(|c| c.earlier.clone()).unwrap_or_default(),
-                })
-            })
+            .filter_map(|id| Some(table.state_of(table.index.get(id)?.intent.as_deref()?)))
             .collect()
     }
 
@@ -910,7 +894,10 @@ impl Jobs {
                     more = true;
                     break;
                 }
-                picked.push((id.clone(), e.intent.as_deref().map(|i| table.compose(i))));
+                picked.push((
+                    id.clone(),
+                    e.intent.as_deref().map(|i| table.state_of(i).view()),
+                ));
             }
             (picked, more)
         };

@@ -26,12 +26,12 @@ pub enum AgentCommand {
 }
 
 impl AgentCommand {
-    /// Run the job's current attempt.
-    pub fn assign(job: &Job) -> AgentCommand {
+    /// Run the job's current attempt with `spec` (the job's, with its secrets' values resolved).
+    pub fn assign(job: &Job, spec: JobSpec) -> AgentCommand {
         AgentCommand::Assign {
             job_id: job.id.clone(),
             attempt: job.attempt,
-            spec: Box::new(job.spec.clone()),
+            spec: Box::new(spec),
             gpus: job.gpus.clone(),
         }
     }

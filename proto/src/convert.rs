@@ -226,7 +226,7 @@ mod tests {
             runyard_model::Job::new("j".into(), spec.clone(), runyard_model::Timestamp(1));
         job.attempt = 2;
         job.gpus = vec![1, 3];
-        match command_to_wire(&AgentCommand::assign(&job)).msg {
+        match command_to_wire(&AgentCommand::assign(&job, job.spec.clone())).msg {
             Some(Msg::Assign(a)) => {
                 assert_eq!((a.job_id.as_str(), a.attempt, a.gpus), ("j", 2, vec![1, 3]));
                 assert_eq!(spec_from_wire(a.spec.unwrap()).unwrap(), spec);
