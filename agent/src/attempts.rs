@@ -33,6 +33,8 @@ pub struct Attempt {
     pub stop: watch::Sender<Option<StopRequest>>,
     /// GPU indices the attempt holds.
     pub gpus: Vec<u32>,
+    /// The port given to the attempt (`$PORT`), once chosen; tunnels connect only to it.
+    pub port: std::sync::OnceLock<u16>,
 }
 
 impl Attempt {
@@ -93,6 +95,7 @@ impl Attempts {
             status: Mutex::new((status, 1)),
             stop: watch::channel(None).0,
             gpus,
+            port: std::sync::OnceLock::new(),
         });
         map.insert(key, a.clone());
         drop(map);

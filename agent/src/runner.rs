@@ -290,6 +290,20 @@ async fn execute(
         "RUNYARD_REPORT_FILE".into(),
         report_file.display().to_string(),
     ));
+    if spec.port {
+        match free_port() {
+            Ok(port) => {
+                let port = *a.port.get_or_init(|| port);
+                env.push(("PORT".into(), port.to_string()));
+            }
+            Err(e) => {
+                return (
+                    End::failed(FailureKind::Agent, format!("cannot find a free port: {e}")),
+                    None,
+                );
+            }
+        }
+    }
     env.push(("RUNYARD_JOB_ID".into(), a.job_id.clone()));
     env.push(("RUNYARD_ATTEMPT_NUMBER".into(), a.attempt.to_string()));
     if identity.run_as.is_some() {
@@ -345,8 +359,11 @@ async fn execute(
         }
     };
     info!(job = %a.job_id, attempt = a.attempt, pid = proc.pid(), "process started");
-    svc.attempts
-        .set_status(a, |s| s.state = AttemptState::Running);
+    let port = a.port.get().copied();
+    svc.attempts.set_status(a, |s| {
+        s.state = AttemptState::Running;
+        s.port = port;
+    });
 
     let timeout = spec.timeout.unwrap_or(Duration::MAX);
     let end = tokio::select! {
@@ -385,6 +402,13 @@ async fn execute(
     tail_done.cancel();
     let best = tailer.await.ok().flatten();
     (end, best)
+}
+
+/// A port nothing listens on now, on every address, for a server the attempt starts (`$PORT`).
+/// The kernel picks it from the ephemeral range; it is free again once the probe closes.
+fn free_port() -> std::io::Result<u16> {
+    let probe = std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+    Ok(probe.local_addr()?.port())
 }
 
 /// Gives the attempt's directory to its identity and makes its cgroup, off the async threads.

@@ -334,6 +334,9 @@ pub fn on_status(
     if let Some(c) = &st.commit {
         p.commit = Some(c.clone());
     }
+    if st.port.is_some() {
+        p.port = st.port;
+    }
     let reply = match st.state {
         AttemptState::Preparing | AttemptState::Running => {
             if job.status == JobStatus::Stopping {

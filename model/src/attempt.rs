@@ -43,6 +43,8 @@ pub struct AttemptStatus {
     /// the end only once it has stored this many.
     pub log_lines: u64,
     pub report_lines: u64,
+    /// The port the agent gave the attempt (`$PORT`), when its spec asks for one.
+    pub port: Option<u16>,
 }
 
 impl AttemptStatus {

@@ -383,6 +383,7 @@ impl JobState {
                 best_callback: job.best_callback,
                 environment: job.environment.clone(),
                 report_offset: job.report_offset,
+                port: None,
             }
         });
         let earlier = job

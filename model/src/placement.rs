@@ -59,6 +59,9 @@ pub struct Placement {
     /// `environment` so far.
     #[serde(default)]
     pub report_offset: u64,
+    /// The port the agent gave the attempt (`$PORT`), once it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 impl Placement {
@@ -85,6 +88,7 @@ impl Placement {
             best_callback: None,
             environment: None,
             report_offset: 0,
+            port: None,
         }
     }
 

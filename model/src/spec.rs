@@ -90,6 +90,14 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(value_type = BTreeMap<String, Object>)]
     pub secrets: BTreeMap<String, SecretSource>,
+    /// The agent picks a free port for the attempt and sets `$PORT` (a server listens on
+    /// `0.0.0.0:$PORT`); the port is shown on the attempt. Every service replica has one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub port: bool,
+    /// A finished job whose best checkpoint is put in the attempt's directory before the script
+    /// starts; its path is in `$RUNYARD_CHECKPOINT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_from: Option<String>,
 }
 
 /// Where a secret environment variable's value comes from.

@@ -38,6 +38,7 @@ pub fn status_to_wire(job_id: &str, s: &AttemptStatus) -> v1::StatusUpdate {
             .map(|f| f.as_str().to_string())
             .unwrap_or_default(),
         report_lines: s.report_lines,
+        port: s.port.map_or(0, u32::from),
     }
 }
 
@@ -60,6 +61,7 @@ pub fn status_from_wire(w: &v1::StatusUpdate) -> Option<AttemptStatus> {
         failure: FailureKind::parse(&w.failure),
         log_lines: w.log_lines,
         report_lines: w.report_lines,
+        port: u16::try_from(w.port).ok().filter(|&p| p != 0),
     })
 }
 
@@ -116,6 +118,8 @@ pub fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
             })
             .collect(),
         memory_bytes: s.memory.unwrap_or(0),
+        port: s.port,
+        model_from: s.model_from.clone().unwrap_or_default(),
     }
 }
 
@@ -144,6 +148,8 @@ pub fn spec_from_wire(w: v1::JobSpec) -> Result<JobSpec, ConvertError> {
             .map(|(k, v)| (k, SecretSource::Value(v)))
             .collect(),
         memory: Some(w.memory_bytes).filter(|&m| m != 0),
+        port: w.port,
+        model_from: Some(w.model_from).filter(|m| !m.is_empty()),
     };
     spec.validate().map_err(|e| ConvertError {
         field: "spec",
@@ -204,6 +210,7 @@ mod tests {
             failure: Some(FailureKind::Exit),
             log_lines: 10,
             report_lines: 4,
+            port: Some(8123),
         };
         let w = status_to_wire("j", &s);
         assert_eq!(w.job_id, "j");
