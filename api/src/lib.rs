@@ -13,6 +13,8 @@
 //! - `access`: `WhoAmI`, the named tokens (`CreateToken`, `TokenCreated`, `TokenList`) and
 //!   the controller-side secrets' names (`SetSecret`, `SecretList`).
 //! - `agent`: `AgentView` and `AgentList`.
+//! - `service`: `ServiceView` (a service with its replicas, traffic and last scaling decision),
+//!   `ServiceList`, `ScaleRequest`, `ServiceHistory`.
 //! - `metrics`: the metric history of a job's current attempt.
 //! - `error`: `ErrorBody`, the body of every error response.
 //! - `query`: the query parameters of each route.
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod placement;
 pub mod query;
+pub mod service;
 
 pub use access::{
     CreateToken, SecretList, SecretView, SetSecret, TokenCreated, TokenList, TokenView, WhoAmI,
@@ -38,3 +41,6 @@ pub use placement::{PlacementList, PlacementView};
 pub use query::{EventsQuery, ListJobsQuery, LogsQuery, MetricsSvgQuery};
 /// The body of `POST /api/v1/jobs`: the job spec, checked by its one validator.
 pub use runyard_model::JobSpec as SubmitRequest;
+pub use service::{
+    ReplicaView, ScaleRequest, ServiceHistory, ServiceList, ServicePoint, ServiceView, TrafficView,
+};

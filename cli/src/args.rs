@@ -61,6 +61,87 @@ pub enum Command {
     Secret(SecretCommand),
     /// Show who the token is: its name and role.
     Whoami(ClientArgs),
+    /// Serve a model server (or any HTTP app) as autoscaled replicas at `/s/NAME/`: a new
+    /// service, or a new spec for a running one (rolled out with no failed request).
+    Serve(ServeArgs),
+    /// List services.
+    Services(ClientArgs),
+    /// One service: status, logs, scale, stop, rm.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The job's flags (`-f service.yaml` holds the service's fields too).
+    #[command(flatten)]
+    pub job: SubmitArgs,
+    /// Fewest replicas (0: scale to zero when idle).
+    #[arg(long, value_name = "N")]
+    pub min: Option<u32>,
+    /// Most replicas.
+    #[arg(long, value_name = "N")]
+    pub max: Option<u32>,
+    /// Readiness path (default `/health`).
+    #[arg(long, value_name = "PATH")]
+    pub health: Option<String>,
+    /// Batch POSTs into JSON arrays of up to N requests.
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<u32>,
+    /// How long a batch waits to fill (default `1s`).
+    #[arg(long, value_name = "DURATION")]
+    pub batch_timeout: Option<String>,
+    /// Requests need no token.
+    #[arg(long)]
+    pub public: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Replicas (agent, state, requests in flight), traffic, the last scaling decision.
+    Status(ServiceNameArgs),
+    /// A replica's output (the newest replica's by default).
+    Logs(ServiceLogsArgs),
+    /// New replica bounds.
+    Scale(ServiceScaleArgs),
+    /// Drain and stop every replica (serve again to start it).
+    Stop(ServiceNameArgs),
+    /// Remove a stopped service.
+    Rm(ServiceNameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceNameArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The service's name.
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceLogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The service's name.
+    pub name: String,
+    /// Replica number (see `service status`); default: the newest live one.
+    #[arg(long, value_name = "N")]
+    pub replica: Option<u32>,
+    /// Keep streaming until the replica ends.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceScaleArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The service's name.
+    pub name: String,
+    #[arg(long, value_name = "N")]
+    pub min: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub max: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]

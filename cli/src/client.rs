@@ -252,6 +252,59 @@ impl ApiClient {
             .await
     }
 
+    /// `POST /api/v1/services`: the flat service spec.
+    pub async fn serve(
+        &self,
+        spec: &serde_json::Value,
+    ) -> Result<Reply<runyard_api::ServiceView>, ClientError> {
+        let url = self.url(&["api", "v1", "services"]);
+        self.json(self.request(Method::POST, &url).json(spec), url)
+            .await
+    }
+
+    /// `GET /api/v1/services`.
+    pub async fn services(&self) -> Result<Reply<runyard_api::ServiceList>, ClientError> {
+        let url = self.url(&["api", "v1", "services"]);
+        self.json(self.request(Method::GET, &url), url).await
+    }
+
+    /// `GET /api/v1/services/{name}`.
+    pub async fn service(
+        &self,
+        name: &str,
+    ) -> Result<Reply<runyard_api::ServiceView>, ClientError> {
+        let url = self.url(&["api", "v1", "services", name]);
+        self.json(self.request(Method::GET, &url), url).await
+    }
+
+    /// `POST /api/v1/services/{name}/scale`.
+    pub async fn scale_service(
+        &self,
+        name: &str,
+        req: &runyard_api::ScaleRequest,
+    ) -> Result<Reply<runyard_api::ServiceView>, ClientError> {
+        let url = self.url(&["api", "v1", "services", name, "scale"]);
+        self.json(self.request(Method::POST, &url).json(req), url)
+            .await
+    }
+
+    /// `POST /api/v1/services/{name}/stop`.
+    pub async fn stop_service(
+        &self,
+        name: &str,
+    ) -> Result<Reply<runyard_api::ServiceView>, ClientError> {
+        let url = self.url(&["api", "v1", "services", name, "stop"]);
+        self.json(self.request(Method::POST, &url), url).await
+    }
+
+    /// `DELETE /api/v1/services/{name}`.
+    pub async fn remove_service(&self, name: &str) -> Result<(), ClientError> {
+        let url = self.url(&["api", "v1", "services", name]);
+        self.send(self.request(Method::DELETE, &url), &url, false)
+            .await
+            .map(|_| ())
+    }
+
     /// `GET /api/v1/jobs/{id}`.
     pub async fn job(&self, id: &str) -> Result<Reply<JobView>, ClientError> {
         let url = self.url(&["api", "v1", "jobs", id]);

@@ -44,6 +44,9 @@ struct Inner {
     /// Per agent name: the session turn and the token of the newest claim.
     turns: Mutex<BTreeMap<String, Turn>>,
     next_session: std::sync::atomic::AtomicU64,
+    /// The address each agent's latest session came from: where a service replica on it may
+    /// be reached directly.
+    addresses: Mutex<BTreeMap<String, std::net::IpAddr>>,
 }
 
 struct Entry {
@@ -116,6 +119,7 @@ impl Agents {
                 credentials: Mutex::new(credentials),
                 turns: Mutex::new(BTreeMap::new()),
                 next_session: 1.into(),
+                addresses: Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -208,6 +212,20 @@ impl Agents {
         turn.current.cancel();
         turn.current = CancellationToken::new();
         (turn.lock.clone(), turn.current.clone())
+    }
+
+    /// Notes the address `name`'s session comes from.
+    pub fn note_address(&self, name: &str, ip: std::net::IpAddr) {
+        self.inner
+            .addresses
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), ip);
+    }
+
+    /// The address `name`'s latest session came from.
+    pub fn address(&self, name: &str) -> Option<std::net::IpAddr> {
+        self.inner.addresses.lock().unwrap().get(name).copied()
     }
 
     /// Registers a live session, ended by `cancel` (from `claim`); call it holding the turn.

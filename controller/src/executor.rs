@@ -46,6 +46,11 @@ impl From<SecretError> for SubmitError {
     }
 }
 
+/// A new job id: a ULID in lower case.
+pub fn new_job_id() -> String {
+    ulid::Ulid::new().to_string().to_lowercase()
+}
+
 /// Periodic resync of the reconcile loop.
 pub const RESYNC: Duration = Duration::from_millis(1000);
 /// First wait before a job whose action failed is tried again; doubles up to the cap.
@@ -66,6 +71,8 @@ pub struct Controller {
     pub fold: ReportFolder,
     /// Controller-side secrets and each job's secret values.
     pub secrets: Secrets,
+    /// Services: their records, the data plane, the autoscaler.
+    pub services: crate::services::Services,
     kick: Arc<Notify>,
     /// Jobs whose last action failed, and until when they are left alone.
     retry: Arc<Mutex<HashMap<String, Retry>>>,
@@ -104,6 +111,10 @@ impl Controller {
     ) -> Controller {
         Controller {
             secrets: Secrets::new(jobs.store()),
+            services: crate::services::Services::new(
+                jobs.store(),
+                crate::services::proxy::DataPlane::new(Default::default(), None),
+            ),
             reports,
             artifacts,
             jobs,
@@ -116,6 +127,15 @@ impl Controller {
         }
     }
 
+    /// Reaches service replicas only by `mode` (`--service-path`).
+    pub fn with_service_path(mut self, mode: crate::services::connect::PathMode) -> Controller {
+        self.services = crate::services::Services::new(
+            self.jobs.store(),
+            crate::services::proxy::DataPlane::new(mode, None),
+        );
+        self
+    }
+
     /// Asks the loop for a pass soon.
     pub fn kick(&self) {
         self.kick.notify_one();
@@ -124,13 +144,29 @@ impl Controller {
     /// Stores a new job owned by the token named `owner`. Its secret values are stored apart
     /// first (the spec keeps only their names).
     pub async fn submit(&self, spec: JobSpec, owner: &str) -> Result<Job, SubmitError> {
-        let id = ulid::Ulid::new().to_string().to_lowercase();
+        self.create_job(new_job_id(), spec, owner, None).await
+    }
+
+    /// Stores job `id` (a new one, or a service's replica with its link), its secret values
+    /// apart.
+    pub async fn create_job(
+        &self,
+        id: String,
+        spec: JobSpec,
+        owner: &str,
+        service: Option<runyard_model::ReplicaOf>,
+    ) -> Result<Job, SubmitError> {
         let spec = self.secrets.take(&id, spec).await?;
         let mut state = JobState::new(id, spec, Timestamp::now());
         state.intent.owner = Some(owner.to_string());
+        state.intent.service = service;
         let id = state.intent.id.clone();
         let job = match self.jobs.create(state).await {
             Ok(job) => job,
+            // The id is taken (a replica made again): its secret values are that job's.
+            Err(e @ JobsError::Store(crate::store::StoreError::Conflict { .. })) => {
+                return Err(e.into());
+            }
             Err(e) => {
                 if let Err(error) = self.secrets.forget(&id).await {
                     warn!(job = %id, %error, "cannot remove the secret values of a job that was not stored");

@@ -252,6 +252,7 @@ impl v1::agent_service_server::AgentService for AgentService {
             ));
         }
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer_ip = req.remote_addr().map(|a| a.ip());
         let mut inbound = req.into_inner();
         let first = match inbound.message().await? {
             Some(v1::AgentMessage {
@@ -293,6 +294,9 @@ impl v1::agent_service_server::AgentService for AgentService {
             info!(agent = %first.name, %peer, "agent enrolled");
         }
         let (turn, claim) = self.ctl.agents.claim(&first.name);
+        if let Some(ip) = peer_ip {
+            self.ctl.agents.note_address(&first.name, ip);
+        }
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let session = Session {
             ctl: self.ctl.clone(),

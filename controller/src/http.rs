@@ -67,9 +67,16 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
 }
 
+mod services;
+
 /// The routes that need the admin token.
 fn api_routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
+        .routes(routes!(services::serve, services::list_services))
+        .routes(routes!(services::show_service, services::remove_service))
+        .routes(routes!(services::scale_service))
+        .routes(routes!(services::stop_service))
+        .routes(routes!(services::service_history))
         .routes(routes!(submit, list))
         .routes(routes!(show, delete))
         .routes(routes!(placements))
@@ -109,6 +116,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(api)
         .merge(public_routes())
         .split_for_parts();
+    let data_plane = services::data_plane_router(state.clone());
     routes
         .merge(crate::ui::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", None) })
@@ -133,6 +141,7 @@ pub fn router(state: ApiState) -> Router {
             tracing::debug_span!("http", method = %req.method(), path = %path)
         }))
         .with_state(state)
+        .merge(data_plane)
 }
 
 /// One error type for every handler.
@@ -1288,10 +1297,11 @@ mod tests {
     use tower::ServiceExt;
 
     /// Every route of the API, as `METHOD path`.
-    const ROUTES: [&str; 22] = [
+    const ROUTES: [&str; 29] = [
         "DELETE /api/v1/agents/{name}",
         "DELETE /api/v1/jobs/{id}",
         "DELETE /api/v1/secrets/{name}",
+        "DELETE /api/v1/services/{name}",
         "DELETE /api/v1/tokens/{name}",
         "GET /api/v1/agents",
         "GET /api/v1/events",
@@ -1304,11 +1314,17 @@ mod tests {
         "GET /api/v1/jobs/{id}/placements",
         "GET /api/v1/openapi.json",
         "GET /api/v1/secrets",
+        "GET /api/v1/services",
+        "GET /api/v1/services/{name}",
+        "GET /api/v1/services/{name}/history",
         "GET /api/v1/tokens",
         "GET /api/v1/whoami",
         "GET /healthz",
         "POST /api/v1/jobs",
         "POST /api/v1/jobs/{id}/stop",
+        "POST /api/v1/services",
+        "POST /api/v1/services/{name}/scale",
+        "POST /api/v1/services/{name}/stop",
         "POST /api/v1/tokens",
         "PUT /api/v1/secrets/{name}",
     ];

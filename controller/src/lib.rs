@@ -9,6 +9,7 @@
 //! - `logs`: per-attempt log files with sequence-numbered, idempotent appends.
 //! - `reports`: report lines folded into jobs in batches; metric history parsed incrementally.
 //! - `secrets`: controller-side secrets, and each job's secret values kept apart from it.
+//! - `services`: servers run as autoscaled replicas, and the data plane in front of them.
 //! - `scheduler`: pure placement of one job onto the fleet's free capacity.
 //! - `reconcile`: the pure job state machine (plan, apply, agent reports).
 //! - `executor`: the level-triggered loop that applies plans and talks to agents.
@@ -43,6 +44,7 @@ pub mod reconcile;
 pub mod reports;
 pub mod scheduler;
 pub mod secrets;
+pub mod services;
 pub mod store;
 pub mod tls;
 pub mod tls_accept;
@@ -80,6 +82,8 @@ pub struct Config {
     pub max_log_size: u64,
     /// TLS on both ports, or plain (the default here; `runyard controller` turns it on).
     pub tls: TlsSetup,
+    /// How the data plane reaches service replicas.
+    pub service_path: services::connect::PathMode,
 }
 
 impl Config {
@@ -92,6 +96,7 @@ impl Config {
             retention_period: history::RETENTION_PERIOD,
             max_log_size: DEFAULT_MAX_LOG_SIZE,
             tls: TlsSetup::Plain,
+            service_path: services::connect::PathMode::Auto,
         }
     }
 }
@@ -205,7 +210,8 @@ pub async fn run(
         report_store,
         artifact_store,
         config.agent_ttl,
-    );
+    )
+    .with_service_path(config.service_path);
     info!(
         store = store.kind(),
         jobs = ctl.jobs.len(),
@@ -234,6 +240,12 @@ pub async fn run(
         ctl.clone()
             .run_loop(cancel.child_token())
             .instrument(info_span!("reconcile_loop")),
+    );
+    tracker.spawn(
+        ctl.services
+            .clone()
+            .run(ctl.clone(), cancel.child_token())
+            .instrument(info_span!("services")),
     );
     if let Some(retention) = config.retention {
         tracker.spawn(

@@ -46,6 +46,9 @@ pub struct Intent {
     pub updated_at: Timestamp,
     /// When the job finished (succeeded, failed for good, or stopped).
     pub finished_at: Option<Timestamp>,
+    /// The service this job is a replica of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<crate::service::ReplicaOf>,
 }
 
 impl Intent {
@@ -66,6 +69,7 @@ impl Intent {
             created_at: now,
             updated_at: now,
             finished_at: None,
+            service: None,
         }
     }
 

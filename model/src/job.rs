@@ -229,6 +229,12 @@ pub struct Job {
     /// arrive late are accepted from its own agent only. Empty in records written before it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placements: Vec<Placed>,
+    /// The service this job is a replica of (never in a version 1 record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<crate::service::ReplicaOf>,
+    /// The current attempt's port (`$PORT`), once it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// Which agent an attempt was placed on (see `Job::placed_on`).
@@ -343,6 +349,8 @@ impl JobState {
             environment: p.and_then(|p| p.environment.clone()),
             report_offset: p.map_or(0, |p| p.report_offset),
             placements,
+            service: i.service.clone(),
+            port: on_agent.and_then(|p| p.port),
         }
     }
 
@@ -409,6 +417,7 @@ impl JobState {
                 created_at: job.created_at,
                 updated_at: job.updated_at,
                 finished_at: job.finished_at,
+                service: None,
             },
             placement,
             earlier,

@@ -11,6 +11,7 @@
 //! - `placement`: one attempt of a job on an agent (stored at `placements/ID/N`).
 //! - `job`: a job as a whole (intent + current placement), and its lifecycle states.
 //! - `report`: progress, metrics, checkpoints and environment reported by a running job.
+//! - `service`: a server kept running as autoscaled replicas (stored at `services/NAME`).
 //! - `agent`: what an agent offers and how the controller sees it.
 //! - `time`: wall-clock timestamps as stored and shown (RFC 3339 in JSON).
 
@@ -24,6 +25,7 @@ pub mod job;
 pub mod limits;
 pub mod placement;
 pub mod report;
+pub mod service;
 pub mod size;
 pub mod spec;
 pub mod time;
@@ -37,5 +39,6 @@ pub use intent::Intent;
 pub use job::{Desired, FailureKind, Job, JobState, JobStatus, Placed, is_job_id};
 pub use placement::Placement;
 pub use report::{Best, Environment, MetricPoint, Progress, Report};
+pub use service::{ReplicaOf, Service, ServiceSpec};
 pub use spec::{JobSpec, ValidationError};
 pub use time::Timestamp;

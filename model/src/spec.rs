@@ -224,6 +224,14 @@ impl JobSpec {
                 ),
             ));
         }
+        if let Some(from) = &self.model_from
+            && !crate::job::is_job_id(from)
+        {
+            return Err(ValidationError::new(
+                "model_from",
+                format!("`{from}` is not a job id (26 lower-case letters and digits)"),
+            ));
+        }
         if self.name.is_empty() {
             self.name = default_name(&self.script);
         }
@@ -397,7 +405,7 @@ fn validate_args(args: &[String]) -> Result<(), ValidationError> {
 }
 
 /// Every field of `JobSpec` as it appears in JSON.
-const FIELDS: [&str; 14] = [
+const FIELDS: [&str; 16] = [
     "name",
     "repo",
     "revision",
@@ -412,6 +420,8 @@ const FIELDS: [&str; 14] = [
     "stop_grace",
     "secrets",
     "memory",
+    "port",
+    "model_from",
 ];
 
 /// Reads a spec that was validated when it was submitted (a stored job, an API reply), ignoring
@@ -430,7 +440,7 @@ fn default_name(script: &str) -> String {
     file.strip_suffix(".py").unwrap_or(file).to_string()
 }
 
-fn path_error<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> ValidationError {
+pub(crate) fn path_error<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> ValidationError {
     let path = e.path().to_string();
     let inner = e.inner().to_string();
     // serde reports unknown and missing fields at the parent; name the field itself.
@@ -616,7 +626,7 @@ pub fn format_duration(d: Duration) -> String {
     humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
 }
 
-mod duration {
+pub(crate) mod duration {
     use super::*;
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

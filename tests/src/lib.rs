@@ -20,6 +20,7 @@ pub mod faulty_store;
 pub mod fixture;
 pub mod proxy;
 pub mod scripts;
+pub mod services;
 
 /// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout` with `what`.
 pub async fn eventually<T, F, Fut>(

@@ -23,6 +23,7 @@ pub mod agent;
 pub mod download;
 pub mod jobs;
 pub mod serve;
+pub mod services;
 pub mod submit;
 
 /// Data dir of `up` and `controller` under `$HOME`.
@@ -121,6 +122,9 @@ pub async fn run(command: Command) -> Result<u8, CommandError> {
         Command::Token(t) => access::token(t).await,
         Command::Secret(s) => access::secret(s).await,
         Command::Whoami(a) => access::whoami(a).await,
+        Command::Serve(a) => services::serve(a).await,
+        Command::Services(a) => services::list(a).await,
+        Command::Service(c) => services::service(c).await,
     }
 }
 

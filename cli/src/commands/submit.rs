@@ -37,12 +37,17 @@ pub async fn submit(args: SubmitArgs) -> Result<u8, CommandError> {
 
 /// The spec from the `-f` file (if any) and the flags, validated.
 pub fn build_spec(args: &SubmitArgs) -> Result<JobSpec, CommandError> {
+    let merged = spec_fields(args)?;
+    JobSpec::from_value(Value::Object(merged)).map_err(|e| CommandError::Spec(with_flag_hint(e)))
+}
+
+/// The `-f` file's fields with the flags laid over them, not validated yet.
+pub fn spec_fields(args: &SubmitArgs) -> Result<Map<String, Value>, CommandError> {
     let base = match &args.file {
         Some(path) => load_file(path)?,
         None => Map::new(),
     };
-    let merged = merge_flags(base, args)?;
-    JobSpec::from_value(Value::Object(merged)).map_err(|e| CommandError::Spec(with_flag_hint(e)))
+    merge_flags(base, args)
 }
 
 /// Reads a YAML (or, for `.json`, JSON) file holding a mapping of spec fields.
@@ -135,7 +140,7 @@ fn parse_env_pair(pair: &str) -> Result<(&str, &str), CommandError> {
 }
 
 /// A missing required field names the flag that provides it.
-fn with_flag_hint(e: ValidationError) -> ValidationError {
+pub fn with_flag_hint(e: ValidationError) -> ValidationError {
     if e.message.starts_with("missing field") {
         let flag = e.field.replace('_', "-");
         return ValidationError::new(

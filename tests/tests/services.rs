@@ -1,0 +1,535 @@
+//! Services: real replicas (Python processes) behind the controller's data plane, over real
+//! gRPC and HTTP. Every load is bounded in count and time.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use runyard_tests::cluster::{AgentSpec, TestCluster};
+use runyard_tests::fixture::GitRepo;
+use runyard_tests::services::{SERVER_PY, load, ready, wait_service};
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn service(repo: &GitRepo, name: &str, extra: Value) -> Value {
+    let mut s = json!({"name": name, "repo": repo.url(), "script": "server.py"});
+    if let (Some(o), Some(e)) = (s.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    s
+}
+
+async fn serve(c: &TestCluster, spec: &Value) -> anyhow::Result<Value> {
+    let (status, body) = c.post("/api/v1/services", spec).await?;
+    anyhow::ensure!(status == 201 || status == 200, "serve: {status}: {body}");
+    Ok(body)
+}
+
+async fn call(c: &TestCluster, path: &str) -> anyhow::Result<(u16, Value)> {
+    let r = c
+        .client
+        .get(format!("{}{path}", c.base_url()))
+        .bearer_auth(&c.token)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let body = r.json().await.unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_load_and_a_crashed_one_is_replaced_without_a_failed_request()
+-> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1").slots(4))
+        .start()
+        .await?;
+    serve(
+        &c,
+        &service(&repo, "echo", json!({"replicas": {"min": 2, "max": 2}})),
+    )
+    .await?;
+    let v = wait_service(&c, "echo", LONG, "2 ready", |v| ready(v).len() == 2).await?;
+    assert_eq!(v["status"], "ready", "{v}");
+
+    // Balanced: both replicas answer; the path after the prefix is forwarded; the caller's
+    // token is not.
+    let mut jobs = BTreeSet::new();
+    let mut pids = BTreeSet::new();
+    let calls = (0..40).map(|i| {
+        let c = &c;
+        async move { call(c, &format!("/s/echo/hello?i={i}")).await }
+    });
+    for r in futures::future::join_all(calls).await {
+        let (status, body) = r?;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body["path"].as_str().unwrap().starts_with("/hello?i="),
+            "{body}"
+        );
+        assert_eq!(body["prefix"], "/s/echo");
+        assert_eq!(
+            body["auth"],
+            Value::Null,
+            "the token must not reach the replica"
+        );
+        jobs.insert(body["job"].as_str().unwrap().to_string());
+        pids.insert(body["pid"].as_i64().unwrap());
+    }
+    assert_eq!(jobs.len(), 2, "both replicas served: {jobs:?}");
+
+    // Without a token: refused, and nothing reaches a replica.
+    let r = c
+        .client
+        .get(format!("{}/s/echo/hello", c.base_url()))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 401);
+    let r = c
+        .client
+        .get(format!("{}/s/nope/hello", c.base_url()))
+        .bearer_auth(&c.token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 404);
+
+    // Kill one replica's process: requests keep succeeding on the other, and it is replaced.
+    let victim = *pids.iter().next().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let deadline = tokio::time::Instant::now() + LONG;
+    let mut answered = 0;
+    loop {
+        let (status, body) = call(&c, "/s/echo/after").await?;
+        assert_eq!(status, 200, "a request after the crash failed: {body}");
+        answered += 1;
+        let v = c.get("/api/v1/services/echo").await?;
+        let indices: Vec<u64> = ready(&v)
+            .iter()
+            .map(|r| r["index"].as_u64().unwrap())
+            .collect();
+        if indices.len() == 2 && indices.iter().any(|&i| i >= 3) {
+            assert!(
+                v["reason"].as_str().unwrap_or("").contains("failed"),
+                "the crash is shown: {v}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not replaced: {v}");
+    }
+    assert!(answered > 0);
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_goes_through() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    serve(
+        &c,
+        &service(
+            &repo,
+            "up",
+            json!({"replicas": {"min": 1, "max": 1}, "public": true}),
+        ),
+    )
+    .await?;
+    wait_service(&c, "up", LONG, "ready", |v| ready(v).len() == 1).await?;
+    let mut s = tokio::net::TcpStream::connect(c.http_addr).await?;
+    s.write_all(
+        b"GET /s/up/upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        anyhow::ensure!(s.read(&mut b).await? == 1, "closed in the head: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for msg in ["hello", "through the proxy", "and back"] {
+        s.write_all(msg.as_bytes()).await?;
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got)).await??;
+        assert_eq!(got, msg.as_bytes());
+    }
+    drop(s);
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scales_out_under_load_and_back_to_min_with_no_failed_request() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1").slots(4))
+        .start()
+        .await?;
+    let fast = json!({"scale_out_interval": "1s", "scale_in_interval": "1s"});
+    serve(
+        &c,
+        &service(
+            &repo,
+            "busy",
+            json!({"replicas": {"min": 1, "max": 3}, "autoscale": fast}),
+        ),
+    )
+    .await?;
+    wait_service(&c, "busy", LONG, "1 ready", |v| ready(v).len() == 1).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = async {
+        // 24 clients on a 300 ms endpoint: 24 pending over 1 replica is 3 times the target of
+        // 8 per replica, so the autoscaler goes to 3 (its max).
+        let v = wait_service(&c, "busy", LONG, "scaled out to 3 ready", |v| {
+            ready(v).len() == 3
+        })
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        v
+    };
+    let (result, scaled) = tokio::join!(
+        load(&c, "/s/busy/slow?ms=300", 24, stop.clone(), LONG),
+        watch
+    );
+    let scaled = scaled?;
+    assert_eq!(scaled["target"], 3, "{scaled}");
+    assert!(
+        scaled["decision"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("pending"),
+        "{scaled}"
+    );
+    assert_eq!(
+        result.failed, 0,
+        "no request fails while scaling out: {:?}",
+        result.failures
+    );
+    assert!(result.ok > 0);
+    // Idle: back to min, one step per interval, every extra replica drained and stopped.
+    let stop = Arc::new(AtomicBool::new(false));
+    let idle = async {
+        let v = wait_service(&c, "busy", LONG, "back to 1", |v| {
+            v["target"] == 1 && v["replicas"].as_array().is_some_and(|r| r.len() == 1)
+        })
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        v
+    };
+    // A trickle of requests keeps going while it scales in: none may fail.
+    let (trickle, v) = tokio::join!(load(&c, "/s/busy/slow?ms=20", 1, stop.clone(), LONG), idle);
+    let v = v?;
+    assert_eq!(
+        trickle.failed, 0,
+        "no request fails while scaling in: {:?}",
+        trickle.failures
+    );
+    let ended: Vec<&Value> = v["ended"].as_array().unwrap().iter().collect();
+    assert!(ended.len() >= 2, "{v}");
+    for r in ended {
+        assert_eq!(
+            r["status"], "stopped",
+            "a scaled-in replica is stopped, not failed: {v}"
+        );
+    }
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batching_gives_each_caller_its_own_answer() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    let extra = json!({
+        "replicas": {"min": 1, "max": 1},
+        "batching": {"max_batch_size": 8, "timeout": "300ms"},
+        "env": {"COST_MS": "50"}
+    });
+    serve(&c, &service(&repo, "batch", extra)).await?;
+    wait_service(&c, "batch", LONG, "ready", |v| ready(v).len() == 1).await?;
+    let calls = (0..32).map(|i| {
+        let c = &c;
+        async move {
+            let r = c
+                .client
+                .post(format!("{}/s/batch/predict", c.base_url()))
+                .bearer_auth(&c.token)
+                .json(&json!({"i": i}))
+                .send()
+                .await?;
+            let status = r.status().as_u16();
+            let v: Value = r.json().await?;
+            anyhow::Ok((i, status, v))
+        }
+    });
+    let mut sizes = Vec::new();
+    for r in futures::future::join_all(calls).await {
+        let (i, status, v) = r?;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["echo"],
+            json!({"i": i}),
+            "each caller gets its own answer"
+        );
+        sizes.push(v["batch"].as_u64().unwrap());
+    }
+    assert!(
+        sizes.iter().any(|&s| s > 1),
+        "batches of more than one: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().all(|&s| s <= 8),
+        "never over max_batch_size: {sizes:?}"
+    );
+    let v = c.get("/api/v1/services/batch").await?;
+    assert!(v["traffic"]["mean_batch"].as_f64().unwrap() > 1.0, "{v}");
+    // A body that is not JSON is refused by the proxy, naming why.
+    let r = c
+        .client
+        .post(format!("{}/s/batch/predict", c.base_url()))
+        .bearer_auth(&c.token)
+        .body("not json")
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await?.contains("JSON"));
+    c.shutdown().await
+}
+
+/// A tiny HTTP server that answers every request with `cold` (the cold-start proxy).
+async fn cold_proxy() -> anyhow::Result<std::net::SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = br#"{"version": "cold"}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_start_waits_for_a_replica_or_goes_to_the_proxy_and_idles_back_to_zero()
+-> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1").slots(4))
+        .start()
+        .await?;
+    let fast = json!({"scale_out_interval": "1s", "scale_in_interval": "1s"});
+    serve(
+        &c,
+        &service(
+            &repo,
+            "cold",
+            json!({"replicas": {"min": 0, "max": 1}, "autoscale": fast}),
+        ),
+    )
+    .await?;
+    let v = c.get("/api/v1/services/cold").await?;
+    assert_eq!(v["status"], "idle", "{v}");
+    assert_eq!(v["replicas"], json!([]));
+    // Wait mode: the first request starts a replica and gets its answer.
+    let started = std::time::Instant::now();
+    let (status, body) = call(&c, "/s/cold/first").await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["path"], "/first");
+    eprintln!("cold start answered in {:?}", started.elapsed());
+    // Idle again: back to zero replicas.
+    let v = wait_service(&c, "cold", LONG, "idle", |v| v["status"] == "idle").await?;
+    assert_eq!(v["ended"][0]["status"], "stopped", "{v}");
+
+    // Proxy mode: answered by the cold-start proxy at once, by a replica once one is ready.
+    let addr = cold_proxy().await?;
+    let extra = json!({
+        "replicas": {"min": 0, "max": 1}, "autoscale": fast,
+        "cold_start": {"proxy": format!("http://{addr}")}
+    });
+    serve(&c, &service(&repo, "warm", extra)).await?;
+    let r = c
+        .client
+        .get(format!("{}/s/warm/x", c.base_url()))
+        .bearer_auth(&c.token)
+        .send()
+        .await?;
+    assert_eq!(r.headers()["x-runyard-cold-start"], "proxy");
+    assert_eq!(r.json::<Value>().await?["version"], "cold");
+    wait_service(&c, "warm", LONG, "a replica ready", |v| ready(v).len() == 1).await?;
+    let (status, body) = call(&c, "/s/warm/x").await?;
+    assert_eq!(
+        (status, body["version"].as_str()),
+        (200, Some("1")),
+        "{body}"
+    );
+
+    // A replica that never gets ready: the request gives up after cold_start.timeout, saying why.
+    let extra = json!({
+        "replicas": {"min": 1, "max": 1}, "health": "/missing",
+        "cold_start": {"timeout": "1s"}
+    });
+    serve(&c, &service(&repo, "never", extra)).await?;
+    let (status, body) = call(&c, "/s/never/x").await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("no ready replica"),
+        "{body}"
+    );
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_brings_new_replicas_up_before_old_ones_drain_and_fails_no_request()
+-> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1").slots(6))
+        .start()
+        .await?;
+    let v1 = service(
+        &repo,
+        "roll",
+        json!({"replicas": {"min": 2, "max": 2}, "env": {"VERSION": "1"}}),
+    );
+    serve(&c, &v1).await?;
+    wait_service(&c, "roll", LONG, "2 ready", |v| ready(v).len() == 2).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rollout = async {
+        let mut v2 = v1.clone();
+        v2["env"] = json!({"VERSION": "2"});
+        let updated = serve(&c, &v2).await?;
+        assert_eq!(updated["generation"], 2, "{updated}");
+        let v = wait_service(&c, "roll", LONG, "rolled to generation 2", |v| {
+            let live = v["replicas"].as_array().unwrap();
+            live.len() == 2
+                && live
+                    .iter()
+                    .all(|r| r["generation"] == 2 && r["ready"] == true)
+        })
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        v
+    };
+    let (result, v) = tokio::join!(
+        load(&c, "/s/roll/slow?ms=50", 6, stop.clone(), LONG),
+        rollout
+    );
+    let v = v?;
+    assert_eq!(
+        result.failed, 0,
+        "no request fails in a rollout: {:?}",
+        result.failures
+    );
+    assert_eq!(result.versions.first().map(String::as_str), Some("1"));
+    assert_eq!(result.versions.last().map(String::as_str), Some("2"));
+    for r in v["ended"].as_array().unwrap() {
+        assert_eq!(r["generation"], 1);
+        assert_eq!(
+            r["status"], "stopped",
+            "old replicas drained and stopped: {v}"
+        );
+    }
+    // Serving the same spec again changes nothing.
+    let mut v2 = v1.clone();
+    v2["env"] = json!({"VERSION": "2"});
+    assert_eq!(serve(&c, &v2).await?["generation"], 2);
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_service_specs_are_refused_naming_the_field() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let c = TestCluster::builder().start().await?;
+    let cases = [
+        (json!({"replicas": {"min": 3, "max": 2}}), "replicas.min"),
+        (
+            json!({"batching": {"max_batch_size": 0}}),
+            "batching.max_batch_size",
+        ),
+        (
+            json!({"autoscale": {"policy": "scaling"}}),
+            "autoscale.policy",
+        ),
+        (
+            json!({"autoscale": {"policy": "../up.py:scale"}}),
+            "autoscale.policy",
+        ),
+        (json!({"replicas": {"max": 0}}), "replicas.max"),
+        (json!({"timeout": "1h"}), "timeout"),
+        (json!({"name": "Has Spaces"}), "name"),
+        (
+            json!({"cold_start": {"proxy": "file:///etc/passwd"}}),
+            "cold_start.proxy",
+        ),
+        (json!({"replicas": {"min": 1, "surge": 2}}), "surge"),
+    ];
+    for (extra, field) in cases {
+        let (status, body) = c
+            .post("/api/v1/services", &service(&repo, "bad", extra.clone()))
+            .await?;
+        assert_eq!(status, 400, "{extra}: {body}");
+        assert_eq!(body["field"], field, "{extra}: {body}");
+    }
+    assert_eq!(
+        c.get("/api/v1/services").await?["services"],
+        json!([]),
+        "nothing stored"
+    );
+    c.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_a_lost_agent_is_replaced_elsewhere() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let mut c = TestCluster::builder()
+        .agent_ttl(Duration::from_secs(3))
+        .agent(AgentSpec::new("a1"))
+        .agent(AgentSpec::new("a2"))
+        .start()
+        .await?;
+    serve(
+        &c,
+        &service(&repo, "lost", json!({"replicas": {"min": 1, "max": 1}})),
+    )
+    .await?;
+    let v = wait_service(&c, "lost", LONG, "ready", |v| ready(v).len() == 1).await?;
+    let first = ready(&v)[0]["agent"].as_str().unwrap().to_string();
+    c.kill_agent(&first).await?;
+    let v = wait_service(&c, "lost", LONG, "ready elsewhere", |v| {
+        ready(v)
+            .iter()
+            .any(|r| r["agent"].as_str() != Some(first.as_str()))
+    })
+    .await?;
+    let (status, body) = call(&c, "/s/lost/again").await?;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(ready(&v)[0]["agent"].as_str(), Some(first.as_str()));
+    c.shutdown().await
+}
