@@ -35,6 +35,9 @@ pub struct Attempt {
     pub gpus: Vec<u32>,
     /// The port given to the attempt (`$PORT`), once chosen; tunnels connect only to it.
     pub port: std::sync::OnceLock<u16>,
+    /// How its process was started (interpreter, directory, environment, user), once it was:
+    /// a service's scaling policy runs the same way.
+    pub runtime: std::sync::OnceLock<crate::process::ProcessSpec>,
 }
 
 impl Attempt {
@@ -96,6 +99,7 @@ impl Attempts {
             stop: watch::channel(None).0,
             gpus,
             port: std::sync::OnceLock::new(),
+            runtime: std::sync::OnceLock::new(),
         });
         map.insert(key, a.clone());
         drop(map);

@@ -240,6 +240,38 @@ async fn execute(
         Ok(p) => p,
         Err(end) => return (end, None),
     };
+    let checkpoint = match &spec.model_from {
+        None => None,
+        Some(from) => {
+            let into = dir.join("checkpoint");
+            let fetch = crate::download::download_checkpoint(
+                &svc.controller,
+                &svc.auth,
+                &a.job_id,
+                a.attempt,
+                from,
+                &into,
+            );
+            tokio::select! {
+                r = fetch => match r {
+                    Ok(path) => {
+                        info!(job = %a.job_id, source = %from, path = %path.display(), "checkpoint fetched");
+                        Some(path)
+                    }
+                    Err(e) => {
+                        return (
+                            End::failed(
+                                FailureKind::Agent,
+                                format!("model_from: cannot fetch the checkpoint of job {from}: {e}"),
+                            ),
+                            None,
+                        );
+                    }
+                },
+                req = wait_stop(&mut stop_rx) => return (End::stopped(&req), None),
+            }
+        }
+    };
     let report_file = dir.join("report.jsonl");
     let cgroup = match hand_over(svc, a, spec, dir, identity).await {
         Ok(cgroup) => cgroup,
@@ -304,6 +336,9 @@ async fn execute(
             }
         }
     }
+    if let Some(path) = &checkpoint {
+        env.push(("RUNYARD_CHECKPOINT".into(), path.display().to_string()));
+    }
     env.push(("RUNYARD_JOB_ID".into(), a.job_id.clone()));
     env.push(("RUNYARD_ATTEMPT_NUMBER".into(), a.attempt.to_string()));
     if identity.run_as.is_some() {
@@ -330,19 +365,18 @@ async fn execute(
         a.clone(),
         tail_done.clone(),
     ));
-    let spawned = JobProcess::spawn(
-        ProcessSpec {
-            program: python.clone(),
-            args,
-            cwd: src.clone(),
-            env,
-            marker: format!("{}/{}", a.job_id, a.attempt),
-            agent_name: svc.identity.clone(),
-            run_as: identity.run_as,
-            cgroup: cgroup.clone(),
-        },
-        tx,
-    );
+    let process = ProcessSpec {
+        program: python.clone(),
+        args,
+        cwd: src.clone(),
+        env,
+        marker: format!("{}/{}", a.job_id, a.attempt),
+        agent_name: svc.identity.clone(),
+        run_as: identity.run_as,
+        cgroup: cgroup.clone(),
+    };
+    let _ = a.runtime.set(process.clone());
+    let spawned = JobProcess::spawn(process, tx);
     let mut proc = match spawned {
         Ok(p) => p,
         Err(e) => {

@@ -254,6 +254,28 @@ impl SessionLoop {
                     debug!(job = %r.job_id, attempt = r.attempt, "attempt released");
                 }
             }
+            Some(In::Evaluate(e)) => {
+                let attempt = attempts.get(&e.job_id, e.attempt);
+                let tx = tx.clone();
+                // Off the session loop: a policy may take seconds.
+                self.svc.tasks.spawn(async move {
+                    let result = match attempt {
+                        Some(a) => crate::policy::evaluate(&a, &e.policy, &e.input_json).await,
+                        None => Err("this agent does not hold that replica".into()),
+                    };
+                    let (value, error) = match result {
+                        Ok(v) => (Some(v), String::new()),
+                        Err(why) => (None, why),
+                    };
+                    let _ = tx
+                        .send(msg(Out::Evaluated(v1::Evaluated {
+                            request_id: e.request_id,
+                            value,
+                            error,
+                        })))
+                        .await;
+                });
+            }
             Some(In::Registered(_)) | Some(In::Reject(_)) | None => {}
         }
     }

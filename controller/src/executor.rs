@@ -156,6 +156,7 @@ impl Controller {
         owner: &str,
         service: Option<runyard_model::ReplicaOf>,
     ) -> Result<Job, SubmitError> {
+        self.check_model_from(&spec).await?;
         let spec = self.secrets.take(&id, spec).await?;
         let mut state = JobState::new(id, spec, Timestamp::now());
         state.intent.owner = Some(owner.to_string());
@@ -177,6 +178,50 @@ impl Controller {
         info!(job = %job.id, name = %job.name, compute = %job.spec.compute, %owner, "job submitted");
         self.kick();
         Ok(job)
+    }
+
+    /// The job's best checkpoint: that of its latest attempt that has one.
+    pub async fn checkpoint_of(
+        &self,
+        job: &Job,
+    ) -> Result<
+        Option<(
+            crate::artifacts::ArtifactMeta,
+            crate::artifacts::ArtifactReader,
+        )>,
+        crate::artifacts::ArtifactError,
+    > {
+        for attempt in (1..=job.attempt).rev() {
+            if let Some(found) = self.artifacts.open(&job.id, attempt).await? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `model_from` names a finished job with a checkpoint to serve or start from.
+    pub async fn check_model_from(&self, spec: &JobSpec) -> Result<(), SubmitError> {
+        let Some(from) = &spec.model_from else {
+            return Ok(());
+        };
+        let bad =
+            |m: String| SubmitError::Invalid(runyard_model::ValidationError::new("model_from", m));
+        let Some(job) = self.jobs.fetch(from).await? else {
+            return Err(bad(format!("no job with id `{from}`")));
+        };
+        if job.status != JobStatus::Succeeded {
+            return Err(bad(format!(
+                "job `{from}` is {}: only a succeeded job's checkpoint is used",
+                job.status
+            )));
+        }
+        match self.checkpoint_of(&job).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(bad(format!(
+                "job `{from}` has no checkpoint (its script reported none, or the upload failed)"
+            ))),
+            Err(e) => Err(bad(format!("cannot read job `{from}`'s checkpoint: {e}"))),
+        }
     }
 
     /// The assignment of the job's current attempt, with its secret values resolved (only here,

@@ -171,9 +171,93 @@ fn refused(agent: &str, what: &'static str, job_id: &str, attempt: u32, why: &Re
 type Outbound =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::ControllerMessage, Status>> + Send>>;
 
+type CheckpointStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::CheckpointChunk, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl v1::agent_service_server::AgentService for AgentService {
     type SessionStream = Outbound;
+    type DownloadCheckpointStream = CheckpointStream;
+
+    async fn download_checkpoint(
+        &self,
+        req: Request<v1::CheckpointRequest>,
+    ) -> Result<Response<CheckpointStream>, Status> {
+        let caller = self.caller(&req);
+        let name = caller.name.unwrap_or_default();
+        if !self.ctl.agents.verify(&name, caller.credential.as_deref()) {
+            return Err(Status::unauthenticated(
+                "checkpoint downloads need an enrolled agent's name and credential",
+            ));
+        }
+        let r = req.into_inner();
+        let job = match placed_on(&self.ctl, &name, &r.job_id, r.attempt).await {
+            Ok(job) => job,
+            Err(why) => {
+                refused(&name, "checkpoint download", &r.job_id, r.attempt, &why);
+                return Err(Status::permission_denied(format!(
+                    "attempt {} of job {:?} was not placed on agent {name}",
+                    r.attempt, r.job_id
+                )));
+            }
+        };
+        if job.spec.model_from.as_deref() != Some(r.source_job_id.as_str()) {
+            warn!(agent = %name, job = %r.job_id, source = ?r.source_job_id, "refused a checkpoint the job's spec does not name");
+            return Err(Status::permission_denied(format!(
+                "job {:?} does not name job {:?} in model_from",
+                r.job_id, r.source_job_id
+            )));
+        }
+        let source = match self.ctl.jobs.fetch(&r.source_job_id).await {
+            Ok(Some(j)) => j,
+            Ok(None) => {
+                return Err(Status::not_found(format!(
+                    "job {:?} is gone",
+                    r.source_job_id
+                )));
+            }
+            Err(_) => return Err(Status::unavailable("the job store is unavailable; retry")),
+        };
+        let (meta, mut file) = match self.ctl.checkpoint_of(&source).await {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                return Err(Status::not_found(format!(
+                    "job {:?} has no checkpoint",
+                    r.source_job_id
+                )));
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot open a checkpoint");
+                return Err(Status::unavailable("cannot read the checkpoint; retry"));
+            }
+        };
+        info!(agent = %name, job = %r.job_id, source = %r.source_job_id, size = meta.size, "sending a checkpoint");
+        let stream = async_stream::try_stream! {
+            use tokio::io::AsyncReadExt;
+            yield v1::CheckpointChunk {
+                part: Some(v1::checkpoint_chunk::Part::Header(v1::CheckpointHeader {
+                    job_id: r.source_job_id.clone(),
+                    attempt: 0,
+                    file_name: meta.file_name.clone(),
+                    size: meta.size,
+                })),
+            };
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).await.map_err(|e| Status::unavailable(format!("reading the checkpoint: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                yield v1::CheckpointChunk {
+                    part: Some(v1::checkpoint_chunk::Part::Data(buf[..n].to_vec())),
+                };
+            }
+            yield v1::CheckpointChunk {
+                part: Some(v1::checkpoint_chunk::Part::Sha256(meta.sha256.clone())),
+            };
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     async fn upload_checkpoint(
         &self,
@@ -572,6 +656,16 @@ impl Session {
                 Some(agent_message::Msg::Status(st)) => {
                     self.ctl.agents.heartbeat(&self.name, Vec::new(), now);
                     self.status(st).await;
+                }
+                Some(agent_message::Msg::Evaluated(e)) => {
+                    let result = match e.value {
+                        Some(v) => Ok(v),
+                        None => Err(e.error),
+                    };
+                    // Only an answer to a call made to this agent is taken.
+                    self.ctl
+                        .services
+                        .evaluated(&self.name, &e.request_id, result);
                 }
                 Some(agent_message::Msg::Register(_)) => {
                     return Err(Status::invalid_argument(

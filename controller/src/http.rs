@@ -755,19 +755,11 @@ async fn checkpoint(State(state): State<ApiState>, JobId(id): JobId) -> Result<R
             None,
         )
     };
-    let mut found = None;
-    for attempt in (1..=job.attempt).rev() {
-        if let Some(f) = state
-            .ctl
-            .artifacts
-            .open(&id, attempt)
-            .await
-            .map_err(|e| unavailable(&e))?
-        {
-            found = Some(f);
-            break;
-        }
-    }
+    let found = state
+        .ctl
+        .checkpoint_of(&job)
+        .await
+        .map_err(|e| unavailable(&e))?;
     let Some((meta, file)) = found else {
         let why = match &job.best {
             Some(b) if b.upload_error.is_some() => format!(

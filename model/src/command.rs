@@ -23,6 +23,14 @@ pub enum AgentCommand {
         grace: Duration,
         reason: String,
     },
+    /// Call a service's scaling policy in the environment of its replica (this attempt).
+    Evaluate {
+        request_id: String,
+        job_id: String,
+        attempt: u32,
+        policy: String,
+        input: String,
+    },
 }
 
 impl AgentCommand {

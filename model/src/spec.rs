@@ -693,6 +693,8 @@ mod tests {
         full["timeout"] = json!("1h");
         full["secrets"] = json!({"TOKEN": {"secret": "hub"}});
         full["memory"] = json!("1GiB");
+        full["port"] = json!(true);
+        full["model_from"] = json!("01h0000000000000000000000a");
         let spec = JobSpec::from_value(full).unwrap();
         let v = serde_json::to_value(&spec).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();

@@ -91,6 +91,19 @@ pub fn command_to_wire(c: &AgentCommand) -> v1::ControllerMessage {
             grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
             reason: reason.clone(),
         }),
+        AgentCommand::Evaluate {
+            request_id,
+            job_id,
+            attempt,
+            policy,
+            input,
+        } => Msg::Evaluate(v1::Evaluate {
+            request_id: request_id.clone(),
+            job_id: job_id.clone(),
+            attempt: *attempt,
+            policy: policy.clone(),
+            input_json: input.clone(),
+        }),
     };
     v1::ControllerMessage { msg: Some(msg) }
 }

@@ -58,3 +58,41 @@ trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger
 trainer.fit(Model(), train, val)
 print("best", ckpt.best_model_path, hashlib.sha256(open(ckpt.best_model_path, "rb").read()).hexdigest())
 "#;
+
+/// A model server for the checkpoint `LIGHTNING_TRAIN` leaves (a linear layer, 8 inputs):
+/// loads `$RUNYARD_CHECKPOINT` with torch at start, answers `POST /predict` (`{"x": [8
+/// floats]}`, or a batch: a JSON array of them) with `{"y": ...}`, and `GET /model` with the
+/// checkpoint's sha256 and state-dict keys.
+pub const LIGHTNING_SERVE: &str = r#"import hashlib, json, os
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+import torch
+
+path = os.environ["RUNYARD_CHECKPOINT"]
+state = torch.load(path, weights_only=False)["state_dict"]
+w, b = state["net.weight"][0], state["net.bias"][0]
+digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+def predict(x):
+    return {"y": float(torch.dot(w, torch.tensor(x, dtype=w.dtype)) + b)}
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def reply(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.reply({"sha256": digest, "keys": sorted(state), "file": os.path.basename(path)})
+    def do_POST(self):
+        data = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        if self.headers.get("x-runyard-batch-size"):
+            return self.reply([predict(d["x"]) for d in data])
+        self.reply(predict(data["x"]))
+
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;

@@ -533,3 +533,72 @@ async fn a_replica_on_a_lost_agent_is_replaced_elsewhere() -> anyhow::Result<()>
     assert_ne!(ready(&v)[0]["agent"].as_str(), Some(first.as_str()));
     c.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_policy_decides_and_a_failing_one_is_shown_while_the_default_applies()
+-> anyhow::Result<()> {
+    let repo = GitRepo::new(&[
+        ("server.py", SERVER_PY),
+        (
+            "scaling.py",
+            "import os\n\ndef scale(replicas, metrics):\n    assert 'pending_requests' in metrics and 'pending_works' in metrics\n    assert os.environ.get('POLICY_SEES') == 'the service env', 'runs in the service environment'\n    return 2\n",
+        ),
+        (
+            "broken.py",
+            "def scale(replicas, metrics):\n    raise ValueError('boom')\n",
+        ),
+        (
+            "strange.py",
+            "def scale(replicas, metrics):\n    return 'many'\n",
+        ),
+    ])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1").slots(4))
+        .start()
+        .await?;
+    let auto = |policy: &str| json!({"scale_out_interval": "1s", "scale_in_interval": "1s", "policy": policy});
+    let spec = |policy: &str| {
+        service(
+            &repo,
+            "pol",
+            json!({"replicas": {"min": 1, "max": 3}, "autoscale": auto(policy), "env": {"POLICY_SEES": "the service env"}}),
+        )
+    };
+    serve(&c, &spec("scaling.py:scale")).await?;
+    let v = wait_service(&c, "pol", LONG, "2 ready by the custom policy", |v| {
+        ready(v).len() == 2
+    })
+    .await?;
+    assert!(
+        v["decision"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("custom (scaling.py:scale)"),
+        "{v}"
+    );
+    assert_eq!(v["policy_error"], Value::Null);
+    // A policy that raises: shown on the service; the default policy (idle: back to min) applies.
+    serve(&c, &spec("broken.py:scale")).await?;
+    let v = wait_service(&c, "pol", LONG, "the error shown and back to 1", |v| {
+        v["policy_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ValueError: boom"))
+            && v["target"] == 1
+    })
+    .await?;
+    assert_eq!(v["generation"], 1, "a new policy is not a rollout: {v}");
+    for (policy, shown) in [
+        ("strange.py:scale", "not an int"),
+        ("missing.py:scale", "autoscale.policy"),
+        ("scaling.py:nope", "has no function `nope`"),
+    ] {
+        serve(&c, &spec(policy)).await?;
+        wait_service(&c, "pol", LONG, shown, |v| {
+            v["policy_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(shown))
+        })
+        .await?;
+    }
+    c.shutdown().await
+}

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use runyard_tests::cluster::{AgentSpec, TestCluster};
 use runyard_tests::fixture::GitRepo;
-use runyard_tests::scripts::LIGHTNING_TRAIN;
+use runyard_tests::scripts::{LIGHTNING_SERVE, LIGHTNING_TRAIN};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lightning_run_reports_progress_metrics_and_best_checkpoint() -> anyhow::Result<()> {
-    let repo = GitRepo::new(&[("train.py", LIGHTNING_TRAIN)])?;
+    let repo = GitRepo::new(&[("train.py", LIGHTNING_TRAIN), ("serve.py", LIGHTNING_SERVE)])?;
     let c = TestCluster::builder()
         .agent(AgentSpec::new("a1"))
         .start()
@@ -125,6 +125,45 @@ async fn lightning_run_reports_progress_metrics_and_best_checkpoint() -> anyhow:
 
     // The log keeps the script's output readable: Lightning's progress bar is coalesced.
     assert!(logs.len() < 64 * 1024, "log is {} bytes", logs.len());
+
+    // Train, then serve the best model with one line: `model_from`.
+    let svc = json!({
+        "name": "model", "repo": repo.url(), "script": "serve.py", "requirements": ["lightning"],
+        "model_from": id, "replicas": {"min": 1, "max": 1}, "health": "/model",
+        "batching": {"max_batch_size": 4, "timeout": "50ms"}
+    });
+    let (status, body) = c.post("/api/v1/services", &svc).await?;
+    assert_eq!(status, 201, "{body}");
+    runyard_tests::services::wait_service(&c, "model", Duration::from_secs(300), "ready", |v| {
+        runyard_tests::services::ready(v).len() == 1
+    })
+    .await?;
+    let served = c.get("/s/model/model").await?;
+    assert_eq!(
+        served["sha256"],
+        sum.as_str(),
+        "the replica loaded the job's best checkpoint"
+    );
+    assert_eq!(served["keys"], json!(["net.bias", "net.weight"]));
+    let r = c
+        .client
+        .post(format!("{}/s/model/predict", c.base_url()))
+        .bearer_auth(&c.token)
+        .json(&json!({"x": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.json::<serde_json::Value>().await?["y"].is_f64());
+    // model_from must name a succeeded job with a checkpoint.
+    let mut bad = svc.clone();
+    bad["name"] = json!("nomodel");
+    bad["model_from"] = json!("01aaaaaaaaaaaaaaaaaaaaaaaa");
+    let (status, body) = c.post("/api/v1/services", &bad).await?;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("model_from")),
+        "{body}"
+    );
     c.shutdown().await
 }
 

@@ -7,6 +7,7 @@
 //! - `batch`: request batching.
 //! - `connect`: how a replica is reached (direct, or a tunnel through its agent).
 //! - `health`: readiness checks.
+//! - `policy`: custom scaling policies, called in a replica's environment through its agent.
 //!
 //! The service record (`services/NAME`) is the intent; this loop follows the store (it reads
 //! the records on every pass), keeps the data plane's endpoints in step with the replica jobs,
@@ -18,6 +19,7 @@ pub mod batch;
 pub mod connect;
 pub mod health;
 pub mod plan;
+pub mod policy;
 pub mod proxy;
 pub mod route;
 
@@ -76,6 +78,7 @@ pub struct Services {
     pub plane: Arc<DataPlane>,
     kick: Arc<Notify>,
     moves: Arc<Mutex<HashMap<String, LastMoves>>>,
+    policies: Arc<policy::Policies>,
 }
 
 impl Services {
@@ -85,7 +88,14 @@ impl Services {
             plane: Arc::new(plane),
             kick: Arc::new(Notify::new()),
             moves: Arc::default(),
+            policies: Arc::default(),
         }
+    }
+
+    /// An agent's answer to a policy call.
+    pub fn evaluated(&self, agent: &str, request_id: &str, result: Result<i64, String>) {
+        self.policies.answer(agent, request_id, result);
+        self.kick();
     }
 
     pub fn kick(&self) {
@@ -156,6 +166,10 @@ impl Services {
         owner: &str,
     ) -> Result<(Service, bool), ServiceError> {
         let name = spec.name.clone();
+        ctl.check_model_from(&spec.job).await.map_err(|e| match e {
+            crate::executor::SubmitError::Invalid(v) => ServiceError::Invalid(v),
+            crate::executor::SubmitError::Store(e) => ServiceError::Refused(e.to_string()),
+        })?;
         let mut spec = spec;
         spec.job = ctl
             .secrets
@@ -338,7 +352,8 @@ impl Services {
             route.sample(now, service.replicas.len() as u32);
         }
         let service = if service.desired == Desired::Run {
-            self.autoscale(&service, &route, &observed, now).await?
+            self.autoscale(ctl, &service, &route, &observed, now)
+                .await?
         } else {
             service
         };
@@ -408,6 +423,7 @@ impl Services {
     /// Lets the policy move the target; returns the record as it is now.
     async fn autoscale(
         &self,
+        ctl: &Controller,
         service: &Service,
         route: &Arc<ServiceRoute>,
         observed: &[Observed],
@@ -426,7 +442,37 @@ impl Services {
                 + observed.iter().filter(|o| o.status.is_none()).count() as u32,
             pending_requests: route.pending(),
         };
-        let proposed = autoscale::default_policy(load, service.spec.target_per_replica());
+        let default = autoscale::default_policy(load, service.spec.target_per_replica());
+        let (proposed, policy_name, policy_error) = match &service.spec.serving.autoscale.policy {
+            None => (default, "default".to_string(), None),
+            Some(p) => {
+                self.call_policy(ctl, service, route, load, p);
+                match self.policies.fresh(&service.name).map(|o| o.result) {
+                    Some(Ok(v)) => (
+                        u32::try_from(v.max(0)).unwrap_or(u32::MAX),
+                        format!("custom ({p})"),
+                        None,
+                    ),
+                    Some(Err(e)) => (default, "default".to_string(), Some(e)),
+                    None => (default, "default".to_string(), service.policy_error.clone()),
+                }
+            }
+        };
+        let service = &if policy_error != service.policy_error {
+            if let Some(e) = &policy_error {
+                warn!(service = %service.name, error = %e, "the custom policy failed; the default applies");
+            }
+            self.update(&service.name, |s| {
+                if s.policy_error == policy_error {
+                    return Ok(false);
+                }
+                s.policy_error = policy_error.clone();
+                Ok(true)
+            })
+            .await?
+        } else {
+            service.clone()
+        };
         let last = self
             .moves
             .lock()
@@ -438,7 +484,7 @@ impl Services {
             return Ok(service.clone());
         };
         let from = service.target;
-        let why = autoscale::why(load, from, to, "default");
+        let why = autoscale::why(load, from, to, &policy_name);
         let updated = self
             .update(&service.name, |s| {
                 if s.target != from || s.desired != Desired::Run {
@@ -463,6 +509,50 @@ impl Services {
         }
         info!(service = %service.name, from, to, %why, "scaled");
         Ok(updated)
+    }
+
+    /// Calls the service's policy through the agent of its oldest ready replica (none ready:
+    /// no call, the default policy applies).
+    fn call_policy(
+        &self,
+        ctl: &Controller,
+        service: &Service,
+        route: &Arc<ServiceRoute>,
+        load: Load,
+        policy: &str,
+    ) {
+        let endpoints = route.endpoints();
+        let Some(ep) = endpoints
+            .iter()
+            .filter(|e| e.generation == service.generation && e.in_rotation())
+            .min_by_key(|e| e.index)
+        else {
+            return;
+        };
+        let (rate, p50, p99) = {
+            let st = route.stats.lock().unwrap();
+            let (p50, p99) = st.percentiles().unzip();
+            (st.rate(), p50, p99)
+        };
+        let extra = serde_json::json!({
+            "queued": route.queued.load(Ordering::SeqCst),
+            "request_rate": rate,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "target": service.target,
+            "min": service.spec.serving.replicas.min,
+            "max": service.spec.serving.replicas.max,
+        });
+        self.policies.maybe_call(
+            &ctl.agents,
+            &service.name,
+            policy,
+            &ep.agent,
+            &ep.job,
+            ep.attempt,
+            load,
+            extra,
+        );
     }
 
     async fn apply_step(
