@@ -397,7 +397,7 @@ fn validate_args(args: &[String]) -> Result<(), ValidationError> {
 }
 
 /// Every field of `JobSpec` as it appears in JSON.
-const FIELDS: [&str; 14] = [
+const FIELDS: [&str; 16] = [
     "name",
     "repo",
     "revision",
@@ -412,6 +412,8 @@ const FIELDS: [&str; 14] = [
     "stop_grace",
     "secrets",
     "memory",
+    "port",
+    "model_from",
 ];
 
 /// Reads a spec that was validated when it was submitted (a stored job, an API reply), ignoring
@@ -683,6 +685,8 @@ mod tests {
         full["timeout"] = json!("1h");
         full["secrets"] = json!({"TOKEN": {"secret": "hub"}});
         full["memory"] = json!("1GiB");
+        full["port"] = json!(true);
+        full["model_from"] = json!("01hzx3k8m9q2r4s5t6v7w8x9yz");
         let spec = JobSpec::from_value(full).unwrap();
         let v = serde_json::to_value(&spec).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
