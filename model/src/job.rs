@@ -188,6 +188,9 @@ pub struct Job {
     /// GPU indices of the current attempt on its agent.
     #[serde(default)]
     pub gpus: Vec<u32>,
+    /// The port the agent gave the current attempt (`$PORT`), once it runs.
+    #[serde(default)]
+    pub port: Option<u16>,
     /// The resolved revision.
     pub commit: Option<String>,
     pub exit_code: Option<i32>,
@@ -325,6 +328,7 @@ impl JobState {
             attempt: i.attempt,
             agent: on_agent.map(|p| p.agent.clone()),
             gpus: on_agent.map(|p| p.gpus.clone()).unwrap_or_default(),
+            port: on_agent.and_then(|p| p.port),
             commit: p.and_then(|p| p.commit.clone()),
             exit_code: p.and_then(|p| p.exit_code),
             reason: i.reason.clone(),
@@ -383,7 +387,7 @@ impl JobState {
                 best_callback: job.best_callback,
                 environment: job.environment.clone(),
                 report_offset: job.report_offset,
-                port: None,
+                port: job.port,
             }
         });
         let earlier = job
