@@ -22,6 +22,7 @@ use crate::logs::LogStore;
 use crate::reconcile::{self, Action};
 use crate::reports::ReportFolder;
 use crate::secrets::{SecretError, Secrets};
+use crate::tunnel::Tunnels;
 
 /// Why a submit failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,8 @@ pub struct Controller {
     pub fold: ReportFolder,
     /// Controller-side secrets and each job's secret values.
     pub secrets: Secrets,
+    /// Byte streams to attempts' ports, through their agents (`tunnel.rs`).
+    pub tunnels: Tunnels,
     kick: Arc<Notify>,
     /// Jobs whose last action failed, and until when they are left alone.
     retry: Arc<Mutex<HashMap<String, Retry>>>,
@@ -111,6 +114,7 @@ impl Controller {
             logs,
             agent_ttl,
             fold: ReportFolder::default(),
+            tunnels: Tunnels::default(),
             kick: Arc::new(Notify::new()),
             retry: Arc::default(),
         }

@@ -14,6 +14,7 @@
 //! - `executor`: the level-triggered loop that applies plans and talks to agents.
 //! - `history`: deleting finished jobs with their files, and the retention task.
 //! - `grpc`: the agent-facing `Session` stream: translator and trust boundary.
+//! - `tunnel`: byte streams to attempts' ports, carried by their agents' connections.
 //! - `http`: the user-facing JSON API.
 //! - `tokens`: admin and agent join tokens in the data dir.
 //! - `tls`: the CA and server certificate in the data dir (or an operator's), rustls configs.
@@ -47,6 +48,7 @@ pub mod store;
 pub mod tls;
 pub mod tls_accept;
 pub mod tokens;
+pub mod tunnel;
 pub mod ui;
 
 pub use executor::Controller;
