@@ -181,6 +181,18 @@ pub async fn run(
     grpc: TcpListener,
     cancel: CancellationToken,
 ) -> Result<(), ControllerError> {
+    run_with(config, http, grpc, cancel, |_| {}).await
+}
+
+/// `run`, handing the controller's core to `started` once it is built, before the servers
+/// start (tests drive the core through it, e.g. `tunnels`).
+pub async fn run_with(
+    config: Config,
+    http: TcpListener,
+    grpc: TcpListener,
+    cancel: CancellationToken,
+    started: impl FnOnce(&Controller),
+) -> Result<(), ControllerError> {
     let data_err = |source| ControllerError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -208,6 +220,7 @@ pub async fn run(
         artifact_store,
         config.agent_ttl,
     );
+    started(&ctl);
     info!(
         store = store.kind(),
         jobs = ctl.jobs.len(),
