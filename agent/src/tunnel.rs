@@ -70,7 +70,10 @@ pub async fn serve(
     let (tx, replica) = match replica {
         Ok(tcp) => (Some(tx), Some(tcp)),
         // The call ends after the header: the controller's `open` fails with the reason.
-        Err(_) => (None, None),
+        Err(_) => {
+            drop(tx);
+            (None, None)
+        }
     };
     let call = tokio::select! {
         r = client.tunnel(ReceiverStream::new(rx)) => r,

@@ -276,7 +276,10 @@ impl v1::agent_service_server::AgentService for AgentService {
             }
         };
         match self.ctl.tunnels.accept(&name, &header, Box::pin(frames)) {
-            Ok(out) => Ok(Response::new(out)),
+            // A tunnel lasts as long as its user keeps it, but not past shutdown.
+            Ok(out) => Ok(Response::new(Box::pin(
+                out.take_until(self.cancel.clone().cancelled_owned()),
+            ))),
             Err(error @ tunnel::AcceptError::Gone(_)) => {
                 debug!(agent = %name, %error, "a tunnel opened too late");
                 Err(Status::cancelled(error.to_string()))

@@ -241,7 +241,19 @@ async fn an_agent_refuses_tunnels_to_what_it_does_not_hold() -> anyhow::Result<(
     // And the real one still opens.
     let mut io = BufReader::new(open(&c, &id).await?);
     assert_eq!(call(&mut io, "GET", "/ok", b"").await?.0, 200);
-    drop(io);
+
+    // A tunnel left open does not hold the controller's shutdown; its user reads the end.
+    let mut c = c;
+    let started = Instant::now();
+    c.stop_controller().await?;
+    assert!(
+        started.elapsed() < runyard_controller::SHUTDOWN_DEADLINE,
+        "the controller stopped in {:?} with a tunnel open",
+        started.elapsed()
+    );
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(LONG, io.read_to_end(&mut rest)).await?;
+    assert!(rest.is_empty(), "{end:?}");
     c.shutdown().await
 }
 
