@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Log chunks stay `Bytes` end to end: no copy between the wire and the log file.
     tonic_prost_build::configure()
         .bytes(".runyard.agent.v1.LogChunk.data")
+        // Tunnel data likewise: decoded as a slice of the receive buffer, not a copy.
+        .bytes(".runyard.agent.v1.TunnelFrame.data")
         .compile_fds(fds)?;
     Ok(())
 }

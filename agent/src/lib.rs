@@ -17,6 +17,7 @@
 //! - `cgroup`: one cgroup per attempt (v2, v1 or none): kill-all, memory limit, OOM.
 //! - `git_auth`: git credentials by host, sent over https or ssh only.
 //! - `upload`: streams the best checkpoint to the controller's artifact store.
+//! - `tunnel`: the agent's end of a tunnel: the controller's bytes to and from an attempt's port.
 //! - `gpu`: GPU detection and sampling through NVML.
 
 use std::path::PathBuf;
@@ -44,6 +45,7 @@ pub mod runner;
 pub mod session;
 pub mod spool;
 pub mod trust;
+pub mod tunnel;
 pub mod upload;
 
 /// Validated agent configuration.

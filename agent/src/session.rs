@@ -162,7 +162,7 @@ impl SessionLoop {
         ));
         let result = loop {
             match inbound.message().await {
-                Ok(Some(m)) => self.handle(m, &tx).await,
+                Ok(Some(m)) => self.handle(m, &tx, &client, cancel).await,
                 Ok(None) => break Err(SessionError::Closed),
                 Err(status) => break Err(SessionError::Broken(status)),
             }
@@ -206,7 +206,13 @@ impl SessionLoop {
         }
     }
 
-    async fn handle(&self, m: v1::ControllerMessage, tx: &mpsc::Sender<v1::AgentMessage>) {
+    async fn handle(
+        &self,
+        m: v1::ControllerMessage,
+        tx: &mpsc::Sender<v1::AgentMessage>,
+        client: &crate::dial::Client,
+        cancel: &CancellationToken,
+    ) {
         let attempts = &self.svc.attempts;
         match m.msg {
             Some(In::Assign(a)) => self.assign(a, tx).await,
@@ -275,6 +281,14 @@ impl SessionLoop {
                         })))
                         .await;
                 });
+            }
+            Some(In::OpenTunnel(o)) => {
+                // On the session's own connection (its client): the controller may not be able
+                // to reach this host. The tunnel outlives no shutdown, and blocks no message.
+                let span = info_span!(parent: None, "tunnel", job = %o.job_id, attempt = o.attempt);
+                let serve =
+                    crate::tunnel::serve(attempts.clone(), client.clone(), o, cancel.child_token());
+                self.svc.tasks.spawn(serve.instrument(span));
             }
             Some(In::Registered(_)) | Some(In::Reject(_)) | None => {}
         }

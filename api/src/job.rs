@@ -39,6 +39,11 @@ pub struct JobView {
     /// GPU indices of the current attempt on its agent.
     #[serde(default)]
     pub gpus: Vec<u32>,
+    /// The port the agent gave the current attempt (`$PORT`) when its spec asks for one, once
+    /// it runs.
+    #[serde(default)]
+    #[schema(required)]
+    pub port: Option<u16>,
     /// The resolved revision.
     #[schema(required)]
     pub commit: Option<String>,
@@ -97,6 +102,7 @@ impl From<&Job> for JobView {
             attempt: j.attempt,
             agent: j.agent.clone(),
             gpus: j.gpus.clone(),
+            port: j.port,
             commit: j.commit.clone(),
             exit_code: j.exit_code,
             reason: j.reason.clone(),

@@ -16,6 +16,10 @@ pub struct PlacementView {
     pub agent: String,
     /// GPU indices it held on the agent.
     pub gpus: Vec<u32>,
+    /// The port the agent gave the attempt (`$PORT`) when its spec asks for one.
+    #[serde(default)]
+    #[schema(required)]
+    pub port: Option<u16>,
     /// The attempt's own status: `scheduled`, `preparing`, `running`, `stopping`, then
     /// `succeeded`, `failed`, `stopped` or `lost`. A failed attempt with retries left leaves
     /// the job `pending` while this stays `failed`.
@@ -52,6 +56,7 @@ impl From<&Placement> for PlacementView {
             attempt: p.attempt,
             agent: p.agent.clone(),
             gpus: p.gpus.clone(),
+            port: p.port,
             status: p.status,
             commit: p.commit.clone(),
             exit_code: p.exit_code,

@@ -22,6 +22,7 @@ use crate::logs::LogStore;
 use crate::reconcile::{self, Action};
 use crate::reports::ReportFolder;
 use crate::secrets::{SecretError, Secrets};
+use crate::tunnel::Tunnels;
 
 /// Why a submit failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,23 @@ impl From<SecretError> for SubmitError {
             )),
         }
     }
+}
+
+/// The services, reaching replicas directly or through their agents' tunnels.
+fn services(
+    jobs: &Jobs,
+    agents: &Agents,
+    tunnels: &Tunnels,
+    mode: crate::services::connect::PathMode,
+) -> crate::services::Services {
+    let through = crate::tunnel::ThroughAgents {
+        tunnels: tunnels.clone(),
+        agents: agents.clone(),
+    };
+    crate::services::Services::new(
+        jobs.store(),
+        crate::services::proxy::DataPlane::new(mode, Some(Arc::new(through))),
+    )
 }
 
 /// A new job id: a ULID in lower case.
@@ -73,6 +91,8 @@ pub struct Controller {
     pub secrets: Secrets,
     /// Services: their records, the data plane, the autoscaler.
     pub services: crate::services::Services,
+    /// Byte streams to attempts' ports, through their agents (`tunnel.rs`).
+    pub tunnels: Tunnels,
     kick: Arc<Notify>,
     /// Jobs whose last action failed, and until when they are left alone.
     retry: Arc<Mutex<HashMap<String, Retry>>>,
@@ -109,12 +129,10 @@ impl Controller {
         artifacts: Arc<dyn ArtifactStore>,
         agent_ttl: Duration,
     ) -> Controller {
+        let tunnels = Tunnels::default();
         Controller {
             secrets: Secrets::new(jobs.store()),
-            services: crate::services::Services::new(
-                jobs.store(),
-                crate::services::proxy::DataPlane::new(Default::default(), None),
-            ),
+            services: services(&jobs, &agents, &tunnels, Default::default()),
             reports,
             artifacts,
             jobs,
@@ -122,6 +140,7 @@ impl Controller {
             logs,
             agent_ttl,
             fold: ReportFolder::default(),
+            tunnels,
             kick: Arc::new(Notify::new()),
             retry: Arc::default(),
         }
@@ -129,10 +148,7 @@ impl Controller {
 
     /// Reaches service replicas only by `mode` (`--service-path`).
     pub fn with_service_path(mut self, mode: crate::services::connect::PathMode) -> Controller {
-        self.services = crate::services::Services::new(
-            self.jobs.store(),
-            crate::services::proxy::DataPlane::new(mode, None),
-        );
+        self.services = services(&self.jobs, &self.agents, &self.tunnels, mode);
         self
     }
 

@@ -13,6 +13,11 @@
 //! files). Anything else is refused, logged with the agent, job and attempt, and changes
 //! nothing. An agent authenticates with its own credential (`Agents::admit`); one agent has one
 //! session at a time (`Agents::claim`).
+//!
+//! `UploadCheckpoint` and `Tunnel` are calls of their own, made with the agent's own credential
+//! (`enrolled`). A `Tunnel` call is accepted only for a tunnel the controller asked that agent
+//! for, naming the same job and attempt (`tunnel.rs`); anything else is refused, logged and
+//! changes nothing.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -36,6 +41,7 @@ use crate::executor::Controller;
 use crate::logs::Appended;
 use crate::reconcile::{self, Reply};
 use crate::tokens::token_eq;
+use crate::tunnel;
 
 /// The controller's store of a line stream.
 fn line_store(ctl: &Controller, stream: v1::Stream) -> &crate::logs::LogStore {
@@ -110,6 +116,21 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    /// The calling agent's name, when the call carries that enrolled agent's own credential
+    /// (uploads and tunnels: only a session enrols).
+    fn enrolled<T>(&self, req: &Request<T>, what: &str) -> Result<String, Status> {
+        let caller = self.caller(req);
+        let name = caller.name.unwrap_or_default();
+        if !self.ctl.agents.verify(&name, caller.credential.as_deref()) {
+            return Err(Status::unauthenticated(format!(
+                "{what} need an enrolled agent's name and credential"
+            )));
+        }
+        Ok(name)
+    }
+}
+
 /// The one place an enrolment refusal becomes a gRPC status.
 fn admit_status(e: AdmitError) -> Status {
     match e {
@@ -177,6 +198,7 @@ type CheckpointStream =
 #[tonic::async_trait]
 impl v1::agent_service_server::AgentService for AgentService {
     type SessionStream = Outbound;
+    type TunnelStream = tunnel::Outbound;
     type DownloadCheckpointStream = CheckpointStream;
 
     async fn download_checkpoint(
@@ -263,13 +285,7 @@ impl v1::agent_service_server::AgentService for AgentService {
         &self,
         req: Request<Streaming<v1::CheckpointChunk>>,
     ) -> Result<Response<v1::CheckpointReceipt>, Status> {
-        let caller = self.caller(&req);
-        let name = caller.name.unwrap_or_default();
-        if !self.ctl.agents.verify(&name, caller.credential.as_deref()) {
-            return Err(Status::unauthenticated(
-                "checkpoint uploads need an enrolled agent's name and credential",
-            ));
-        }
+        let name = self.enrolled(&req, "checkpoint uploads")?;
         let mut chunks = req.into_inner();
         let header = match chunks.message().await? {
             Some(v1::CheckpointChunk {
@@ -323,6 +339,40 @@ impl v1::agent_service_server::AgentService for AgentService {
             }
         }
         Err(Status::invalid_argument("upload ended before its sha256"))
+    }
+
+    /// Checked like an upload (the agent's own credential), then handed to the tunnel that
+    /// waits for it only if that tunnel was asked of this agent for this job and attempt.
+    async fn tunnel(
+        &self,
+        req: Request<Streaming<v1::TunnelFrame>>,
+    ) -> Result<Response<tunnel::Outbound>, Status> {
+        let name = self.enrolled(&req, "tunnels")?;
+        let mut frames = req.into_inner();
+        let header = match frames.message().await? {
+            Some(v1::TunnelFrame {
+                part: Some(v1::tunnel_frame::Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a tunnel must be its header",
+                ));
+            }
+        };
+        match self.ctl.tunnels.accept(&name, &header, Box::pin(frames)) {
+            // A tunnel lasts as long as its user keeps it, but not past shutdown.
+            Ok(out) => Ok(Response::new(Box::pin(
+                out.take_until(self.cancel.clone().cancelled_owned()),
+            ))),
+            Err(error @ tunnel::AcceptError::Gone(_)) => {
+                debug!(agent = %name, %error, "a tunnel opened too late");
+                Err(Status::cancelled(error.to_string()))
+            }
+            Err(error) => {
+                warn!(agent = %name, job = ?header.job_id, attempt = header.attempt, %error, "refused a tunnel the controller did not ask this agent for");
+                Err(Status::permission_denied(error.to_string()))
+            }
+        }
     }
 
     async fn session(

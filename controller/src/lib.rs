@@ -15,6 +15,7 @@
 //! - `executor`: the level-triggered loop that applies plans and talks to agents.
 //! - `history`: deleting finished jobs with their files, and the retention task.
 //! - `grpc`: the agent-facing `Session` stream: translator and trust boundary.
+//! - `tunnel`: byte streams to attempts' ports, carried by their agents' connections.
 //! - `http`: the user-facing JSON API.
 //! - `tokens`: admin and agent join tokens in the data dir.
 //! - `tls`: the CA and server certificate in the data dir (or an operator's), rustls configs.
@@ -49,6 +50,7 @@ pub mod store;
 pub mod tls;
 pub mod tls_accept;
 pub mod tokens;
+pub mod tunnel;
 pub mod ui;
 
 pub use executor::Controller;
@@ -184,6 +186,18 @@ pub async fn run(
     grpc: TcpListener,
     cancel: CancellationToken,
 ) -> Result<(), ControllerError> {
+    run_with(config, http, grpc, cancel, |_| {}).await
+}
+
+/// `run`, handing the controller's core to `started` once it is built, before the servers
+/// start (tests drive the core through it, e.g. `tunnels`).
+pub async fn run_with(
+    config: Config,
+    http: TcpListener,
+    grpc: TcpListener,
+    cancel: CancellationToken,
+    started: impl FnOnce(&Controller),
+) -> Result<(), ControllerError> {
     let data_err = |source| ControllerError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -212,6 +226,7 @@ pub async fn run(
         config.agent_ttl,
     )
     .with_service_path(config.service_path);
+    started(&ctl);
     info!(
         store = store.kind(),
         jobs = ctl.jobs.len(),

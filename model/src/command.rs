@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::job::{Desired, Job};
 use crate::spec::JobSpec;
 
-/// An order for one attempt on one agent. Both are idempotent on the agent.
+/// An order for one attempt on one agent. `Assign` and `Stop` are idempotent on the agent.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentCommand {
     /// Run attempt `attempt` of the job with these GPUs.
@@ -30,6 +30,13 @@ pub enum AgentCommand {
         attempt: u32,
         policy: String,
         input: String,
+    },
+    /// Connect to the attempt's port (`$PORT`) on the agent's loopback and open the `Tunnel`
+    /// call named `tunnel_id` back to the controller. Each id is one connection.
+    OpenTunnel {
+        tunnel_id: String,
+        job_id: String,
+        attempt: u32,
     },
 }
 

@@ -188,6 +188,9 @@ pub struct Job {
     /// GPU indices of the current attempt on its agent.
     #[serde(default)]
     pub gpus: Vec<u32>,
+    /// The port the agent gave the current attempt (`$PORT`), once it runs.
+    #[serde(default)]
+    pub port: Option<u16>,
     /// The resolved revision.
     pub commit: Option<String>,
     pub exit_code: Option<i32>,
@@ -232,9 +235,6 @@ pub struct Job {
     /// The service this job is a replica of (never in a version 1 record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<crate::service::ReplicaOf>,
-    /// The current attempt's port (`$PORT`), once it runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
 }
 
 /// Which agent an attempt was placed on (see `Job::placed_on`).
@@ -331,6 +331,7 @@ impl JobState {
             attempt: i.attempt,
             agent: on_agent.map(|p| p.agent.clone()),
             gpus: on_agent.map(|p| p.gpus.clone()).unwrap_or_default(),
+            port: on_agent.and_then(|p| p.port),
             commit: p.and_then(|p| p.commit.clone()),
             exit_code: p.and_then(|p| p.exit_code),
             reason: i.reason.clone(),
@@ -350,7 +351,6 @@ impl JobState {
             report_offset: p.map_or(0, |p| p.report_offset),
             placements,
             service: i.service.clone(),
-            port: on_agent.and_then(|p| p.port),
         }
     }
 
@@ -391,7 +391,7 @@ impl JobState {
                 best_callback: job.best_callback,
                 environment: job.environment.clone(),
                 report_offset: job.report_offset,
-                port: None,
+                port: job.port,
             }
         });
         let earlier = job

@@ -104,6 +104,15 @@ pub fn command_to_wire(c: &AgentCommand) -> v1::ControllerMessage {
             policy: policy.clone(),
             input_json: input.clone(),
         }),
+        AgentCommand::OpenTunnel {
+            tunnel_id,
+            job_id,
+            attempt,
+        } => Msg::OpenTunnel(v1::OpenTunnel {
+            tunnel_id: tunnel_id.clone(),
+            job_id: job_id.clone(),
+            attempt: *attempt,
+        }),
     };
     v1::ControllerMessage { msg: Some(msg) }
 }
@@ -258,6 +267,20 @@ mod tests {
             Some(Msg::Stop(s)) => {
                 assert_eq!((s.attempt, s.grace_ms), (2, 3000));
                 assert_eq!(s.reason, "stopped by user");
+            }
+            other => panic!("{other:?}"),
+        }
+        let open = AgentCommand::OpenTunnel {
+            tunnel_id: "t1".into(),
+            job_id: "j".into(),
+            attempt: 2,
+        };
+        match command_to_wire(&open).msg {
+            Some(Msg::OpenTunnel(o)) => {
+                assert_eq!(
+                    (o.tunnel_id.as_str(), o.job_id.as_str(), o.attempt),
+                    ("t1", "j", 2)
+                )
             }
             other => panic!("{other:?}"),
         }

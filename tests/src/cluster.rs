@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -153,6 +154,8 @@ impl ClusterBuilder {
 struct Running {
     cancel: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
+    /// The controller's core, once built (controllers only).
+    core: Arc<Mutex<Option<runyard_controller::Controller>>>,
 }
 
 pub struct TestCluster {
@@ -175,12 +178,16 @@ fn spawn_controller(
 ) -> Running {
     let cancel = CancellationToken::new();
     let c = cancel.clone();
+    let core = Arc::new(Mutex::new(None));
+    let started = core.clone();
     let task = tokio::spawn(async move {
-        runyard_controller::run(config, http, grpc, c)
-            .await
-            .map_err(anyhow::Error::from)
+        runyard_controller::run_with(config, http, grpc, c, move |ctl| {
+            *started.lock().unwrap() = Some(ctl.clone());
+        })
+        .await
+        .map_err(anyhow::Error::from)
     });
-    Running { cancel, task }
+    Running { cancel, task, core }
 }
 
 async fn stop(r: Running, what: &str) -> anyhow::Result<()> {
@@ -265,8 +272,14 @@ impl TestCluster {
                 .await
                 .map_err(anyhow::Error::from)
         });
-        self.agents
-            .insert(spec.name.clone(), Running { cancel, task });
+        self.agents.insert(
+            spec.name.clone(),
+            Running {
+                cancel,
+                task,
+                core: Arc::default(),
+            },
+        );
         let name = spec.name.clone();
         crate::eventually(
             Duration::from_secs(20),
@@ -316,6 +329,13 @@ impl TestCluster {
         let grpc = bind_again(self.grpc_addr).await?;
         self.controller = Some(spawn_controller(self.config.clone(), http, grpc));
         self.wait_healthy().await
+    }
+
+    /// The running controller's core (jobs, agents, tunnels), to drive it directly.
+    pub fn ctl(&self) -> runyard_controller::Controller {
+        let running = self.controller.as_ref().expect("the controller is running");
+        let core = running.core.lock().unwrap().clone();
+        core.expect("the controller has started")
     }
 
     pub async fn shutdown(mut self) -> anyhow::Result<()> {

@@ -602,3 +602,39 @@ async fn a_custom_policy_decides_and_a_failing_one_is_shown_while_the_default_ap
     }
     c.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_reached_through_their_agents_tunnels_when_told_to() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let c = TestCluster::builder()
+        .controller_config(|cfg| {
+            cfg.service_path = runyard_controller::services::connect::PathMode::Tunnel
+        })
+        .agent(AgentSpec::new("a1").slots(4))
+        .start()
+        .await?;
+    let extra = json!({"replicas": {"min": 2, "max": 2}, "batching": {"max_batch_size": 4, "timeout": "20ms"}});
+    serve(&c, &service(&repo, "far", extra)).await?;
+    let v = wait_service(&c, "far", LONG, "2 ready", |v| ready(v).len() == 2).await?;
+    for r in ready(&v) {
+        assert_eq!(r["path"], "tunnel", "{v}");
+    }
+    // Plain requests, batches and an upgrade all go through the tunnels.
+    let calls = (0..20).map(|i| {
+        let c = &c;
+        async move { call(c, &format!("/s/far/t?i={i}")).await }
+    });
+    for r in futures::future::join_all(calls).await {
+        let (status, body) = r?;
+        assert_eq!(status, 200, "{body}");
+    }
+    let r = c
+        .client
+        .post(format!("{}/s/far/predict", c.base_url()))
+        .bearer_auth(&c.token)
+        .json(&json!({"x": 1}))
+        .send()
+        .await?;
+    assert_eq!(r.json::<Value>().await?["echo"], json!({"x": 1}));
+    c.shutdown().await
+}
