@@ -239,7 +239,25 @@ pub struct UpArgs {
     #[command(flatten)]
     pub history: HistoryArgs,
     #[command(flatten)]
+    pub services: ServicesArgs,
+    #[command(flatten)]
     pub isolation: IsolationArgs,
+}
+
+/// How the controller's data plane reaches service replicas (`up` and `controller`).
+#[derive(Debug, Clone, Args)]
+pub struct ServicesArgs {
+    /// `auto`: a direct connection to the replica on its agent's address when it connects,
+    /// else a tunnel through the agent's own connection to the controller; `direct` or `tunnel`:
+    /// only that one (`tunnel` when agents sit where the controller cannot dial them).
+    #[arg(long, env = "RUNYARD_SERVICE_PATH", default_value = "auto", value_name = "auto|direct|tunnel")]
+    pub service_path: runyard_controller::services::connect::PathMode,
+}
+
+impl ServicesArgs {
+    pub fn apply(&self, config: &mut runyard_controller::Config) {
+        config.service_path = self.service_path;
+    }
 }
 
 /// What the controller keeps of finished jobs (`up` and `controller`).
@@ -316,6 +334,8 @@ pub struct ControllerArgs {
     pub no_tls: bool,
     #[command(flatten)]
     pub history: HistoryArgs,
+    #[command(flatten)]
+    pub services: ServicesArgs,
 }
 
 #[derive(Debug, Args)]

@@ -64,6 +64,7 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
         TlsSetup::Plain
     };
     args.history.apply(&mut config);
+    args.services.apply(&mut config);
     let (server_tls, join_token) = runyard_controller::prepare_tls(&config).await?;
     let tls = server_tls.is_some();
     let http_url = url_of(&http, tls)?;
@@ -172,6 +173,7 @@ pub async fn controller(args: ControllerArgs) -> Result<u8, CommandError> {
         },
     };
     args.history.apply(&mut config);
+    args.services.apply(&mut config);
     let (server_tls, join_token) = runyard_controller::prepare_tls(&config).await?;
     let tls = server_tls.is_some();
     if !tls {
