@@ -1,7 +1,8 @@
 //! The web page in a real headless Chromium against a real controller and agent (TestCluster):
 //! sign-in, the new-run form with its validation errors, live logs, stop, run again, runs and
 //! agents pages, a narrow (phone) viewport, the bounded log window and search, logs across a
-//! controller restart, and a Lightning run's progress, metric plot and checkpoint download.
+//! controller restart, a Lightning run's progress, metric plot and checkpoint download, and the
+//! services view (list, service page, scale, stop, a service opened by its link).
 //! Screenshots of each page are written under `target/ui-screenshots/` (printed in the output).
 
 use std::time::Duration;
@@ -10,6 +11,7 @@ use runyard_tests::browser::Browser;
 use runyard_tests::cluster::{AgentSpec, TestCluster};
 use runyard_tests::fixture::GitRepo;
 use runyard_tests::scripts::LIGHTNING_TRAIN;
+use runyard_tests::services::{SERVER_PY, ready, wait_service};
 use serde_json::{Value, json};
 
 /// Prints `tick N` every `delay` seconds, `count` times.
@@ -725,6 +727,266 @@ async fn the_page_shows_who_is_signed_in_and_hides_what_the_role_may_not_do() ->
     .await?;
     b.click("#stop").await?;
     c.wait_status(&mine, &["stopped"], LONG).await?;
+    b.close().await?;
+    c.shutdown().await
+}
+
+/// Whether `css` matches an element that is shown (not inside anything hidden).
+async fn shown(b: &Browser, css: &str) -> anyhow::Result<bool> {
+    let v = b
+        .js(
+            "const e = document.querySelector(arguments[0]); return !!e && !e.closest('[hidden]');",
+            vec![json!(css)],
+        )
+        .await?;
+    Ok(v == true)
+}
+
+/// How many rows `css` matches.
+async fn count(b: &Browser, css: &str) -> anyhow::Result<u64> {
+    let v = b
+        .js(
+            "return document.querySelectorAll(arguments[0]).length;",
+            vec![json!(css)],
+        )
+        .await?;
+    Ok(v.as_u64().unwrap_or(0))
+}
+
+/// The body of the page the browser shows (a JSON answer is shown as text).
+async fn page_text(b: &Browser) -> anyhow::Result<String> {
+    let v = b
+        .js(
+            "const p = document.querySelector('pre'); return p ? p.textContent : document.body.innerText;",
+            vec![],
+        )
+        .await?;
+    Ok(v.as_str().unwrap_or("").to_string())
+}
+
+/// The services view lists a service; its page shows replicas, traffic and a plot of its last
+/// hour; Scale (with a field error first) adds a replica; its link opens the service in the
+/// browser through the token cookie, which never reaches the replica; signing out clears the
+/// cookie; a viewer sees no Scale or Stop; Stop stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_view_shows_scales_opens_and_stops_a_service() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("server.py", SERVER_PY)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1").slots(2))
+        .start()
+        .await?;
+    let spec = json!({"name": "echo", "repo": repo.url(), "script": "server.py",
+        "replicas": {"min": 1, "max": 2}});
+    let (status, body) = c.post("/api/v1/services", &spec).await?;
+    assert_eq!(status, 201, "{body}");
+    wait_service(&c, "echo", LONG, "1 ready", |v| ready(v).len() == 1).await?;
+    let (status, made) = c
+        .post("/api/v1/tokens", &json!({"name": "vera", "role": "viewer"}))
+        .await?;
+    assert_eq!(status, 201, "{made}");
+    let viewer = made["token"].as_str().unwrap_or_default().to_string();
+
+    let b = Browser::start("services").await?;
+    let base = c.base_url();
+    sign_in(&b, &c).await?;
+
+    // The list: the service, ready, with its URL.
+    b.click("a[data-nav=services]").await?;
+    b.wait_text("#services-body tr[data-service=echo] .status", LONG, |t| {
+        t == "ready"
+    })
+    .await?;
+    let row = b
+        .wait_text(
+            "#services-body tr[data-service=echo] .replicas",
+            LONG,
+            |t| t == "1 / 1 / 2",
+        )
+        .await?;
+    assert_eq!(row, "1 / 1 / 2", "ready / target / max");
+    let link = b
+        .js(
+            "const a = document.querySelector('#services-body tr[data-service=echo] a[target=_blank]'); return a ? a.getAttribute('href') : null;",
+            vec![],
+        )
+        .await?;
+    assert_eq!(link, "/s/echo/");
+    b.screenshot("17-services").await?;
+
+    // Its page: one replica row, linked to its job's run page.
+    b.click("#services-body tr[data-service=echo] .service-link")
+        .await?;
+    b.wait_text("#service-status", LONG, |t| t == "ready")
+        .await?;
+    b.wait_text("#replicas-body tr[data-index='1'] .state", LONG, |t| {
+        t == "ready"
+    })
+    .await?;
+    assert_eq!(count(&b, "#replicas-body tr").await?, 1);
+    let v = c.get("/api/v1/services/echo").await?;
+    let job = v["replicas"][0]["job"].as_str().unwrap_or_default();
+    let href = b
+        .js(
+            "return document.querySelector('#replicas-body tr[data-index=\"1\"] .replica-job').getAttribute('href');",
+            vec![],
+        )
+        .await?;
+    assert_eq!(href, format!("#/runs/{job}").as_str());
+    assert!(shown(&b, "#stop-service").await?, "the admin may stop");
+    assert!(shown(&b, "#scale-submit").await?, "and scale");
+
+    // Traffic moves with requests.
+    for i in 0..6 {
+        let r = c
+            .client
+            .get(format!("{base}/s/echo/hello?i={i}"))
+            .bearer_auth(&c.token)
+            .send()
+            .await?;
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    b.wait_text("#traffic-total", LONG, |t| {
+        t.parse::<u64>().is_ok_and(|n| n >= 6)
+    })
+    .await?;
+    b.wait_text("#replicas-body tr[data-index='1'] .served", LONG, |t| {
+        t.parse::<u64>().is_ok_and(|n| n >= 6)
+    })
+    .await?;
+    let p50 = b.text("#traffic-latency").await?.unwrap_or_default();
+    assert!(!p50.starts_with('-'), "a latency is shown: {p50}");
+    // The plot of the last hour: replicas, ready and rate series from the history.
+    b.wait_until("the history plot", LONG, || async {
+        let n = b
+            .js(
+                "const s = document.querySelector('#service-plot svg'); return s ? Number(s.dataset.points) : 0;",
+                vec![],
+            )
+            .await
+            .ok()?;
+        (n.as_u64()? >= 1).then_some(())
+    })
+    .await?;
+    assert_eq!(
+        count(&b, "#service-plot svg polyline[data-series]").await?,
+        3
+    );
+    b.screenshot("18-service").await?;
+
+    // Scale: a bad bound shows the API's message by its field; min 2 adds a second replica.
+    b.fill("#scale-min", "3").await?;
+    b.click("#scale-submit").await?;
+    let err = b.wait_text("#err-min", LONG, |t| !t.is_empty()).await?;
+    assert!(err.contains("max"), "{err}");
+    assert_eq!(b.text("#err-max").await?.as_deref(), Some(""));
+    assert_eq!(c.get("/api/v1/services/echo").await?["min"], 1);
+    b.fill("#scale-min", "2").await?;
+    b.click("#scale-submit").await?;
+    b.wait_until("a second replica row", LONG, || async {
+        (count(&b, "#replicas-body tr").await.ok()? == 2).then_some(())
+    })
+    .await?;
+    assert_eq!(b.text("#err-min").await?.as_deref(), Some(""));
+    b.wait_text("#decision-why", LONG, |t| {
+        t.contains("scaled by a user to [2, 2]")
+    })
+    .await?;
+    b.wait_text("#replicas-body tr[data-index='2'] .state", LONG, |t| {
+        t == "ready"
+    })
+    .await?;
+    b.screenshot("19-service-scaled").await?;
+
+    // The service's URL in the browser: the token cookie opens it; the replica never sees the
+    // token, but does see the page's other cookies.
+    b.js(
+        "document.cookie = 'other=1; Path=/s/; SameSite=Strict'; return true;",
+        vec![],
+    )
+    .await?;
+    b.goto(&format!("{base}/s/echo/hello")).await?;
+    let text = b
+        .wait_until("the replica's answer", LONG, || async {
+            let t = page_text(&b).await.ok()?;
+            t.contains("\"path\"").then_some(t)
+        })
+        .await?;
+    let answer: Value = serde_json::from_str(text.trim())?;
+    assert_eq!(answer["path"], "/hello", "{answer}");
+    assert_eq!(answer["auth"], Value::Null, "{answer}");
+    assert_eq!(answer["cookie"], "other=1", "{answer}");
+
+    // Signing out clears the cookie: the service needs a token again.
+    b.goto(&format!("{base}/#/services/echo")).await?;
+    b.wait_text("#service-status", LONG, |t| t == "ready")
+        .await?;
+    b.click("#sign-out").await?;
+    b.wait_for("#signin").await?;
+    b.goto(&format!("{base}/s/echo/hello")).await?;
+    let text = b
+        .wait_until("the refusal", LONG, || async {
+            let t = page_text(&b).await.ok()?;
+            t.contains("error").then_some(t)
+        })
+        .await?;
+    assert!(text.contains("needs a token"), "{text}");
+
+    // A viewer sees the service but neither Scale nor Stop.
+    b.goto(&format!("{base}/#/services/echo")).await?;
+    b.wait_for("#signin").await?;
+    b.fill("#token", &viewer).await?;
+    b.click("#signin-submit").await?;
+    b.wait_text("#who", LONG, |t| t == "vera (viewer)").await?;
+    b.wait_text("#service-status", LONG, |t| t == "ready")
+        .await?;
+    assert_eq!(count(&b, "#replicas-body tr").await?, 2);
+    assert!(!shown(&b, "#stop-service").await?, "a viewer cannot stop");
+    assert!(!shown(&b, "#scale-submit").await?, "nor scale");
+    b.screenshot("20-service-viewer").await?;
+
+    // A phone-sized viewport: nothing wider than the screen.
+    b.client.set_window_size(390, 844).await?;
+    for (page, name) in [
+        ("#/services", "21-services-narrow"),
+        ("#/services/echo", "22-service-narrow"),
+    ] {
+        b.goto(&format!("{base}/{page}")).await?;
+        b.wait_for("main h1").await?;
+        b.wait_for("main .status").await?;
+        let overflow = b
+            .js(
+                "return document.documentElement.scrollWidth - window.innerWidth;",
+                vec![],
+            )
+            .await?;
+        assert!(
+            overflow.as_i64().unwrap_or(99) <= 0,
+            "{page} is wider than a phone screen by {overflow} px"
+        );
+        b.screenshot(name).await?;
+    }
+    b.client.set_window_size(1280, 900).await?;
+
+    // The admin stops it from the page.
+    b.click("#sign-out").await?;
+    b.wait_for("#signin").await?;
+    b.fill("#token", &c.token).await?;
+    b.click("#signin-submit").await?;
+    b.wait_for("#stop-service").await?;
+    b.click("#stop-service").await?;
+    b.wait_text("#service-status", LONG, |t| {
+        t == "stopping" || t == "stopped"
+    })
+    .await?;
+    wait_service(&c, "echo", LONG, "stopped", |v| v["status"] == "stopped").await?;
+    b.wait_text("#service-status", LONG, |t| t == "stopped")
+        .await?;
+    assert!(!shown(&b, "#stop-service").await?);
+    b.goto(&format!("{base}/#/services")).await?;
+    b.wait_text("#services-body tr[data-service=echo] .status", LONG, |t| {
+        t == "stopped"
+    })
+    .await?;
     b.close().await?;
     c.shutdown().await
 }

@@ -1,16 +1,37 @@
-// The JSON API as the page uses it: the token (kept in sessionStorage, sent as a bearer header),
-// JSON calls with the API's {error, field} errors, server-sent events read through fetch()
-// (EventSource cannot send a header), and log following that resumes by byte offset.
+// The JSON API as the page uses it: the token (kept in sessionStorage, sent as a bearer header,
+// and shared with the services' data plane as a cookie), JSON calls with the API's {error, field}
+// errors, server-sent events read through fetch() (EventSource cannot send a header), polling,
+// and log following that resumes by byte offset.
 
 const TOKEN_KEY = "runyard.token";
+
+// The cookie the data plane (`/s/NAME/...`) accepts in place of a bearer header (the
+// controller's TOKEN_COOKIE). A service link opened in a new tab is a plain navigation, which
+// cannot carry a header; with this cookie a browser opens a service (a JupyterLab, a demo page)
+// signed in. It is scoped to `Path=/s/` so the API never sees it (the API takes the bearer header
+// only, so a cookie can never be used against it by another site), `SameSite=Strict` so another
+// site cannot make the browser send it to a service, `Secure` over https. The data plane strips
+// it before a request reaches a replica. It is not HttpOnly (script sets it): a service's own
+// pages run on this origin and are trusted with it, as they are with the user's requests.
+const TOKEN_COOKIE = "runyard_token";
+
+function shareWithServices(t) {
+  const secure = location.protocol === "https:" ? "; Secure" : "";
+  // Tokens are [A-Za-z0-9_]: encodeURIComponent leaves them as they are.
+  document.cookie = t
+    ? `${TOKEN_COOKIE}=${encodeURIComponent(t)}; Path=/s/; SameSite=Strict${secure}`
+    : `${TOKEN_COOKIE}=; Path=/s/; Max-Age=0; SameSite=Strict${secure}`;
+}
 
 export function token() {
   return sessionStorage.getItem(TOKEN_KEY);
 }
 
+/** Keeps `t` for this tab (and for service links: see TOKEN_COOKIE); null signs out. */
 export function setToken(t) {
   if (t) sessionStorage.setItem(TOKEN_KEY, t);
   else sessionStorage.removeItem(TOKEN_KEY);
+  shareWithServices(t);
 }
 
 // Who is signed in ({name, role} from /api/v1/whoami); the page hides what the role may not do
@@ -86,6 +107,33 @@ export async function blob(path, signal) {
   const resp = await fetch(path, { headers: headers(), signal });
   if (!resp.ok) throw await failure(resp);
   return { blob: await resp.blob(), resp };
+}
+
+/**
+ * Runs `f(signal)` now and then every `ms` until `signal` aborts; skipped while the tab is
+ * hidden, run at once when it shows again. For what has no event stream (services).
+ */
+export async function poll(f, ms, signal) {
+  const visible = () => new Promise((resolve) => {
+    if (!document.hidden || signal.aborted) return resolve();
+    const shown = () => {
+      if (document.hidden && !signal.aborted) return;
+      document.removeEventListener("visibilitychange", shown);
+      resolve();
+    };
+    document.addEventListener("visibilitychange", shown);
+    signal.addEventListener("abort", shown, { once: true });
+  });
+  while (!signal.aborted) {
+    await visible();
+    if (signal.aborted) return;
+    try {
+      await f(signal);
+    } catch (_) {
+      // f shows its own errors; the next round retries.
+    }
+    await sleep(ms, signal);
+  }
 }
 
 const sleep = (ms, signal) =>

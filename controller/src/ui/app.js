@@ -1,6 +1,7 @@
-// The page's entry: sign-in, the hash router (#/runs, #/new, #/runs/ID, #/agents) and the
-// header. Each page is a function (main, params, signal) that renders into `main` and stops its
-// streams when `signal` aborts (on navigation or sign-out).
+// The page's entry: sign-in, the hash router (#/runs, #/new, #/runs/ID, #/services,
+// #/services/NAME, #/agents) and the header. Each page is a function (main, params, signal) that
+// renders into `main` and stops its streams (and polling) when `signal` aborts (on navigation or
+// sign-out).
 
 import { api, maySubmit, me, setMe, setToken, token, whenConnectionChanges, whenUnauthorized } from "./api.js";
 import { fill, h } from "./dom.js";
@@ -8,6 +9,8 @@ import { runsPage } from "./runs.js";
 import { formPage } from "./form.js";
 import { runPage } from "./run.js";
 import { agentsPage } from "./agents.js";
+import { servicesPage } from "./services.js";
+import { servicePage } from "./service.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -22,6 +25,8 @@ function route() {
   const parts = path.split("/").filter(Boolean);
   if (parts[0] === "runs" && parts[1]) return { page: runPage, name: "runs", params: { id: decodeURIComponent(parts[1]) } };
   if (parts[0] === "new") return { page: formPage, name: "new", params: { from: params.get("from") } };
+  if (parts[0] === "services" && parts[1]) return { page: servicePage, name: "services", params: { name: decodeURIComponent(parts[1]) } };
+  if (parts[0] === "services") return { page: servicesPage, name: "services", params: {} };
   if (parts[0] === "agents") return { page: agentsPage, name: "agents", params: {} };
   return { page: runsPage, name: "runs", params: { status: params.get("status") || "" } };
 }
@@ -37,6 +42,8 @@ async function render() {
     // A reload: ask again who the stored token is.
     try {
       setMe(await api("/api/v1/whoami", { checkingToken: true }));
+      // Share it with service links again (another tab's sign-out clears the cookie).
+      setToken(token());
     } catch (err) {
       setToken(null);
       signIn(err.status === 401 ? "The token was refused; sign in again." : `Cannot reach the controller: ${err.message}`);

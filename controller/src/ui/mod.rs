@@ -39,6 +39,9 @@ const ASSETS: &[Asset] = &[
     asset!("run.js"),
     asset!("log.js"),
     asset!("agents.js"),
+    asset!("services.js"),
+    asset!("service.js"),
+    asset!("plot.js"),
 ];
 
 /// The content type of an embedded file, from its extension.
