@@ -223,6 +223,11 @@ impl Agents {
             .insert(name.to_string(), ip);
     }
 
+    /// `name` is not to be dialed directly.
+    pub fn forget_address(&self, name: &str) {
+        self.inner.addresses.lock().unwrap().remove(name);
+    }
+
     /// The address `name`'s latest session came from.
     pub fn address(&self, name: &str) -> Option<std::net::IpAddr> {
         self.inner.addresses.lock().unwrap().get(name).copied()

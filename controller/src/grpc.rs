@@ -386,7 +386,7 @@ impl v1::agent_service_server::AgentService for AgentService {
             ));
         }
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let peer_ip = req.remote_addr().map(|a| a.ip());
+        let peer_ip = req.remote_addr().map(|a| a.ip().to_canonical());
         let mut inbound = req.into_inner();
         let first = match inbound.message().await? {
             Some(v1::AgentMessage {
@@ -428,8 +428,16 @@ impl v1::agent_service_server::AgentService for AgentService {
             info!(agent = %first.name, %peer, "agent enrolled");
         }
         let (turn, claim) = self.ctl.agents.claim(&first.name);
-        if let Some(ip) = peer_ip {
-            self.ctl.agents.note_address(&first.name, ip);
+        // Replicas on the agent are dialed directly only where its session comes straight from
+        // it: behind NAT or a proxy, the address seen is not the agent's host.
+        let own = first.address.parse::<std::net::IpAddr>().ok();
+        match (peer_ip, own.map(|ip| ip.to_canonical())) {
+            (Some(seen), Some(own)) if seen != own => {
+                info!(agent = %first.name, %seen, %own, "the agent's session comes through NAT or a proxy: its service replicas are reached through tunnels");
+                self.ctl.agents.forget_address(&first.name);
+            }
+            (Some(seen), _) => self.ctl.agents.note_address(&first.name, seen),
+            (None, _) => self.ctl.agents.forget_address(&first.name),
         }
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let session = Session {

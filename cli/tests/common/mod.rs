@@ -128,6 +128,32 @@ impl Sandbox {
         self.spawn_with_env(name, args, true, true)
     }
 
+    /// Starts a long-running `runyard` process inside network namespace `netns` (`ip netns
+    /// exec`, which execs it: the process is `runyard` itself).
+    pub fn spawn_in_netns(&mut self, name: &str, netns: &str, args: &[&str]) -> Proc {
+        let (out, err) = self.log_files(name, true);
+        let bin = env!("CARGO_BIN_EXE_runyard");
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, bin])
+            .args(args)
+            .env_clear()
+            .env("HOME", self.path())
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .current_dir(self.path())
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("stdout file"))
+            .stderr(File::create(&err).expect("stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start runyard {args:?} in {netns}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            stdout: out,
+            stderr: err,
+            exited: None,
+        }
+    }
+
     fn spawn_with_env(
         &mut self,
         name: &str,
