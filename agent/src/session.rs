@@ -482,6 +482,21 @@ async fn pump(
     }
 }
 
+/// The source address this host uses towards the controller at `url` (a UDP socket connected
+/// to it sends nothing; the kernel only picks the route).
+async fn own_address(url: &str) -> Option<std::net::IpAddr> {
+    let authority = url.split("://").nth(1).unwrap_or(url).split('/').next()?;
+    let target = tokio::net::lookup_host(authority).await.ok()?.next()?;
+    let any: std::net::SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(any).await.ok()?;
+    socket.connect(target).await.ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -539,19 +554,4 @@ mod tests {
         assert_eq!(b.next(HEALTHY + Duration::from_millis(1), 1.0), BACKOFF_MIN);
         assert_eq!(b.next(quick, 1.2), Duration::from_millis(600));
     }
-}
-
-/// The source address this host uses towards the controller at `url` (a UDP socket connected
-/// to it sends nothing; the kernel only picks the route).
-async fn own_address(url: &str) -> Option<std::net::IpAddr> {
-    let authority = url.split("://").nth(1).unwrap_or(url).split('/').next()?;
-    let target = tokio::net::lookup_host(authority).await.ok()?.next()?;
-    let any: std::net::SocketAddr = if target.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = tokio::net::UdpSocket::bind(any).await.ok()?;
-    socket.connect(target).await.ok()?;
-    Some(socket.local_addr().ok()?.ip())
 }
