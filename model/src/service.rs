@@ -38,7 +38,7 @@ pub const ENDED_REPLICAS_KEPT: usize = 32;
 pub const DEFAULT_TARGET_PER_REPLICA: u32 = 8;
 
 /// The fields a service adds to a job's.
-const SERVICE_FIELDS: [&str; 7] = [
+const SERVICE_FIELDS: [&str; 8] = [
     "health",
     "replicas",
     "autoscale",
@@ -46,6 +46,7 @@ const SERVICE_FIELDS: [&str; 7] = [
     "cold_start",
     "public",
     "health_interval",
+    "strip_prefix",
 ];
 
 /// What a user asks for: the replica's job (repository, script, environment, compute per
@@ -84,6 +85,10 @@ pub struct Serving {
     /// Requests need no token.
     #[serde(default)]
     pub public: bool,
+    /// Forward only the path after `/s/NAME` (true), or the whole path (false: for apps told
+    /// their base URL, such as JupyterLab with `--ServerApp.base_url=/s/NAME/`).
+    #[serde(default = "default_strip")]
+    pub strip_prefix: bool,
 }
 
 /// The replica count's bounds.
@@ -168,6 +173,9 @@ impl Default for ColdStart {
     }
 }
 
+fn default_strip() -> bool {
+    true
+}
 fn default_health() -> String {
     "/health".into()
 }

@@ -41,6 +41,8 @@ class H(BaseHTTPRequestHandler):
         if u.path.startswith("/missing"):
             return self.reply(404, {})
         if u.path == "/upgrade":
+            if "upgrade" not in self.headers.get("Connection", "").lower():
+                return self.reply(400, {"error": "Connection must be Upgrade"})
             self.send_response(101)
             self.send_header("Upgrade", "echo")
             self.send_header("Connection", "Upgrade")

@@ -638,3 +638,140 @@ async fn replicas_are_reached_through_their_agents_tunnels_when_told_to() -> any
     assert_eq!(r.json::<Value>().await?["echo"], json!({"x": 1}));
     c.shutdown().await
 }
+
+/// Starts JupyterLab on `$PORT` under `/s/lab/`, no token of its own (Runyard's guards it).
+const LAB_PY: &str = r#"import os, sys
+from jupyterlab.labapp import main
+sys.argv = ["jupyter-lab", "--ip=0.0.0.0", "--port=" + os.environ["PORT"], "--no-browser",
+            "--ServerApp.base_url=/s/lab/", "--IdentityProvider.token=",
+            "--ServerApp.disable_check_xsrf=True", "--ServerApp.root_dir=" + os.getcwd()]
+sys.exit(main())
+"#;
+
+/// One websocket text frame from the client (masked, as clients must).
+fn ws_frame(text: &str) -> Vec<u8> {
+    let payload = text.as_bytes();
+    let mut f = vec![0x81u8];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads one whole text message from the server (unmasked frames, continuations joined,
+/// control frames skipped).
+async fn ws_read(s: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut message = Vec::new();
+    loop {
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await?;
+        let (fin, opcode) = (head[0] & 0x80 != 0, head[0] & 0x0f);
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                s.read_exact(&mut b).await?;
+                u16::from_be_bytes(b) as usize
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b).await?;
+                u64::from_be_bytes(b) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await?;
+        if opcode >= 8 {
+            anyhow::ensure!(opcode != 8, "the server closed the websocket");
+            continue;
+        }
+        message.extend_from_slice(&payload);
+        if fin {
+            return Ok(String::from_utf8(message)?);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jupyterlab_works_through_the_data_plane_kernel_websocket_included() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let repo = GitRepo::new(&[("lab.py", LAB_PY)])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    let extra = json!({
+        "script": "lab.py", "requirements": ["jupyterlab", "ipykernel"],
+        "replicas": {"min": 1, "max": 1}, "strip_prefix": false, "health": "/s/lab/api"
+    });
+    serve(&c, &service(&repo, "lab", extra)).await?;
+    wait_service(&c, "lab", Duration::from_secs(600), "ready", |v| {
+        ready(v).len() == 1
+    })
+    .await?;
+    // The lab's own page and API, under its base URL.
+    let r = c.get_raw("/s/lab/lab").await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.text().await?.contains("JupyterLab"));
+    let (status, kernel) = c
+        .post("/s/lab/api/kernels", &json!({"name": "python3"}))
+        .await?;
+    assert_eq!(status, 201, "{kernel}");
+    let id = kernel["id"].as_str().unwrap().to_string();
+    // The kernel's channels: a websocket through the proxy.
+    let mut s = tokio::net::TcpStream::connect(c.http_addr).await?;
+    let req = format!(
+        "GET /s/lab/api/kernels/{id}/channels HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        c.http_addr, c.token
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        anyhow::ensure!(
+            s.read(&mut b).await? == 1,
+            "closed: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let mut head = String::from_utf8_lossy(&head).to_string();
+    if !head.starts_with("HTTP/1.1 101") {
+        let mut rest = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut rest))
+            .await
+            .unwrap_or(Ok(0))
+            .unwrap_or(0);
+        head.push_str(&String::from_utf8_lossy(&rest[..n]));
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let execute = json!({
+        "header": {"msg_id": "m1", "username": "t", "session": "s1", "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": "print(6 * 7)", "silent": false, "store_history": false, "user_expressions": {}, "allow_stdin": false, "stop_on_error": true}
+    });
+    s.write_all(&ws_frame(&execute.to_string())).await?;
+    let answer = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let m: Value = serde_json::from_str(&ws_read(&mut s).await?)?;
+            if m["msg_type"] == "stream" && m["parent_header"]["msg_id"] == "m1" {
+                return anyhow::Ok(m["content"]["text"].as_str().unwrap_or("").to_string());
+            }
+        }
+    })
+    .await??;
+    assert_eq!(answer, "42\n");
+    c.shutdown().await
+}

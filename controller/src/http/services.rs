@@ -357,7 +357,11 @@ pub(super) async fn data_plane(State(state): State<ApiState>, req: Request) -> R
         )
         .into_response();
     };
-    let public = route.serving.read().unwrap().public;
+    let (public, strip) = {
+        let s = route.serving.read().unwrap();
+        (s.public, s.strip_prefix)
+    };
+    let tail = if strip { tail } else { path.clone() };
     let mut req = req;
     if !public {
         let token = presented_token(req.headers());

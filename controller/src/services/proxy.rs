@@ -68,8 +68,9 @@ impl DataPlane {
         req: Request<Body>,
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        // Before `Connection` goes with the other hop-by-hop headers.
         let upgrade = is_upgrade(&parts.headers);
+        strip_hop_by_hop(&mut parts.headers);
         let (batching, cold) = {
             let s = route.serving.read().unwrap();
             (s.batching, s.cold_start.clone())
