@@ -241,11 +241,9 @@ async fn send(plane: Arc<DataPlane>, route: Arc<ServiceRoute>, items: Vec<Item>)
                 flight.failed = result.is_err();
                 break result;
             }
+            // Not sent (no connection): another replica; a batch is not idempotent.
             Err(e) if e.is_connect() && tried.len() + 1 < super::proxy::MAX_TRIES => {
-                ep.ready.store(false, Ordering::SeqCst);
-                route.changed();
-                tried.push(ep.id);
-                flight.abandon();
+                route.unreachable(flight, &mut tried);
             }
             Err(e) => {
                 let mut flight = flight;

@@ -138,10 +138,7 @@ impl DataPlane {
                     // lost its connection before any answer (a replica that just died): out of
                     // rotation until its check passes again, and the request goes to another.
                     debug!(service = %route.name, replica = ep.index, error = %e, "replica unreachable; trying another");
-                    ep.ready.store(false, Ordering::SeqCst);
-                    route.changed();
-                    tried.push(ep.id);
-                    flight.abandon();
+                    route.unreachable(flight, &mut tried);
                 }
                 Err(e) => {
                     let mut flight = flight;

@@ -351,6 +351,15 @@ impl ServiceRoute {
         }
     }
 
+    /// The replica `flight` went to could not be reached: out of rotation until its check
+    /// passes again, and noted in `tried` so that the request goes to another (uncounted).
+    pub fn unreachable(&self, flight: InFlight, tried: &mut Vec<u64>) {
+        flight.endpoint.ready.store(false, Ordering::SeqCst);
+        self.changed();
+        tried.push(flight.endpoint.id);
+        flight.abandon();
+    }
+
     /// Ready replicas in rotation.
     pub fn ready(&self) -> usize {
         self.endpoints().iter().filter(|e| e.in_rotation()).count()
