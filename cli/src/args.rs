@@ -250,7 +250,12 @@ pub struct ServicesArgs {
     /// `auto`: a direct connection to the replica on its agent's address when it connects,
     /// else a tunnel through the agent's own connection to the controller; `direct` or `tunnel`:
     /// only that one (`tunnel` when agents sit where the controller cannot dial them).
-    #[arg(long, env = "RUNYARD_SERVICE_PATH", default_value = "auto", value_name = "auto|direct|tunnel")]
+    #[arg(
+        long,
+        env = "RUNYARD_SERVICE_PATH",
+        default_value = "auto",
+        value_name = "auto|direct|tunnel"
+    )]
     pub service_path: runyard_controller::services::connect::PathMode,
 }
 
