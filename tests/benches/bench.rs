@@ -1,6 +1,7 @@
 //! Runyard's benchmark: real components in release mode, figures printed as one plain table.
 //!
-//! `cargo bench -p runyard-tests --bench bench [-- --quick] [latency] [logs] [placement]`
+//! `cargo bench -p runyard-tests --bench bench [-- --quick] [latency] [logs] [placement]
+//! [history] [services]` (no mode named: all but `services`)
 //!
 //! - latency: submit-to-running of `print('hi')` through the HTTP API of an in-process
 //!   `TestCluster` with one agent and a warm mirror, one job at a time; by the wall clock (POST to
@@ -14,6 +15,9 @@
 //! - history: a store holding 100,000 finished jobs; the controller is started on it in a child
 //!   process (this binary with `--history-child DIR`): time until it answers a list request, its
 //!   resident memory, and list-page latencies (first page, a deep page, a status filter).
+//! - services (only when named: it installs uvicorn from PyPI and takes minutes): the data
+//!   plane with real replicas: proxy overhead and requests/s against the direct path (direct
+//!   and tunnel), batching gain, a load step to a second replica, failover (`services/mod.rs`).
 //!
 //! Verdicts compare medians with targets. The machine is shared: the load average is printed
 //! with the results, and a failed *measurement* (lost lines, a stuck job) exits non-zero.
@@ -34,6 +38,8 @@ use runyard_tests::bench::stats::{Row, Verdict, percentile, render};
 use runyard_tests::cluster::{AgentSpec, TestCluster};
 use runyard_tests::fixture::GitRepo;
 use serde_json::{Value, json};
+
+mod services;
 
 const LATENCY_TARGET: Duration = Duration::from_millis(25);
 const LOG_TARGET_MB_S: f64 = 100.0;
@@ -65,6 +71,7 @@ struct Opts {
     logs: bool,
     placement: bool,
     history: bool,
+    services: bool,
     latency_jobs: usize,
     log_runs: usize,
     placement_runs: usize,
@@ -80,10 +87,10 @@ impl Opts {
                 "--quick" => quick = true,
                 // cargo passes `--bench` to every bench binary.
                 "--bench" => {}
-                "latency" | "logs" | "placement" | "history" => picked.push(a),
+                "latency" | "logs" | "placement" | "history" | "services" => picked.push(a),
                 other => bail!(
                     "unknown argument `{other}`; usage: bench [--quick] [latency] [logs] \
-                     [placement] [history]"
+                     [placement] [history] [services]"
                 ),
             }
         }
@@ -94,6 +101,8 @@ impl Opts {
             logs: on("logs"),
             placement: on("placement"),
             history: on("history"),
+            // Minutes long and needs PyPI: only when named.
+            services: picked.iter().any(|p| p == "services"),
             latency_jobs: if quick { 15 } else { 50 },
             log_runs: if quick { 1 } else { 3 },
             placement_runs: if quick { 3 } else { 10 },
@@ -169,6 +178,11 @@ fn main() -> ExitCode {
         && let Err(e) = rt.block_on(history(&opts, &mut rows, &mut notes))
     {
         fail(&mut rows, &mut notes, "history", e);
+    }
+    if opts.services
+        && let Err(e) = rt.block_on(services::run(opts.quick, &mut rows, &mut notes))
+    {
+        fail(&mut rows, &mut notes, "services", e);
     }
 
     println!();

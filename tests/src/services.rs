@@ -10,8 +10,9 @@ use crate::cluster::TestCluster;
 
 /// A replica: `GET /health`, `GET /anything` (who answered), `GET /slow?ms=N`, `POST` (echo;
 /// a batch when `x-runyard-batch-size` is set), `GET /upgrade` (101, then echoes bytes).
-/// `COST_MS` is a fixed cost per call (per batch when batching); `VERSION` is echoed;
-/// `$FAIL_HEALTH_FILE`, when it exists, makes `/health` answer 503.
+/// `COST_MS` is a fixed cost per call (per batch when batching); with `SERIAL=1` calls pay it
+/// one at a time (a server that does one call at a time, as a GPU model does); `VERSION` is
+/// echoed; `$FAIL_HEALTH_FILE`, when it exists, makes `/health` answer 503.
 pub const SERVER_PY: &str = r#"import json, os, signal, sys, threading, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 from urllib.parse import urlparse, parse_qs
@@ -19,9 +20,20 @@ from urllib.parse import urlparse, parse_qs
 COST = float(os.environ.get("COST_MS", "0")) / 1000.0
 VERSION = os.environ.get("VERSION", "1")
 FAIL = os.environ.get("FAIL_HEALTH_FILE")
+SERIAL = threading.Lock() if os.environ.get("SERIAL") == "1" else None
+
+def cost():
+    if SERIAL:
+        with SERIAL:
+            time.sleep(COST)
+    else:
+        time.sleep(COST)
 
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The head and the body are two writes: without it the body waits for the peer's delayed
+    # ACK (40 ms per request).
+    disable_nagle_algorithm = True
     def log_message(self, *a):
         pass
     def reply(self, code, obj):
@@ -59,7 +71,7 @@ class H(BaseHTTPRequestHandler):
         if u.path == "/slow":
             time.sleep(float(q.get("ms", ["100"])[0]) / 1000)
         if COST:
-            time.sleep(COST)
+            cost()
         self.reply(200, {"job": os.environ.get("RUNYARD_JOB_ID"), "pid": os.getpid(),
                          "path": self.path, "version": VERSION,
                          "prefix": self.headers.get("x-forwarded-prefix"),
@@ -70,7 +82,7 @@ class H(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length", "0"))
         data = json.loads(self.rfile.read(n) or b"null")
         if COST:
-            time.sleep(COST)
+            cost()
         if self.headers.get("x-runyard-batch-size"):
             return self.reply(200, [{"echo": x, "batch": len(data)} for x in data])
         self.reply(200, {"echo": data, "batch": 1})
@@ -84,6 +96,27 @@ def term(*a):
 signal.signal(signal.SIGTERM, term)
 srv.serve_forever()
 print("stopped", flush=True)
+"#;
+
+/// A trivial replica on uvicorn + Starlette (`requirements: ["uvicorn", "starlette"]`): `GET /`
+/// answers a short plain-text body, `GET /health` 200, `GET /pid` the server's pid.
+pub const UVICORN_PY: &str = r#"import os
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+async def hello(request):
+    return PlainTextResponse("hello")
+
+async def health(request):
+    return PlainTextResponse("ok")
+
+async def pid(request):
+    return PlainTextResponse(str(os.getpid()))
+
+app = Starlette(routes=[Route("/", hello), Route("/health", health), Route("/pid", pid)])
+uvicorn.run(app, host="0.0.0.0", port=int(os.environ["PORT"]), log_level="warning")
 "#;
 
 /// Polls the service until `ok(view)` holds.

@@ -49,8 +49,18 @@ pub struct Row {
     pub verdict: Verdict,
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+/// Milliseconds, with two decimals below 10 ms (sub-millisecond figures need them).
+pub fn ms(d: Duration) -> String {
+    ms_f64(d.as_secs_f64() * 1000.0)
+}
+
+/// `ms` of a number of milliseconds (which may be negative: a difference).
+pub fn ms_f64(v: f64) -> String {
+    if v.abs() < 10.0 {
+        format!("{v:.2} ms")
+    } else {
+        format!("{v:.1} ms")
+    }
 }
 
 fn rate(v: f64, unit: &str) -> String {
@@ -202,6 +212,7 @@ mod tests {
         let slow = Row::latency("x", &[ms(150), ms(200)], Some(ms(100)));
         assert_eq!(slow.verdict, Verdict::Fail);
         assert_eq!(Row::latency("x", &[ms(1)], None).verdict, Verdict::Info);
+        assert_eq!(Row::latency("x", &[ms(1)], None).median, "1.00 ms");
         assert_eq!(
             Row::rate("r", &[90.0, 120.0, 130.0], "MB/s", Some(100.0)).verdict,
             Verdict::Pass
