@@ -44,7 +44,8 @@ pub async fn check(plane: Arc<DataPlane>, route: Arc<ServiceRoute>, ep: Arc<Endp
                     route.changed();
                 }
             }
-            Err(why) if ready => {
+            // A draining replica is on its way out: no replacement, no warning.
+            Err(why) if ready && !ep.draining.load(Ordering::SeqCst) => {
                 failures += 1;
                 if failures >= FAILURES_TO_REPLACE {
                     warn!(service = %route.name, replica = ep.index, job = %ep.job, %why, "replica stopped answering its health check; replacing it");
