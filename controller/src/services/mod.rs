@@ -440,7 +440,7 @@ impl Services {
             replicas: observed.iter().filter(current).filter(|o| o.ready).count() as u32,
             pending_works: observed.iter().filter(current).filter(|o| !o.ready).count() as u32
                 + observed.iter().filter(|o| o.status.is_none()).count() as u32,
-            pending_requests: route.pending(),
+            pending_requests: route.pending() + route.cold_demand.swap(0, Ordering::SeqCst),
         };
         let default = autoscale::default_policy(load, service.spec.target_per_replica());
         let (proposed, policy_name, policy_error) = match &service.spec.serving.autoscale.policy {

@@ -169,6 +169,7 @@ impl DataPlane {
         body: Replayable,
     ) -> Response<Body> {
         route.queued.fetch_add(1, Ordering::SeqCst);
+        route.cold_demand.fetch_add(1, Ordering::SeqCst);
         route.changed();
         let _queued = Queued(route.clone(), 1);
         let url = format!("{}{}", base.trim_end_matches('/'), path);

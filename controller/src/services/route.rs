@@ -269,6 +269,9 @@ pub struct ServiceRoute {
     version: watch::Sender<u64>,
     /// Requests waiting for a replica (cold start) or for their batch.
     pub queued: AtomicU64,
+    /// Requests answered by the cold-start proxy since the services loop last looked: demand
+    /// that must start a replica even when each request was over before the loop ran.
+    pub cold_demand: AtomicU64,
     pub stats: Mutex<Stats>,
     pub history: Mutex<VecDeque<Sample>>,
     next: AtomicUsize,
@@ -284,6 +287,7 @@ impl ServiceRoute {
             endpoints: RwLock::new(Arc::new(Vec::new())),
             version: watch::channel(0).0,
             queued: AtomicU64::new(0),
+            cold_demand: AtomicU64::new(0),
             stats: Mutex::default(),
             history: Mutex::default(),
             next: AtomicUsize::new(0),
