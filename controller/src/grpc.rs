@@ -205,13 +205,7 @@ impl v1::agent_service_server::AgentService for AgentService {
         &self,
         req: Request<v1::CheckpointRequest>,
     ) -> Result<Response<CheckpointStream>, Status> {
-        let caller = self.caller(&req);
-        let name = caller.name.unwrap_or_default();
-        if !self.ctl.agents.verify(&name, caller.credential.as_deref()) {
-            return Err(Status::unauthenticated(
-                "checkpoint downloads need an enrolled agent's name and credential",
-            ));
-        }
+        let name = self.enrolled(&req, "checkpoint downloads")?;
         let r = req.into_inner();
         let job = match placed_on(&self.ctl, &name, &r.job_id, r.attempt).await {
             Ok(job) => job,

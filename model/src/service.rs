@@ -546,11 +546,6 @@ impl Service {
     }
 }
 
-/// Shown in errors and the CLI: the interval in words.
-pub fn describe_interval(d: Duration) -> String {
-    format_duration(d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -131,27 +131,16 @@ impl Sandbox {
     /// Starts a long-running `runyard` process inside network namespace `netns` (`ip netns
     /// exec`, which execs it: the process is `runyard` itself).
     pub fn spawn_in_netns(&mut self, name: &str, netns: &str, args: &[&str]) -> Proc {
-        let (out, err) = self.log_files(name, true);
-        let bin = env!("CARGO_BIN_EXE_runyard");
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns, bin])
+        let plain = self.command(args);
+        // The same clean environment and directory as `command` gives, under `ip netns exec`.
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_runyard")])
             .args(args)
             .env_clear()
-            .env("HOME", self.path())
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(plain.get_envs().filter_map(|(k, v)| Some((k, v?))))
             .current_dir(self.path())
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).expect("stdout file"))
-            .stderr(File::create(&err).expect("stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start runyard {args:?} in {netns}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            stdout: out,
-            stderr: err,
-            exited: None,
-        }
+            .stdin(Stdio::null());
+        self.start(name, c, args, true)
     }
 
     fn spawn_with_env(
@@ -161,11 +150,16 @@ impl Sandbox {
         client: bool,
         background: bool,
     ) -> Proc {
-        let (out, err) = self.log_files(name, background);
         let mut c = self.command(args);
         if client {
             c.envs(self.client_env.iter().map(|(k, v)| (k, v)));
         }
+        self.start(name, c, args, background)
+    }
+
+    /// Runs `c` with its output in fresh log files.
+    fn start(&mut self, name: &str, mut c: Command, args: &[&str], background: bool) -> Proc {
+        let (out, err) = self.log_files(name, background);
         let child = c
             .stdout(File::create(&out).expect("stdout file"))
             .stderr(File::create(&err).expect("stderr file"))

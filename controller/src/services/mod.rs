@@ -257,7 +257,7 @@ impl Services {
 
     /// Deletes a stopped service with no replica left.
     pub async fn remove(&self, ctl: &Controller, name: &str) -> Result<(), ServiceError> {
-        let (s, version) = self
+        let (s, _) = self
             .get(name)
             .await?
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
@@ -266,12 +266,12 @@ impl Services {
                 "service `{name}` is not stopped: run `runyard service stop {name}` and wait until it has no replica"
             )));
         }
-        let _ = version;
         self.store.delete(&service_key(name)).await?;
         if let Err(e) = ctl.secrets.forget(&secrets_id(name)).await {
             warn!(service = %name, error = %e, "cannot remove the service's secret values");
         }
         self.plane.routes.remove(name);
+        self.policies.forget(name);
         Ok(())
     }
 
@@ -657,9 +657,4 @@ impl Services {
             Err(e) => Err(ServiceError::Refused(e.to_string())),
         }
     }
-}
-
-/// What a service's replicas and route say now, for the API.
-pub fn route_of(services: &Services, name: &str) -> Option<Arc<ServiceRoute>> {
-    services.plane.routes.get(name)
 }
