@@ -129,6 +129,9 @@ pub enum FailureKind {
     Agent,
     /// The attempt used more memory than its spec's `memory` limit and was killed.
     Oom,
+    /// An entry point's parameters do not fit what its `MLproject` declares (a wrong type, a
+    /// required one missing, a path that is not there). Not retried.
+    Params,
 }
 
 impl FailureKind {
@@ -147,6 +150,7 @@ impl FailureKind {
             FailureKind::AgentLost => "agent_lost",
             FailureKind::Agent => "agent",
             FailureKind::Oom => "oom",
+            FailureKind::Params => "params",
         }
     }
 }
@@ -390,6 +394,7 @@ impl JobState {
                 best: job.best.clone(),
                 best_callback: job.best_callback,
                 environment: job.environment.clone(),
+                project: None,
                 report_offset: job.report_offset,
                 port: job.port,
             }

@@ -10,6 +10,9 @@
 //! - `intent`: what a user wants of a job (stored at `jobs/ID`).
 //! - `placement`: one attempt of a job on an agent (stored at `placements/ID/N`).
 //! - `job`: a job as a whole (intent + current placement), and its lifecycle states.
+//! - `mlproject`: MLflow projects: the `MLproject` file, typed parameters, the argv of an
+//!   entry point.
+//! - `project_env`: a project's `python_env.yaml` or conda file as pip requirements.
 //! - `report`: progress, metrics, checkpoints and environment reported by a running job.
 //! - `service`: a server kept running as autoscaled replicas (stored at `services/NAME`).
 //! - `agent`: what an agent offers and how the controller sees it.
@@ -23,7 +26,9 @@ pub mod compute;
 pub mod intent;
 pub mod job;
 pub mod limits;
+pub mod mlproject;
 pub mod placement;
+pub mod project_env;
 pub mod report;
 pub mod service;
 pub mod size;

@@ -12,6 +12,12 @@ pub const MAX_NAME_CHARS: usize = 128;
 pub const MAX_PATH_LEN: usize = 1024;
 /// Bytes of `revision`.
 pub const MAX_REVISION_LEN: usize = 255;
+/// Bytes of `entry_point` (a name in the `MLproject`; a file name is a path).
+pub const MAX_ENTRY_POINT_LEN: usize = 256;
+/// Number of `parameters`.
+pub const MAX_PARAMETERS: usize = 256;
+/// Bytes of a parameter's name (a value is limited as one argument, all of them as all args).
+pub const MAX_PARAMETER_NAME: usize = 128;
 /// Number of `args`.
 pub const MAX_ARGS: usize = 1024;
 /// Bytes of one argument.

@@ -55,6 +55,10 @@ pub struct Placement {
     /// The environment the attempt runs with (pinned packages, build time).
     #[serde(default)]
     pub environment: Option<Environment>,
+    /// The MLflow project entry point the attempt runs: parameters with defaults filled, the
+    /// environment file used, the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<crate::mlproject::ProjectRun>,
     /// Bytes of the attempt's report stream folded into `progress`, `metrics`, `best` and
     /// `environment` so far.
     #[serde(default)]
@@ -87,6 +91,7 @@ impl Placement {
             best: None,
             best_callback: None,
             environment: None,
+            project: None,
             report_offset: 0,
             port: None,
         }

@@ -76,6 +76,8 @@ pub enum Report {
     },
     /// The environment the job ran with (written by the agent).
     Environment(Environment),
+    /// The MLflow project entry point as the agent ran it (written by the agent).
+    Project(crate::mlproject::ProjectRun),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -221,6 +223,7 @@ pub fn apply(job: &mut Placement, report: &Report) {
             }
         }
         Report::Environment(env) => job.environment = Some(env.clone()),
+        Report::Project(run) => job.project = Some(run.clone()),
     }
 }
 

@@ -630,7 +630,7 @@ mod tests {
                 with("autoscale", json!({"scale_out_interval": "1ms"})),
                 "autoscale.scale_out_interval",
             ),
-            (with("autoscale", json!({"bogus": 1})), "bogus"),
+            (with("autoscale", json!({"bogus": 1})), "autoscale.bogus"),
             (
                 with("cold_start", json!({"proxy": "ftp://x"})),
                 "cold_start.proxy",

@@ -47,11 +47,31 @@ pub struct JobSpec {
     /// Branch, tag or commit; empty means the remote's default branch.
     #[serde(default)]
     pub revision: String,
-    /// Path of the Python script inside the repository.
+    /// Path of the Python script inside the repository. Empty for an MLflow project's entry
+    /// point (`entry_point`).
+    #[serde(default)]
     pub script: String,
     /// Arguments, passed verbatim (never through a shell).
     #[serde(default)]
     pub args: Vec<String>,
+    /// An entry point of the repository's `MLproject` (or a `.py`/`.sh` file run as one), instead
+    /// of `script`. A spec with neither runs the entry point `main`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point: Option<String>,
+    /// The entry point's parameters, by name (numbers are taken as their text). Checked against
+    /// the types the `MLproject` declares before anything runs; undeclared ones are appended as
+    /// `--name value`.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "parameter_values"
+    )]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub parameters: BTreeMap<String, String>,
+    /// An MLflow run the job logs into (created before the job starts unless `run_id` names
+    /// one); the controller's `--mlflow-tracking-uri` applies when `tracking_uri` is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow: Option<MlflowSpec>,
     /// pip requirement strings.
     #[serde(default)]
     pub requirements: Vec<String>,
@@ -98,6 +118,25 @@ pub struct JobSpec {
     /// starts; its path is in `$RUNYARD_CHECKPOINT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_from: Option<String>,
+}
+
+/// The MLflow tracking a job asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MlflowSpec {
+    /// The tracking server (`http(s)://host:port`); absent = the controller's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_uri: Option<String>,
+    /// The experiment a new run goes into (absent with `experiment_name` too: `0`, MLflow's
+    /// default experiment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment_id: Option<String>,
+    /// The experiment by name, created when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment_name: Option<String>,
+    /// An existing run to log into instead of a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
 }
 
 /// Where a secret environment variable's value comes from.
@@ -148,12 +187,39 @@ impl JobSpec {
             return Err(too_long("repo", MAX_REPO_LEN, "characters"));
         }
         validate_repo(&self.repo)?;
-        validate_repo_path("script", &self.script)?;
-        if !self.script.ends_with(".py") {
-            return Err(ValidationError::new(
-                "script",
-                format!("`{}` is not a Python file (.py)", self.script),
-            ));
+        if self.script.is_empty() {
+            let entry = self.entry_point.get_or_insert_with(|| "main".to_string());
+            validate_entry_point(entry)?;
+            validate_parameters(&self.parameters)?;
+            if !self.args.is_empty() {
+                return Err(ValidationError::new(
+                    "args",
+                    "an entry point takes `parameters`, not args",
+                ));
+            }
+        } else {
+            validate_repo_path("script", &self.script)?;
+            if !self.script.ends_with(".py") {
+                return Err(ValidationError::new(
+                    "script",
+                    format!("`{}` is not a Python file (.py)", self.script),
+                ));
+            }
+            if self.entry_point.is_some() {
+                return Err(ValidationError::new(
+                    "entry_point",
+                    "give either a script or an entry point, not both",
+                ));
+            }
+            if !self.parameters.is_empty() {
+                return Err(ValidationError::new(
+                    "parameters",
+                    "parameters go with an entry point; a script takes `args`",
+                ));
+            }
+        }
+        if let Some(m) = &self.mlflow {
+            validate_mlflow(m)?;
         }
         if let Some(f) = &self.requirements_file {
             validate_repo_path("requirements_file", f)?;
@@ -233,7 +299,10 @@ impl JobSpec {
             ));
         }
         if self.name.is_empty() {
-            self.name = default_name(&self.script);
+            self.name = match &self.entry_point {
+                Some(entry) => default_name(entry),
+                None => default_name(&self.script),
+            };
         }
         if self.name.chars().count() > MAX_NAME_CHARS || self.name.chars().any(char::is_control) {
             return Err(ValidationError::new(
@@ -405,12 +474,15 @@ fn validate_args(args: &[String]) -> Result<(), ValidationError> {
 }
 
 /// Every field of `JobSpec` as it appears in JSON.
-const FIELDS: [&str; 16] = [
+const FIELDS: [&str; 19] = [
     "name",
     "repo",
     "revision",
     "script",
     "args",
+    "entry_point",
+    "parameters",
+    "mlflow",
     "requirements",
     "requirements_file",
     "env",
@@ -437,7 +509,159 @@ pub fn known_fields<'de, D: Deserializer<'de>>(d: D) -> Result<JobSpec, D::Error
 
 fn default_name(script: &str) -> String {
     let file = script.rsplit('/').next().unwrap_or(script);
-    file.strip_suffix(".py").unwrap_or(file).to_string()
+    let stem = file
+        .strip_suffix(".py")
+        .or_else(|| file.strip_suffix(".sh"));
+    stem.unwrap_or(file).to_string()
+}
+
+/// An entry point is a name in the `MLproject` or a `.py`/`.sh` file of the repository.
+fn validate_entry_point(entry: &str) -> Result<(), ValidationError> {
+    let field = "entry_point";
+    if entry.ends_with(".py") || entry.ends_with(".sh") {
+        return validate_repo_path(field, entry);
+    }
+    if entry.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if entry.len() > MAX_ENTRY_POINT_LEN {
+        return Err(too_long(field, MAX_ENTRY_POINT_LEN, "bytes"));
+    }
+    if entry.chars().any(char::is_control) || entry.starts_with('-') {
+        return Err(ValidationError::new(
+            field,
+            format!("`{entry}` is not an entry point name"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parameter names are what `{name}` in a command template can refer to.
+fn validate_parameters(params: &BTreeMap<String, String>) -> Result<(), ValidationError> {
+    if params.len() > MAX_PARAMETERS {
+        return Err(ValidationError::new(
+            "parameters",
+            format!("{} parameters: at most {MAX_PARAMETERS}", params.len()),
+        ));
+    }
+    let mut total = 0;
+    for (k, v) in params {
+        let field = format!("parameters.{k}");
+        let name_ok = !k.is_empty()
+            && k.len() <= MAX_PARAMETER_NAME
+            && !k.starts_with('-')
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !name_ok {
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "`{k}` is not a parameter name (letters, digits, `_`, `-` and `.`, at most {MAX_PARAMETER_NAME})"
+                ),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(ValidationError::new(field, "the value contains a NUL byte"));
+        }
+        if v.len() > MAX_ARG_BYTES {
+            return Err(ValidationError::new(
+                field,
+                format!("the value is longer than {} KiB", MAX_ARG_BYTES / 1024),
+            ));
+        }
+        total += k.len() + v.len();
+    }
+    if total > MAX_ARGS_TOTAL {
+        return Err(ValidationError::new(
+            "parameters",
+            format!(
+                "names and values add up to more than {} KiB",
+                MAX_ARGS_TOTAL / 1024
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_mlflow(m: &MlflowSpec) -> Result<(), ValidationError> {
+    if let Some(uri) = &m.tracking_uri {
+        validate_tracking_uri(uri)
+            .map_err(|msg| ValidationError::new("mlflow.tracking_uri", msg))?;
+    }
+    if m.experiment_id.is_some() && m.experiment_name.is_some() {
+        return Err(ValidationError::new(
+            "mlflow.experiment_name",
+            "give either experiment_id or experiment_name, not both",
+        ));
+    }
+    if m.run_id.is_some() && (m.experiment_id.is_some() || m.experiment_name.is_some()) {
+        return Err(ValidationError::new(
+            "mlflow.run_id",
+            "an existing run already has its experiment: drop experiment_id and experiment_name",
+        ));
+    }
+    let plain = |field: &str, v: &str, max: usize| {
+        if v.is_empty() || v.len() > max || v.chars().any(char::is_control) {
+            Err(ValidationError::new(
+                field,
+                format!("must be 1 to {max} printable characters"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if let Some(id) = &m.experiment_id {
+        plain("mlflow.experiment_id", id, 64)?;
+    }
+    if let Some(name) = &m.experiment_name {
+        plain("mlflow.experiment_name", name, 256)?;
+    }
+    if let Some(run) = &m.run_id {
+        if run.is_empty() || run.len() > 64 || !run.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(ValidationError::new(
+                "mlflow.run_id",
+                format!("`{run}` is not an MLflow run id (letters and digits)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runyard talks to MLflow's REST API: the tracking URI is an http(s) URL.
+pub fn validate_tracking_uri(uri: &str) -> Result<(), String> {
+    if uri.len() > MAX_REPO_LEN {
+        return Err(format!("longer than {MAX_REPO_LEN} characters"));
+    }
+    let rest = uri
+        .strip_prefix("http://")
+        .or_else(|| uri.strip_prefix("https://"));
+    match rest {
+        Some(rest)
+            if !rest.is_empty()
+                && !rest.starts_with('/')
+                && !uri.chars().any(|c| c.is_control() || c == ' ') =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "`{uri}` is not an http(s) URL: Runyard reaches MLflow through a tracking server (`mlflow server`), as in http://mlflow.internal:5000"
+        )),
+    }
+}
+
+/// Parameter values as users write them: text, or a number or boolean taken as its text.
+fn parameter_values<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok((k, s)),
+            serde_json::Value::Number(n) => Ok((k, n.to_string())),
+            serde_json::Value::Bool(b) => Ok((k, b.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "parameter `{k}`: {other} is not a string or a number"
+            ))),
+        })
+        .collect()
 }
 
 pub(crate) fn path_error<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> ValidationError {
@@ -445,9 +669,17 @@ pub(crate) fn path_error<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> V
     let inner = e.inner().to_string();
     // serde reports unknown and missing fields at the parent; name the field itself.
     let field = if let Some(rest) = inner.strip_prefix("unknown field `") {
-        rest.split('`').next().unwrap_or("").to_string()
+        // The path ends at the unknown field itself.
+        match path.as_str() {
+            "." | "?" | "" => rest.split('`').next().unwrap_or("").to_string(),
+            full => full.to_string(),
+        }
     } else if let Some(rest) = inner.strip_prefix("missing field `") {
-        rest.split('`').next().unwrap_or("").to_string()
+        let name = rest.split('`').next().unwrap_or("");
+        match path.as_str() {
+            "." | "?" | "" => name.to_string(),
+            parent => format!("{parent}.{name}"),
+        }
     } else if path == "." || path == "?" {
         "body".to_string()
     } else {
@@ -695,9 +927,19 @@ mod tests {
         full["memory"] = json!("1GiB");
         full["port"] = json!(true);
         full["model_from"] = json!("01h0000000000000000000000a");
+        full["mlflow"] = json!({"tracking_uri": "http://m:5000"});
         let spec = JobSpec::from_value(full).unwrap();
         let v = serde_json::to_value(&spec).unwrap();
+        let entry = serde_json::to_value(
+            JobSpec::from_value(json!({"repo": "https://h/x", "parameters": {"a": "1"}})).unwrap(),
+        )
+        .unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.extend(
+            ["entry_point", "parameters"]
+                .iter()
+                .filter(|k| entry.get(**k).is_some()),
+        );
         let mut fields = FIELDS.to_vec();
         keys.sort();
         fields.sort();
@@ -729,6 +971,22 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_point_spec_defaults_to_main_and_takes_numbers_as_text() {
+        let s = JobSpec::from_json(
+            br#"{"repo": "https://h/x", "parameters": {"alpha": 0.5, "n": 3, "s": "x"}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.entry_point.as_deref(), Some("main"));
+        assert_eq!(s.name, "main");
+        assert_eq!(s.parameters["alpha"], "0.5");
+        assert_eq!(s.parameters["n"], "3");
+        let s = JobSpec::from_json(br#"{"repo": "https://h/x", "entry_point": "jobs/train.sh", "mlflow": {"tracking_uri": "http://m:5000", "experiment_name": "e"}}"#)
+            .unwrap();
+        assert_eq!(s.name, "train");
+        assert_eq!(s.mlflow.unwrap().experiment_name.as_deref(), Some("e"));
+    }
+
+    #[test]
     fn minimal_spec_gets_defaults() {
         let s = JobSpec::from_json(base().to_string().as_bytes()).unwrap();
         assert_eq!(s.name, "train");
@@ -753,7 +1011,41 @@ mod tests {
         let cases: Vec<(serde_json::Value, &str)> = vec![
             (with("colour", json!("red")), "colour"),
             (json!({"script": "train.py"}), "repo"),
-            (json!({"repo": "https://h/x"}), "script"),
+            (json!({"repo": "https://h/x", "args": ["a"]}), "args"),
+            (with("entry_point", json!("main")), "entry_point"),
+            (with("parameters", json!({"a": "1"})), "parameters"),
+            (
+                json!({"repo": "https://h/x", "entry_point": "-x"}),
+                "entry_point",
+            ),
+            (
+                json!({"repo": "https://h/x", "entry_point": "../t.py"}),
+                "entry_point",
+            ),
+            (
+                json!({"repo": "https://h/x", "parameters": {"a b": "1"}}),
+                "parameters.a b",
+            ),
+            (
+                json!({"repo": "https://h/x", "parameters": {"a": [1]}}),
+                "parameters",
+            ),
+            (
+                with("mlflow", json!({"tracking_uri": "file:///tmp/m"})),
+                "mlflow.tracking_uri",
+            ),
+            (
+                with(
+                    "mlflow",
+                    json!({"experiment_id": "1", "experiment_name": "x"}),
+                ),
+                "mlflow.experiment_name",
+            ),
+            (with("mlflow", json!({"run_id": "a;b"})), "mlflow.run_id"),
+            (
+                with("mlflow", json!({"tracking": "http://x"})),
+                "mlflow.tracking",
+            ),
             (with("repo", json!("not a url")), "repo"),
             (with("repo", json!("ftp://host/x.git")), "repo"),
             (with("repo", json!("file://relative/path")), "repo"),

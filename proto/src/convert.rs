@@ -142,6 +142,8 @@ pub fn spec_to_wire(s: &JobSpec) -> v1::JobSpec {
         memory_bytes: s.memory.unwrap_or(0),
         port: s.port,
         model_from: s.model_from.clone().unwrap_or_default(),
+        entry_point: s.entry_point.clone().unwrap_or_default(),
+        parameters: s.parameters.clone().into_iter().collect(),
     }
 }
 
@@ -172,6 +174,10 @@ pub fn spec_from_wire(w: v1::JobSpec) -> Result<JobSpec, ConvertError> {
         memory: Some(w.memory_bytes).filter(|&m| m != 0),
         port: w.port,
         model_from: Some(w.model_from).filter(|m| !m.is_empty()),
+        entry_point: Some(w.entry_point).filter(|e| !e.is_empty()),
+        parameters: w.parameters.into_iter().collect(),
+        // The controller resolves the tracking into the job's environment before it assigns.
+        mlflow: None,
     };
     spec.validate().map_err(|e| ConvertError {
         field: "spec",
