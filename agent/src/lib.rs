@@ -11,6 +11,7 @@
 //! - `spool`: per-attempt on-disk log spool, kept until the controller acknowledges lines.
 //! - `checkout`: bare mirror cache and per-job working trees (git2).
 //! - `pyenv`: per-job Python environments (uv, or venv + pip).
+//! - `project`: an MLflow project's entry point after checkout: command, parameters, environment.
 //! - `reporter`: the Lightning reporter (Python) installed for every job's PYTHONPATH.
 //! - `process`: the job's process group, line capture, stop and sweep (child subreaper).
 //! - `identity`: who jobs run as (per-attempt uids, `--run-as`), and handing a job its directory.
@@ -38,6 +39,7 @@ pub mod gpu;
 pub mod identity;
 pub mod policy;
 pub mod process;
+pub mod project;
 pub mod pyenv;
 pub mod reaper;
 pub mod reporter;

@@ -87,6 +87,8 @@ pub struct EnvBuilder {
     python: PathBuf,
     uv: Option<PathBuf>,
     cache_dir: PathBuf,
+    /// The interpreter's version (`3.11.7`), asked once.
+    version: Arc<tokio::sync::OnceCell<Result<String, String>>>,
 }
 
 impl EnvBuilder {
@@ -99,6 +101,7 @@ impl EnvBuilder {
             python,
             uv,
             cache_dir,
+            version: Arc::default(),
         }
     }
 
@@ -108,12 +111,47 @@ impl EnvBuilder {
             python,
             uv: None,
             cache_dir: PathBuf::new(),
+            version: Arc::default(),
         }
     }
 
     /// The uv binary environments are built with, if any (also what cache sweeps prune with).
     pub fn uv(&self) -> Option<&Path> {
         self.uv.as_deref()
+    }
+
+    /// The interpreter jobs run with.
+    pub fn python(&self) -> &Path {
+        &self.python
+    }
+
+    /// The interpreter's version (`3.11.7`), asked of it once.
+    pub async fn python_version(&self) -> Result<String, String> {
+        self.version
+            .get_or_init(|| async {
+                let out = Command::new(&self.python)
+                    .args([
+                        "-c",
+                        "import sys; print('%d.%d.%d' % sys.version_info[:3])",
+                    ])
+                    .stdin(Stdio::null())
+                    .kill_on_drop(true)
+                    .output();
+                match tokio::time::timeout(VERSION_TIMEOUT, out).await {
+                    Ok(Ok(o)) if o.status.success() => {
+                        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    }
+                    Ok(Ok(o)) => Err(format!(
+                        "{} failed: {}",
+                        self.python.display(),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    )),
+                    Ok(Err(e)) => Err(format!("cannot run {}: {e}", self.python.display())),
+                    Err(_) => Err(format!("{} did not answer", self.python.display())),
+                }
+            })
+            .await
+            .clone()
     }
 
     /// The installer venvs are built with: `"uv"` or `"pip"`.
@@ -131,20 +169,21 @@ impl EnvBuilder {
         requirements: &[String],
         requirements_file: Option<&Path>,
     ) -> Result<PathBuf, EnvError> {
-        self.prepare_logged(job_dir, requirements, requirements_file, None)
+        let files: Vec<PathBuf> = requirements_file.into_iter().map(Path::to_path_buf).collect();
+        self.prepare_logged(job_dir, requirements, &files, None)
             .await
     }
 
-    /// [`EnvBuilder::prepare`], forwarding each line the installer prints to `sink` (batches of
-    /// lines; a closed sink just stops the forwarding).
+    /// [`EnvBuilder::prepare`] with any number of requirements files, forwarding each line the
+    /// installer prints to `sink` (batches of lines; a closed sink just stops the forwarding).
     pub async fn prepare_logged(
         &self,
         job_dir: &Path,
         requirements: &[String],
-        requirements_file: Option<&Path>,
+        requirements_files: &[PathBuf],
         sink: Option<mpsc::Sender<Vec<String>>>,
     ) -> Result<PathBuf, EnvError> {
-        if requirements.is_empty() && requirements_file.is_none() {
+        if requirements.is_empty() && requirements_files.is_empty() {
             return Ok(self.python.clone());
         }
         let started = Instant::now();
@@ -153,9 +192,7 @@ impl EnvBuilder {
                 return Err(EnvError::Requirement(r.clone()));
             }
         }
-        if let Some(f) = requirements_file
-            && !f.is_file()
-        {
+        if let Some(f) = requirements_files.iter().find(|f| !f.is_file()) {
             return Err(EnvError::RequirementsFile(f.to_path_buf()));
         }
 
@@ -183,7 +220,7 @@ impl EnvBuilder {
                 })?;
             req_args.extend(["-r".into(), file.into_os_string()]);
         }
-        if let Some(f) = requirements_file {
+        for f in requirements_files {
             req_args.extend(["-r".into(), f.as_os_str().to_owned()]);
         }
         let venv_python = venv.join("bin").join("python");

@@ -236,7 +236,11 @@ async fn execute(
             return (End::stopped(&req), None);
         }
     };
-    let (python, script) = match prepared {
+    let Prepared {
+        python,
+        program,
+        args,
+    } = match prepared {
         Ok(p) => p,
         Err(end) => return (end, None),
     };
@@ -352,8 +356,6 @@ async fn execute(
         env.push(("LOGNAME".into(), identity.user.clone()));
     }
 
-    let mut args = vec![script.display().to_string()];
-    args.extend(spec.args.iter().cloned());
     let (tx, rx) = mpsc::channel::<Vec<String>>(256);
     let writer = tokio::spawn(write_lines(svc.attempts.clone(), a.clone(), rx));
     let tail_done = tokio_util::sync::CancellationToken::new();
@@ -366,7 +368,7 @@ async fn execute(
         tail_done.clone(),
     ));
     let process = ProcessSpec {
-        program: python.clone(),
+        program: program.clone(),
         args,
         cwd: src.clone(),
         env,
@@ -386,7 +388,7 @@ async fn execute(
             return (
                 End::failed(
                     FailureKind::Agent,
-                    format!("cannot start {}: {e}", python.display()),
+                    format!("cannot start {}: {e}", program.display()),
                 ),
                 None,
             );
@@ -609,6 +611,14 @@ async fn sleep_max(d: Duration) {
     }
 }
 
+/// What an attempt runs once prepared: the interpreter of its environment, and the program with
+/// its arguments (the script's path first for a script; an entry point's command otherwise).
+struct Prepared {
+    python: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
+}
+
 async fn prepare(
     svc: &Services,
     a: &Arc<Attempt>,
@@ -616,7 +626,7 @@ async fn prepare(
     dir: &Path,
     src: &Path,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<(PathBuf, PathBuf), End> {
+) -> Result<Prepared, End> {
     let disk_full = |m: &dyn std::fmt::Display| {
         End::failed(
             FailureKind::Agent,
@@ -657,15 +667,60 @@ async fn prepare(
     info!(job = %a.job_id, attempt = a.attempt, %commit, "checked out");
     svc.attempts
         .set_status(a, |s| s.commit = Some(commit.clone()));
-    let script = resolve_script_at(src, &spec.script, &commit)
-        .map_err(|m| End::failed(FailureKind::Script, m))?;
-    let req_file = match &spec.requirements_file {
-        Some(f) => Some(
+    // A script, or an MLflow project's entry point: the command, and what its project needs.
+    let (command, entry) = if spec.script.is_empty() {
+        let plan = crate::project::plan(src, &commit, spec, &svc.agent_name)
+            .map_err(|(kind, m)| End::failed(kind, m))?;
+        (plan.argv.clone(), Some(plan))
+    } else {
+        let script = resolve_script_at(src, &spec.script, &commit)
+            .map_err(|m| End::failed(FailureKind::Script, m))?;
+        let mut argv = vec!["python".to_string(), script.display().to_string()];
+        argv.extend(spec.args.iter().cloned());
+        (argv, None)
+    };
+    let mut req_files = Vec::new();
+    if let Some(f) = &spec.requirements_file {
+        req_files.push(
             resolve_script_at(src, f, &commit)
                 .map_err(|m| End::failed(FailureKind::Env, format!("requirements_file: {m}")))?,
-        ),
-        None => None,
-    };
+        );
+    }
+    if let Some(request) = entry.as_ref().and_then(|e| e.env.as_ref()) {
+        if let Some(want) = &request.python {
+            let have = svc
+                .envs
+                .python_version()
+                .await
+                .map_err(|m| End::failed(FailureKind::Agent, m))?;
+            if !runyard_model::project_env::python_matches(want, &have) {
+                return Err(End::failed(
+                    FailureKind::Env,
+                    format!(
+                        "the project needs Python {want}; agent {} has {have} ({}). Runyard does not download interpreters: change the version the project asks for, or run an agent with --python pointing at a {want} interpreter",
+                        svc.agent_name,
+                        svc.envs.python().display()
+                    ),
+                ));
+            }
+        }
+        if !request.requirements.is_empty() {
+            let file = dir.join(crate::project::PROJECT_REQUIREMENTS);
+            let mut text = request.requirements.join("\n");
+            text.push('\n');
+            tokio::fs::write(&file, text).await.map_err(|e| {
+                End::failed(FailureKind::Agent, format!("cannot write {}: {e}", file.display()))
+            })?;
+            req_files.push(file);
+        }
+    }
+    if let Some(plan) = &entry {
+        let line = serde_json::to_string(&Report::Project(plan.run.clone()))
+            .expect("a report serializes");
+        if let Err(error) = a.reports.append(&[line]) {
+            warn!(job = %a.job_id, %error, "cannot spool the project report");
+        }
+    }
     let started = std::time::Instant::now();
     // The installer's lines go to the job's log, marked as ours, before anything the script prints.
     let (sink, mut installer_lines) = mpsc::channel::<Vec<String>>(64);
@@ -687,7 +742,7 @@ async fn prepare(
     };
     let prepared = svc
         .envs
-        .prepare_logged(dir, &spec.requirements, req_file.as_deref(), Some(sink))
+        .prepare_logged(dir, &spec.requirements, &req_files, Some(sink))
         .await;
     let _ = forward.await;
     let python = prepared.map_err(|e| {
@@ -739,7 +794,41 @@ async fn prepare(
         warn!(job = %a.job_id, %error, "cannot spool the environment report");
     }
     svc.attempts.wake();
-    Ok((python, script))
+    let program = program_of(&command[0], &python, src)
+        .map_err(|m| End::failed(FailureKind::Script, m))?;
+    Ok(Prepared {
+        python,
+        program,
+        args: command[1..].to_vec(),
+    })
+}
+
+/// The executable a command names: `python` (and `python3`, `python3.X`) is the environment's
+/// interpreter; a path is taken inside the checkout; a bare name is looked up on the
+/// environment's `PATH` (its venv first).
+fn program_of(name: &str, python: &Path, src: &Path) -> Result<PathBuf, String> {
+    let is_python = name == "python"
+        || name
+            .strip_prefix("python3")
+            .is_some_and(|v| v.is_empty() || v.starts_with('.'));
+    if is_python {
+        return Ok(python.to_path_buf());
+    }
+    if name.contains('/') {
+        let rel = Path::new(name);
+        if rel.is_absolute() {
+            return Ok(rel.to_path_buf());
+        }
+        return resolve_script_at(src, name, "HEAD").map_err(|m| format!("command: {m}"));
+    }
+    let venv_bin = python.parent().map(Path::to_path_buf);
+    venv_bin
+        .map(|b| b.join(name))
+        .filter(|p| p.is_file())
+        .or_else(|| crate::pyenv::find_on_path(name))
+        .ok_or_else(|| {
+            format!("command: `{name}` is not in the environment or on the agent's PATH")
+        })
 }
 
 fn exit_code(o: ExitOutcome) -> Option<i32> {

@@ -87,7 +87,7 @@ async fn uv_installs_requirements_and_a_requirements_file() {
         b.prepare_logged(
             &job,
             &["six==1.16.0".to_string()],
-            Some(&job.join("src/requirements.txt")),
+            &[job.join("src/requirements.txt")],
             Some(tx),
         ),
     )
