@@ -85,7 +85,9 @@ pub fn plan(src: &Path, commit: &str, spec: &JobSpec, agent: &str) -> Result<Ent
             return Err((FailureKind::Script, why));
         }
     };
-    let declared = project.as_ref().map_or(ProjectEnv::Unspecified, |p| p.env.clone());
+    let declared = project
+        .as_ref()
+        .map_or(ProjectEnv::Unspecified, |p| p.env.clone());
     let (env_name, env) = environment(src, commit, declared)?;
     Ok(EntryPlan {
         argv: argv.clone(),
@@ -119,7 +121,10 @@ fn find_project_file(src: &Path) -> Option<PathBuf> {
 /// (absolute), made absolute; it must exist, since the job runs here and not where it was
 /// submitted.
 fn locate_paths(src: &Path, values: &mut [Resolved], agent: &str) -> Result<(), Refusal> {
-    for r in values.iter_mut().filter(|r| r.kind == Some(ParamType::Path)) {
+    for r in values
+        .iter_mut()
+        .filter(|r| r.kind == Some(ParamType::Path))
+    {
         if let Some(scheme) = mlproject::uri_scheme(&r.value) {
             return Err((
                 FailureKind::Params,
@@ -256,8 +261,14 @@ mod tests {
     #[test]
     fn requirement_paths_are_anchored_in_the_checkout() {
         let src = Path::new("/j/src");
-        assert_eq!(anchor(src, "-r requirements.txt").unwrap(), "-r /j/src/requirements.txt");
-        assert_eq!(anchor(src, "--requirement=r.txt").unwrap(), "--requirement /j/src/r.txt");
+        assert_eq!(
+            anchor(src, "-r requirements.txt").unwrap(),
+            "-r /j/src/requirements.txt"
+        );
+        assert_eq!(
+            anchor(src, "--requirement=r.txt").unwrap(),
+            "--requirement /j/src/r.txt"
+        );
         assert_eq!(anchor(src, "-e .").unwrap(), "-e /j/src/.");
         assert_eq!(anchor(src, "./pkg").unwrap(), "/j/src/./pkg");
         assert_eq!(anchor(src, "numpy>=1").unwrap(), "numpy>=1");

@@ -130,10 +130,7 @@ impl EnvBuilder {
         self.version
             .get_or_init(|| async {
                 let out = Command::new(&self.python)
-                    .args([
-                        "-c",
-                        "import sys; print('%d.%d.%d' % sys.version_info[:3])",
-                    ])
+                    .args(["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
                     .stdin(Stdio::null())
                     .kill_on_drop(true)
                     .output();
@@ -169,7 +166,10 @@ impl EnvBuilder {
         requirements: &[String],
         requirements_file: Option<&Path>,
     ) -> Result<PathBuf, EnvError> {
-        let files: Vec<PathBuf> = requirements_file.into_iter().map(Path::to_path_buf).collect();
+        let files: Vec<PathBuf> = requirements_file
+            .into_iter()
+            .map(Path::to_path_buf)
+            .collect();
         self.prepare_logged(job_dir, requirements, &files, None)
             .await
     }

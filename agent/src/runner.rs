@@ -709,14 +709,17 @@ async fn prepare(
             let mut text = request.requirements.join("\n");
             text.push('\n');
             tokio::fs::write(&file, text).await.map_err(|e| {
-                End::failed(FailureKind::Agent, format!("cannot write {}: {e}", file.display()))
+                End::failed(
+                    FailureKind::Agent,
+                    format!("cannot write {}: {e}", file.display()),
+                )
             })?;
             req_files.push(file);
         }
     }
     if let Some(plan) = &entry {
-        let line = serde_json::to_string(&Report::Project(plan.run.clone()))
-            .expect("a report serializes");
+        let line =
+            serde_json::to_string(&Report::Project(plan.run.clone())).expect("a report serializes");
         if let Err(error) = a.reports.append(&[line]) {
             warn!(job = %a.job_id, %error, "cannot spool the project report");
         }
@@ -794,8 +797,8 @@ async fn prepare(
         warn!(job = %a.job_id, %error, "cannot spool the environment report");
     }
     svc.attempts.wake();
-    let program = program_of(&command[0], &python, src)
-        .map_err(|m| End::failed(FailureKind::Script, m))?;
+    let program =
+        program_of(&command[0], &python, src).map_err(|m| End::failed(FailureKind::Script, m))?;
     Ok(Prepared {
         python,
         program,

@@ -88,6 +88,42 @@ pub struct JobView {
     #[serde(default)]
     #[schema(required)]
     pub environment: Option<Environment>,
+    /// The job's MLflow run, when it is tracked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow: Option<MlflowView>,
+    /// The MLflow project entry point the current attempt runs: its parameters (defaults
+    /// filled), environment file and command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<runyard_model::mlproject::ProjectRun>,
+}
+
+/// A job's MLflow run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MlflowView {
+    pub tracking_uri: String,
+    pub run_id: String,
+    pub experiment_id: String,
+    /// The run's page on the tracking server.
+    pub url: String,
+    /// The run was ended with the job's outcome (FINISHED, FAILED or KILLED).
+    pub ended: bool,
+}
+
+impl From<&runyard_model::MlflowRun> for MlflowView {
+    fn from(r: &runyard_model::MlflowRun) -> MlflowView {
+        MlflowView {
+            tracking_uri: r.tracking_uri.clone(),
+            run_id: r.run_id.clone(),
+            experiment_id: r.experiment_id.clone(),
+            url: format!(
+                "{}/#/experiments/{}/runs/{}",
+                r.tracking_uri.trim_end_matches('/'),
+                r.experiment_id,
+                r.run_id
+            ),
+            ended: r.ended,
+        }
+    }
 }
 
 impl From<&Job> for JobView {
@@ -119,6 +155,8 @@ impl From<&Job> for JobView {
             best: j.best.clone(),
             best_callback: j.best_callback,
             environment: j.environment.clone(),
+            mlflow: j.mlflow.as_ref().map(MlflowView::from),
+            project: j.project.clone(),
         }
     }
 }

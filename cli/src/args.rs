@@ -241,6 +241,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub services: ServicesArgs,
     #[command(flatten)]
+    pub mlflow: MlflowArgs,
+    #[command(flatten)]
     pub isolation: IsolationArgs,
 }
 
@@ -262,6 +264,30 @@ pub struct ServicesArgs {
 impl ServicesArgs {
     pub fn apply(&self, config: &mut runyard_controller::Config) {
         config.service_path = self.service_path;
+    }
+}
+
+/// MLflow tracking of jobs (`up` and `controller`).
+#[derive(Debug, Clone, Args)]
+pub struct MlflowArgs {
+    /// The MLflow tracking server (http(s)://host:port) of MLflow project jobs (entry points)
+    /// and of jobs whose `mlflow` block names no tracking_uri.
+    #[arg(long, env = "RUNYARD_MLFLOW_TRACKING_URI", value_name = "URL", value_parser = tracking_uri)]
+    pub mlflow_tracking_uri: Option<String>,
+    /// The address users open the page at (https://runyard.example.com), for the links to jobs
+    /// Runyard puts in MLflow runs; default: the address the submitting client used.
+    #[arg(long, env = "RUNYARD_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+}
+
+fn tracking_uri(s: &str) -> Result<String, String> {
+    runyard_model::spec::validate_tracking_uri(s).map(|()| s.to_string())
+}
+
+impl MlflowArgs {
+    pub fn apply(&self, config: &mut runyard_controller::Config) {
+        config.mlflow_tracking_uri = self.mlflow_tracking_uri.clone();
+        config.public_url = self.public_url.clone();
     }
 }
 
@@ -341,6 +367,8 @@ pub struct ControllerArgs {
     pub history: HistoryArgs,
     #[command(flatten)]
     pub services: ServicesArgs,
+    #[command(flatten)]
+    pub mlflow: MlflowArgs,
 }
 
 #[derive(Debug, Args)]
@@ -486,6 +514,36 @@ pub struct SubmitArgs {
     /// Path of the Python script inside the repository.
     #[arg(long, env = "RUNYARD_SUBMIT_SCRIPT", value_name = "PATH")]
     pub script: Option<String>,
+    /// An entry point of the repository's MLproject (or a .py/.sh file run as one) instead of
+    /// a script; without --script and --entry-point, `main`.
+    #[arg(
+        short = 'e',
+        long,
+        env = "RUNYARD_SUBMIT_ENTRY_POINT",
+        value_name = "NAME"
+    )]
+    pub entry_point: Option<String>,
+    /// An entry point's parameter, NAME=VALUE (repeatable), checked against the MLproject.
+    #[arg(
+        short = 'P',
+        long = "param",
+        value_name = "NAME=VALUE",
+        allow_hyphen_values = true
+    )]
+    pub params: Vec<String>,
+    /// Log the job into an MLflow run on this tracking server (http(s)://...); the controller's
+    /// --mlflow-tracking-uri is the default.
+    #[arg(long, env = "MLFLOW_TRACKING_URI", value_name = "URL")]
+    pub mlflow_tracking_uri: Option<String>,
+    /// The MLflow experiment of the run, by name (made if missing).
+    #[arg(long, env = "MLFLOW_EXPERIMENT_NAME", value_name = "NAME")]
+    pub experiment_name: Option<String>,
+    /// The MLflow experiment of the run, by id.
+    #[arg(long, env = "MLFLOW_EXPERIMENT_ID", value_name = "ID")]
+    pub experiment_id: Option<String>,
+    /// Log into this existing MLflow run instead of a new one.
+    #[arg(long = "mlflow-run-id", value_name = "ID")]
+    pub mlflow_run_id: Option<String>,
     /// A pip requirement, e.g. `numpy>=2` (repeatable).
     // Hyphen values (here and in the durations) reach the spec check, which explains them.
     #[arg(

@@ -32,6 +32,9 @@ pub enum SubmitError {
     Invalid(#[from] runyard_model::ValidationError),
     #[error(transparent)]
     Store(#[from] JobsError),
+    /// The job's MLflow run could not be made.
+    #[error(transparent)]
+    Tracking(#[from] crate::mlflow::TrackingError),
 }
 
 impl From<SecretError> for SubmitError {
@@ -93,6 +96,8 @@ pub struct Controller {
     pub services: crate::services::Services,
     /// Byte streams to attempts' ports, through their agents (`tunnel.rs`).
     pub tunnels: Tunnels,
+    /// MLflow runs of tracked jobs.
+    pub tracking: crate::mlflow::Tracking,
     kick: Arc<Notify>,
     /// Jobs whose last action failed, and until when they are left alone.
     retry: Arc<Mutex<HashMap<String, Retry>>>,
@@ -141,6 +146,7 @@ impl Controller {
             agent_ttl,
             fold: ReportFolder::default(),
             tunnels,
+            tracking: crate::mlflow::Tracking::new(None, None),
             kick: Arc::new(Notify::new()),
             retry: Arc::default(),
         }
@@ -152,6 +158,12 @@ impl Controller {
         self
     }
 
+    /// Tracks jobs in MLflow as `tracking` says (`--mlflow-tracking-uri`, `--public-url`).
+    pub fn with_tracking(mut self, tracking: crate::mlflow::Tracking) -> Controller {
+        self.tracking = tracking;
+        self
+    }
+
     /// Asks the loop for a pass soon.
     pub fn kick(&self) {
         self.kick.notify_one();
@@ -160,7 +172,24 @@ impl Controller {
     /// Stores a new job owned by the token named `owner`. Its secret values are stored apart
     /// first (the spec keeps only their names).
     pub async fn submit(&self, spec: JobSpec, owner: &str) -> Result<Job, SubmitError> {
-        self.create_job(new_job_id(), spec, owner, None).await
+        self.submit_from(spec, owner, None).await
+    }
+
+    /// [`Controller::submit`], from a client that reached the controller at `origin`
+    /// (`http://host:port`: where the job's page is, for its MLflow run's link).
+    pub async fn submit_from(
+        &self,
+        spec: JobSpec,
+        owner: &str,
+        origin: Option<&str>,
+    ) -> Result<Job, SubmitError> {
+        let id = new_job_id();
+        self.check_model_from(&spec).await?;
+        self.tracking.uri_for(&spec)?;
+        // The run exists before the job does (MLflow's flow 1): the job's first attempt already
+        // has its id. Nothing is stored when it cannot be made.
+        let run = self.tracking.open_run(&id, &spec, owner, origin).await?;
+        self.store_job(id, spec, owner, None, run).await
     }
 
     /// Stores job `id` (a new one, or a service's replica with its link), its secret values
@@ -173,10 +202,22 @@ impl Controller {
         service: Option<runyard_model::ReplicaOf>,
     ) -> Result<Job, SubmitError> {
         self.check_model_from(&spec).await?;
+        self.store_job(id, spec, owner, service, None).await
+    }
+
+    async fn store_job(
+        &self,
+        id: String,
+        spec: JobSpec,
+        owner: &str,
+        service: Option<runyard_model::ReplicaOf>,
+        mlflow: Option<runyard_model::MlflowRun>,
+    ) -> Result<Job, SubmitError> {
         let spec = self.secrets.take(&id, spec).await?;
         let mut state = JobState::new(id, spec, Timestamp::now());
         state.intent.owner = Some(owner.to_string());
         state.intent.service = service;
+        state.intent.mlflow = mlflow;
         let id = state.intent.id.clone();
         let job = match self.jobs.create(state).await {
             Ok(job) => job,
@@ -243,7 +284,10 @@ impl Controller {
     /// The assignment of the job's current attempt, with its secret values resolved (only here,
     /// on the way to the agent).
     pub async fn assignment(&self, job: &Job) -> Result<AgentCommand, SecretError> {
-        let spec = self.secrets.resolve(&job.id, &job.spec).await?;
+        let mut spec = self.secrets.resolve(&job.id, &job.spec).await?;
+        if let Some(run) = &job.mlflow {
+            spec.env.extend(crate::mlflow::job_env(run));
+        }
         Ok(AgentCommand::assign(job, spec))
     }
 

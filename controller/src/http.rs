@@ -61,6 +61,8 @@ const EVENTS_COALESCE: Duration = Duration::from_millis(150);
 #[derive(Clone)]
 pub struct ApiState {
     pub ctl: Controller,
+    /// The API is served over TLS (for links built from a request's `Host`).
+    pub tls: bool,
     /// Who may call: the admin token and the named tokens.
     pub access: Access,
     /// Ends long-lived responses (log follows) at shutdown.
@@ -68,6 +70,17 @@ pub struct ApiState {
 }
 
 mod services;
+
+/// `scheme://host` of the controller as the client reached it (its `Host` header), when that
+/// header is a plain host name or address with an optional port.
+fn origin_of(headers: &axum::http::HeaderMap, tls: bool) -> Option<String> {
+    let host = headers.get(axum::http::header::HOST)?.to_str().ok()?;
+    let plain = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    plain.then(|| format!("{}://{host}", if tls { "https" } else { "http" }))
+}
 
 /// The routes that need the admin token.
 fn api_routes() -> OpenApiRouter<ApiState> {
@@ -209,6 +222,12 @@ impl From<crate::executor::SubmitError> for ApiError {
         match e {
             crate::executor::SubmitError::Invalid(v) => v.into(),
             crate::executor::SubmitError::Store(s) => s.into(),
+            crate::executor::SubmitError::Tracking(crate::mlflow::TrackingError::Invalid(v)) => {
+                v.into()
+            }
+            crate::executor::SubmitError::Tracking(e) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, e.to_string(), Some("mlflow"))
+            }
         }
     }
 }
@@ -438,11 +457,16 @@ async fn openapi_json() -> Response {
 async fn submit(
     State(state): State<ApiState>,
     Who(who): Who,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     allow(&who, Act::Submit)?;
     let spec = JobSpec::from_json(&body?)?;
-    let job = state.ctl.submit(spec, &who.name).await?;
+    let origin = origin_of(&headers, state.tls);
+    let job = state
+        .ctl
+        .submit_from(spec, &who.name, origin.as_deref())
+        .await?;
     Ok((StatusCode::CREATED, Json(JobView::from(&job))))
 }
 
@@ -1355,6 +1379,7 @@ mod tests {
         .unwrap();
         ApiState {
             ctl,
+            tls: false,
             access,
             shutdown: CancellationToken::new(),
         }

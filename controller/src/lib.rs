@@ -41,6 +41,7 @@ pub mod history;
 pub mod http;
 pub mod jobs;
 pub mod logs;
+pub mod mlflow;
 pub mod reconcile;
 pub mod reports;
 pub mod scheduler;
@@ -86,6 +87,11 @@ pub struct Config {
     pub tls: TlsSetup,
     /// How the data plane reaches service replicas.
     pub service_path: services::connect::PathMode,
+    /// The MLflow tracking server of jobs whose spec names none (`--mlflow-tracking-uri`).
+    pub mlflow_tracking_uri: Option<String>,
+    /// Where users open the page (`--public-url`), for links to jobs; absent = the address the
+    /// submitting client used.
+    pub public_url: Option<String>,
 }
 
 impl Config {
@@ -99,6 +105,8 @@ impl Config {
             max_log_size: DEFAULT_MAX_LOG_SIZE,
             tls: TlsSetup::Plain,
             service_path: services::connect::PathMode::Auto,
+            mlflow_tracking_uri: None,
+            public_url: None,
         }
     }
 }
@@ -225,7 +233,11 @@ pub async fn run_with(
         artifact_store,
         config.agent_ttl,
     )
-    .with_service_path(config.service_path);
+    .with_service_path(config.service_path)
+    .with_tracking(mlflow::Tracking::new(
+        config.mlflow_tracking_uri.clone(),
+        config.public_url.clone(),
+    ));
     started(&ctl);
     info!(
         store = store.kind(),
@@ -262,6 +274,8 @@ pub async fn run_with(
             .run(ctl.clone(), cancel.child_token())
             .instrument(info_span!("services")),
     );
+    tracker
+        .spawn(mlflow::follow(ctl.clone(), cancel.child_token()).instrument(info_span!("mlflow")));
     if let Some(retention) = config.retention {
         tracker.spawn(
             ctl.clone()
@@ -307,6 +321,7 @@ pub async fn run_with(
     let access = access::Access::load(store.clone(), tokens.admin.clone()).await?;
     let app = http::router(http::ApiState {
         ctl: ctl.clone(),
+        tls: tls.is_some(),
         access,
         shutdown: cancel.child_token(),
     });

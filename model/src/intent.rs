@@ -49,6 +49,23 @@ pub struct Intent {
     /// The service this job is a replica of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<crate::service::ReplicaOf>,
+    /// The MLflow run the job logs into, once made (before the job is placed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow: Option<MlflowRun>,
+}
+
+/// A job's MLflow run, and how far Runyard has brought it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MlflowRun {
+    pub tracking_uri: String,
+    pub run_id: String,
+    pub experiment_id: String,
+    /// The attempt whose parameters were logged to the run (0: none yet).
+    #[serde(default)]
+    pub params_of: u32,
+    /// The run was ended with the job's outcome.
+    #[serde(default)]
+    pub ended: bool,
 }
 
 impl Intent {
@@ -70,6 +87,7 @@ impl Intent {
             updated_at: now,
             finished_at: None,
             service: None,
+            mlflow: None,
         }
     }
 

@@ -239,6 +239,12 @@ pub struct Job {
     /// The service this job is a replica of (never in a version 1 record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<crate::service::ReplicaOf>,
+    /// The job's MLflow run (never in a version 1 record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow: Option<crate::intent::MlflowRun>,
+    /// The MLflow project entry point the current attempt runs (never in a version 1 record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<crate::mlproject::ProjectRun>,
 }
 
 /// Which agent an attempt was placed on (see `Job::placed_on`).
@@ -355,6 +361,8 @@ impl JobState {
             report_offset: p.map_or(0, |p| p.report_offset),
             placements,
             service: i.service.clone(),
+            mlflow: i.mlflow.clone(),
+            project: p.and_then(|p| p.project.clone()),
         }
     }
 
@@ -423,6 +431,7 @@ impl JobState {
                 updated_at: job.updated_at,
                 finished_at: job.finished_at,
                 service: None,
+                mlflow: None,
             },
             placement,
             earlier,

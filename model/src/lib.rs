@@ -40,7 +40,7 @@ pub use agent::{AgentInfo, AgentRecord, GpuInfo};
 pub use attempt::{AttemptState, AttemptStatus};
 pub use command::AgentCommand;
 pub use compute::Compute;
-pub use intent::Intent;
+pub use intent::{Intent, MlflowRun};
 pub use job::{Desired, FailureKind, Job, JobState, JobStatus, Placed, is_job_id};
 pub use placement::Placement;
 pub use report::{Best, Environment, MetricPoint, Progress, Report};

@@ -43,6 +43,8 @@ pub enum CommandError {
     ParseSpecFile { path: PathBuf, cause: String },
     #[error("--env `{0}`: expected KEY=VALUE")]
     EnvPair(String),
+    #[error("-P `{0}`: expected NAME=VALUE")]
+    ParamPair(String),
     #[error("no data dir: give --data-dir or set RUNYARD_DATA_DIR (HOME is not set)")]
     NoDataDir,
     #[error("cannot listen on {addr} ({what}): {cause}")]

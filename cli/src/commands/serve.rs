@@ -65,6 +65,7 @@ pub async fn up(args: UpArgs) -> Result<u8, CommandError> {
     };
     args.history.apply(&mut config);
     args.services.apply(&mut config);
+    args.mlflow.apply(&mut config);
     let (server_tls, join_token) = runyard_controller::prepare_tls(&config).await?;
     let tls = server_tls.is_some();
     let http_url = url_of(&http, tls)?;
@@ -174,6 +175,7 @@ pub async fn controller(args: ControllerArgs) -> Result<u8, CommandError> {
     };
     args.history.apply(&mut config);
     args.services.apply(&mut config);
+    args.mlflow.apply(&mut config);
     let (server_tls, join_token) = runyard_controller::prepare_tls(&config).await?;
     let tls = server_tls.is_some();
     if !tls {

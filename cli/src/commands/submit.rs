@@ -96,6 +96,7 @@ fn merge_flags(
     set("repo", string(&args.repo));
     set("revision", string(&args.revision));
     set("script", string(&args.script));
+    set("entry_point", string(&args.entry_point));
     set("args", list(&args.args));
     set("requirements", list(&args.requirements));
     set("requirements_file", string(&args.requirements_file));
@@ -116,6 +117,38 @@ fn merge_flags(
             env.insert(k.to_string(), Value::String(v.to_string()));
         }
         base.insert("env".into(), Value::Object(env));
+    }
+    if !args.params.is_empty() {
+        let mut params = match base.remove("parameters") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        for pair in &args.params {
+            let (k, v) = match pair.split_once('=') {
+                Some((k, v)) if !k.is_empty() => (k, v),
+                _ => return Err(CommandError::ParamPair(pair.to_string())),
+            };
+            params.insert(k.to_string(), Value::String(v.to_string()));
+        }
+        base.insert("parameters".into(), Value::Object(params));
+    }
+    let tracking = [
+        ("tracking_uri", &args.mlflow_tracking_uri),
+        ("experiment_name", &args.experiment_name),
+        ("experiment_id", &args.experiment_id),
+        ("run_id", &args.mlflow_run_id),
+    ];
+    if tracking.iter().any(|(_, v)| v.is_some()) {
+        let mut mlflow = match base.remove("mlflow") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        for (k, v) in tracking {
+            if let Some(v) = v {
+                mlflow.insert(k.to_string(), Value::String(v.clone()));
+            }
+        }
+        base.insert("mlflow".into(), Value::Object(mlflow));
     }
     if !args.secrets.is_empty() {
         let mut secrets = match base.remove("secrets") {

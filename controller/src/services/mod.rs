@@ -166,9 +166,15 @@ impl Services {
         owner: &str,
     ) -> Result<(Service, bool), ServiceError> {
         let name = spec.name.clone();
+        if spec.job.mlflow.is_some() {
+            return Err(ServiceError::Invalid(runyard_model::ValidationError::new(
+                "mlflow",
+                "a service's replicas are not MLflow runs: log from the server itself",
+            )));
+        }
         ctl.check_model_from(&spec.job).await.map_err(|e| match e {
             crate::executor::SubmitError::Invalid(v) => ServiceError::Invalid(v),
-            crate::executor::SubmitError::Store(e) => ServiceError::Refused(e.to_string()),
+            other => ServiceError::Refused(other.to_string()),
         })?;
         let mut spec = spec;
         spec.job = ctl
@@ -177,7 +183,7 @@ impl Services {
             .await
             .map_err(|e| match crate::executor::SubmitError::from(e) {
                 crate::executor::SubmitError::Invalid(v) => ServiceError::Invalid(v),
-                crate::executor::SubmitError::Store(e) => ServiceError::Refused(e.to_string()),
+                other => ServiceError::Refused(other.to_string()),
             })?;
         let now = Timestamp::now();
         let fresh = Service::new(spec.clone(), Some(owner.to_string()), now);
