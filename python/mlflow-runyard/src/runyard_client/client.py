@@ -243,7 +243,7 @@ class Client:
             field = body.get("field")
         else:
             message = raw.decode("utf-8", "replace").strip()[:500] or (e.reason or "")
-        if e.code == 401 and "token" not in message.lower():
+        if e.code == 401 and "RUNYARD_TOKEN" not in message:
             message += " (pass the admin token with token=... or RUNYARD_TOKEN)"
         return RunyardError(message or str(e.reason), status=e.code, field=field, body=body, url=url)
 
