@@ -216,7 +216,7 @@ def resolve_project_source(project_uri: str, version: Optional[str]) -> Tuple[st
     replace once Runyard takes project snapshots.
     """
     repo, sub = split_project_uri(project_uri)
-    if repo.lower().endswith(".zip") and not repo.lower().startswith("file://"):
+    if repo.lower().endswith(".zip"):
         raise ExecutionException(
             f"`{project_uri}`: ZIP project URIs are not supported by the Runyard backend; "
             "give a git repository URI"
