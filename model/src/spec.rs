@@ -616,13 +616,13 @@ fn validate_mlflow(m: &MlflowSpec) -> Result<(), ValidationError> {
     if let Some(name) = &m.experiment_name {
         plain("mlflow.experiment_name", name, 256)?;
     }
-    if let Some(run) = &m.run_id {
-        if run.is_empty() || run.len() > 64 || !run.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(ValidationError::new(
-                "mlflow.run_id",
-                format!("`{run}` is not an MLflow run id (letters and digits)"),
-            ));
-        }
+    if let Some(run) = &m.run_id
+        && (run.is_empty() || run.len() > 64 || !run.chars().all(|c| c.is_ascii_alphanumeric()))
+    {
+        return Err(ValidationError::new(
+            "mlflow.run_id",
+            format!("`{run}` is not an MLflow run id (letters and digits)"),
+        ));
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ pub mod etcd;
 pub mod fake_nvml;
 pub mod faulty_store;
 pub mod fixture;
+pub mod mlflow;
 pub mod proxy;
 pub mod scripts;
 pub mod services;
