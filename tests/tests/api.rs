@@ -22,7 +22,19 @@ async fn every_bad_input_names_its_field_and_changes_nothing() -> anyhow::Result
     let cases: Vec<(Value, &str)> = vec![
         (with("colour", json!("red")), "colour"),
         (json!({"script": "train.py"}), "repo"),
-        (json!({"repo": "https://h/x"}), "script"),
+        (json!({"repo": "https://h/x", "args": ["a"]}), "args"),
+        (
+            json!({"repo": "https://h/x", "script": "t.py", "parameters": {"a": 1}}),
+            "parameters",
+        ),
+        (
+            json!({"repo": "https://h/x", "mlflow": {"tracking_uri": "file:///m"}}),
+            "mlflow.tracking_uri",
+        ),
+        (
+            json!({"repo": "https://h/x", "mlflow": {"run_id": "abc"}}),
+            "mlflow.tracking_uri",
+        ),
         (with("repo", json!("not a url")), "repo"),
         (with("repo", json!("ftp://host/x.git")), "repo"),
         (with("script", json!("/abs/train.py")), "script"),

@@ -488,7 +488,10 @@ async fn bad_service_specs_are_refused_naming_the_field() -> anyhow::Result<()> 
             json!({"cold_start": {"proxy": "file:///etc/passwd"}}),
             "cold_start.proxy",
         ),
-        (json!({"replicas": {"min": 1, "surge": 2}}), "surge"),
+        (
+            json!({"replicas": {"min": 1, "surge": 2}}),
+            "replicas.surge",
+        ),
     ];
     for (extra, field) in cases {
         let (status, body) = c

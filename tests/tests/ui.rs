@@ -406,6 +406,56 @@ async fn log_window_is_bounded_and_survives_a_controller_restart() -> anyhow::Re
     c.shutdown().await
 }
 
+/// An MLflow project's entry point from the New run form: its parameters as NAME=VALUE lines,
+/// the command that ran on the run's page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_point_runs_from_the_form_with_its_parameters() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[
+        (
+            "MLproject",
+            "entry_points:\n  main:\n    parameters:\n      n: int\n      name: {type: string, default: x}\n    command: python show.py {n} {name}\n",
+        ),
+        ("show.py", "import sys\nprint('got', sys.argv[1:])\n"),
+    ])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    let b = Browser::start("entry-point").await?;
+    sign_in(&b, &c).await?;
+    b.click("#new-run").await?;
+    b.wait_for("#new-run").await?;
+    b.fill("#f-repo", &repo.url()).await?;
+    b.fill("#f-entry_point", "main").await?;
+    b.fill("#f-parameters", "n 3").await?;
+    b.click("#submit-run").await?;
+    let err = b
+        .wait_text("#err-parameters", LONG, |t| !t.is_empty())
+        .await?;
+    assert!(err.contains("NAME=VALUE"), "{err}");
+    b.fill("#f-parameters", "n=3\nname=a b").await?;
+    b.click("#submit-run").await?;
+    let hash = b
+        .wait_until("the run page", LONG, || async {
+            b.hash().await.ok().filter(|h| h.starts_with("#/runs/"))
+        })
+        .await?;
+    let id = hash.trim_start_matches("#/runs/").to_string();
+    assert_eq!(
+        c.job(&id).await?["spec"]["parameters"],
+        json!({"n": "3", "name": "a b"})
+    );
+    b.wait_text("#run-status", LONG, |t| t == "succeeded")
+        .await?;
+    let shown = b
+        .wait_text("#run-entry", LONG, |t| t.contains("show.py"))
+        .await?;
+    assert_eq!(shown, "python show.py 3 a b");
+    b.screenshot("entry-point-run").await?;
+    b.close().await?;
+    c.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lightning_run_shows_progress_plots_and_downloads_the_checkpoint() -> anyhow::Result<()> {
     let repo = GitRepo::new(&[("train.py", LIGHTNING_TRAIN)])?;

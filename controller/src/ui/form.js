@@ -10,8 +10,10 @@ const FIELDS = [
   ["repo", "Repository", "Git URL: https, ssh, git, file, or user@host:path", "text", true],
   ["revision", "Revision", "Branch, tag or commit; empty for the default branch", "text"],
   ["script", "Script", "Path of the Python script in the repository, e.g. train.py", "text"],
+  ["entry_point", "Entry point", "Or an MLproject entry point (main when there is no script)", "text"],
   ["name", "Name", "Defaults to the script's file name", "text"],
   ["args", "Arguments", "One argument per line, passed as is (no shell)", "lines", true],
+  ["parameters", "Parameters", "An entry point's parameters, one NAME=VALUE per line", "lines"],
   ["requirements", "Requirements", "One pip requirement per line, e.g. lightning>=2", "lines"],
   ["requirements_file", "Requirements file", "A requirements file in the repository", "text"],
   ["env", "Environment", "One KEY=VALUE per line", "lines"],
@@ -72,6 +74,8 @@ export async function formPage(main, params, signal) {
     set("repo", spec.repo);
     set("revision", spec.revision);
     set("script", spec.script);
+    set("entry_point", spec.entry_point);
+    set("parameters", Object.entries(spec.parameters || {}).map(([k, v]) => `${k}=${v}`).join("\n"));
     set("name", spec.name);
     set("args", (spec.args || []).join("\n"));
     set("requirements", (spec.requirements || []).join("\n"));
@@ -115,8 +119,8 @@ export async function formPage(main, params, signal) {
   }
 
   function spec() {
-    const s = { repo: inputs.repo.value.trim(), script: inputs.script.value.trim() };
-    for (const name of ["name", "revision", "requirements_file", "timeout", "stop_grace"]) {
+    const s = { repo: inputs.repo.value.trim() };
+    for (const name of ["script", "entry_point", "name", "revision", "requirements_file", "timeout", "stop_grace"]) {
       const v = inputs[name].value.trim();
       if (v) s[name] = v;
     }
@@ -125,13 +129,19 @@ export async function formPage(main, params, signal) {
     if (args.length) s.args = args;
     const reqs = lines("requirements").filter((l) => !l.startsWith("#"));
     if (reqs.length) s.requirements = reqs;
-    const env = {};
-    for (const line of lines("env")) {
-      const eq = line.indexOf("=");
-      if (eq <= 0) throw new ApiError(400, `\`${line}\` is not KEY=VALUE`, "env");
-      env[line.slice(0, eq).trim()] = line.slice(eq + 1);
-    }
+    const pairs = (field, what) => {
+      const out = {};
+      for (const line of lines(field)) {
+        const eq = line.indexOf("=");
+        if (eq <= 0) throw new ApiError(400, `\`${line}\` is not ${what}=VALUE`, field);
+        out[line.slice(0, eq).trim()] = line.slice(eq + 1);
+      }
+      return out;
+    };
+    const env = pairs("env", "KEY");
     if (Object.keys(env).length) s.env = env;
+    const parameters = pairs("parameters", "NAME");
+    if (Object.keys(parameters).length) s.parameters = parameters;
     if (kindSel.value === "gpu") {
       const n = gpuCount.value.trim();
       s.compute = n === "" || n === "1" ? "gpu" : `gpu:${n}`;

@@ -162,7 +162,9 @@ export async function runPage(main, params, signal) {
       ["Repository", s.repo],
       ["Revision", s.revision || "(default branch)"],
       ["Commit", job.commit ? h("code", { id: "run-commit", title: job.commit }, shortCommit(job.commit)) : h("span", { class: "muted" }, "not resolved yet")],
-      ["Script", h("code", {}, [s.script, ...(s.args || [])].join(" "))],
+      s.script
+        ? ["Script", h("code", {}, [s.script, ...(s.args || [])].join(" "))]
+        : ["Entry point", h("code", { id: "run-entry" }, job.project ? job.project.argv.join(" ") : [s.entry_point, ...Object.entries(s.parameters || {}).map(([k, v]) => `${k}=${v}`)].join(" "))],
       ["Compute", s.compute + (job.gpus && job.gpus.length ? ` (GPU ${job.gpus.join(", ")})` : "")],
       ["Agent", job.agent || h("span", { class: "muted" }, "none")],
       ["Attempt", String(job.attempt) + (s.retries ? ` (retries: ${s.retries})` : "")],
@@ -171,6 +173,12 @@ export async function runPage(main, params, signal) {
       ["Finished", when(job.finished_at)],
     ];
     if (job.exit_code !== null && job.exit_code !== undefined) rows.push(["Exit code", String(job.exit_code)]);
+    if (job.mlflow) {
+      const link = /^https?:\/\//.test(job.mlflow.url)
+        ? h("a", { id: "run-mlflow", href: job.mlflow.url, target: "_blank", rel: "noopener" }, `run ${job.mlflow.run_id}`)
+        : h("code", { id: "run-mlflow" }, job.mlflow.run_id);
+      rows.push(["MLflow", link]);
+    }
     fill(facts, rows.filter(([, v]) => v !== "").map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
   }
 
