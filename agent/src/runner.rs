@@ -611,6 +611,51 @@ async fn sleep_max(d: Duration) {
     }
 }
 
+/// The snapshot `sha` (hex) fetched into the agent's snapshot cache (once per snapshot) and
+/// unpacked into `src`, after the same checks the controller made; returns it as the commit.
+async fn unpack_snapshot(
+    svc: &Services,
+    a: &Attempt,
+    sha: &str,
+    src: &Path,
+) -> Result<String, String> {
+    let cache = svc
+        .jobs_dir
+        .parent()
+        .unwrap_or(&svc.jobs_dir)
+        .join("snapshots");
+    let file = cache.join(format!("{sha}.tar"));
+    crate::download::download_snapshot(
+        &svc.controller,
+        &svc.auth,
+        &a.job_id,
+        a.attempt,
+        sha,
+        &file,
+    )
+    .await
+    .map_err(|e| format!("cannot fetch the snapshot {sha}: {e}"))?;
+    let src = src.to_path_buf();
+    let summary = tokio::task::spawn_blocking(move || {
+        let open = || {
+            std::fs::File::open(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))
+        };
+        runyard_proto::snapshot::check(std::io::BufReader::new(open()?))?;
+        if src.exists() {
+            std::fs::remove_dir_all(&src)
+                .map_err(|e| format!("cannot clear {}: {e}", src.display()))?;
+        }
+        std::fs::create_dir_all(&src)
+            .map_err(|e| format!("cannot create {}: {e}", src.display()))?;
+        runyard_proto::snapshot::unpack(std::io::BufReader::new(open()?), &src)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("snapshot {sha}: {e}"))?;
+    info!(job = %a.job_id, snapshot = %sha, files = summary.files, bytes = summary.bytes, "snapshot unpacked");
+    Ok(sha.to_string())
+}
+
 /// What an attempt runs once prepared: the interpreter of its environment, and the program with
 /// its arguments (the script's path first for a script; an entry point's command otherwise).
 struct Prepared {
@@ -650,19 +695,28 @@ async fn prepare(
             format!("cannot create {}: {e}", dir.display()),
         ));
     }
-    let commit = svc
-        .checkouts
-        .checkout(&spec.repo, &spec.revision, src, cancel)
-        .await
-        .map_err(|e| match e {
-            CheckoutError::Io { ref source, .. } if crate::cache::is_disk_full(source) => {
-                disk_full(&e)
+    let commit = if let Some(sha) = runyard_model::spec::snapshot_of(&spec.repo) {
+        unpack_snapshot(svc, a, sha, src).await.map_err(|m| {
+            if crate::cache::mentions_disk_full(&m) {
+                disk_full(&m)
+            } else {
+                End::failed(FailureKind::Clone, m)
             }
-            e if crate::cache::mentions_disk_full(&e.to_string()) => disk_full(&e),
-            CheckoutError::Revision(m) => End::failed(FailureKind::Revision, m),
-            CheckoutError::Clone(m) => End::failed(FailureKind::Clone, m),
-            other => End::failed(FailureKind::Agent, other.to_string()),
-        })?;
+        })?
+    } else {
+        svc.checkouts
+            .checkout(&spec.repo, &spec.revision, src, cancel)
+            .await
+            .map_err(|e| match e {
+                CheckoutError::Io { ref source, .. } if crate::cache::is_disk_full(source) => {
+                    disk_full(&e)
+                }
+                e if crate::cache::mentions_disk_full(&e.to_string()) => disk_full(&e),
+                CheckoutError::Revision(m) => End::failed(FailureKind::Revision, m),
+                CheckoutError::Clone(m) => End::failed(FailureKind::Clone, m),
+                other => End::failed(FailureKind::Agent, other.to_string()),
+            })?
+    };
     drop(mirror);
     info!(job = %a.job_id, attempt = a.attempt, %commit, "checked out");
     svc.attempts

@@ -197,3 +197,15 @@ mod tests {
         assert_eq!(serde_json::to_value(JobView::from(&job)).unwrap(), record);
     }
 }
+
+/// A stored snapshot of a local project directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotView {
+    /// What a spec's `repo` names it by: `snapshot:sha256:<hex>`.
+    pub snapshot: String,
+    pub sha256: String,
+    /// Bytes of the archive.
+    pub size: u64,
+    /// Files in it.
+    pub files: u64,
+}

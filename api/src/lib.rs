@@ -35,7 +35,7 @@ pub use access::{
 };
 pub use agent::{AgentList, AgentView};
 pub use error::ErrorBody;
-pub use job::{JobPage, JobRemoved, JobView};
+pub use job::{JobPage, JobRemoved, JobView, MlflowView, SnapshotView};
 pub use metrics::MetricsResponse;
 pub use placement::{PlacementList, PlacementView};
 pub use query::{EventsQuery, ListJobsQuery, LogsQuery, MetricsSvgQuery};

@@ -239,6 +239,21 @@ impl ApiClient {
             .await
     }
 
+    /// `POST /api/v1/snapshots`: a local directory's archive.
+    pub async fn upload_snapshot(
+        &self,
+        archive: Vec<u8>,
+    ) -> Result<Reply<runyard_api::SnapshotView>, ClientError> {
+        let url = self.url(&["api", "v1", "snapshots"]);
+        self.json(
+            self.request(Method::POST, &url)
+                .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+                .body(archive),
+            url,
+        )
+        .await
+    }
+
     /// `GET /api/v1/jobs`, one page.
     pub async fn list_jobs(
         &self,

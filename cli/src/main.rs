@@ -14,6 +14,7 @@ mod commands;
 mod output;
 mod progress;
 mod shutdown;
+mod snapshot;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -963,15 +963,8 @@ for arg in sys.argv[1:]:
         print("DENIED", name, e.errno)
 "#;
 
-#[test]
-fn up_keeps_its_secrets_from_its_jobs() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("not root: jobs run as the agent's user, there is no isolation to test");
-        return;
-    }
-    let mut sb = Sandbox::new();
-    let repo = GitRepo::new(&[("probe.py", PROBE)]).expect("git fixture");
-    let data = sb.path().join("data");
+/// `runyard up` on `data`, with the client's environment pointed at it once it has a token.
+fn start_up(sb: &mut Sandbox, data: &Path) -> Proc {
     let (http, grpc) = (free_port(), free_port());
     let data_arg = data.display().to_string();
     let mut up = sb.spawn(
@@ -999,6 +992,93 @@ fn up_keeps_its_secrets_from_its_jobs() {
     });
     sb.set_client_env("RUNYARD_CONTROLLER", &format!("http://{}", addr(http)));
     sb.set_client_env("RUNYARD_TOKEN", &token);
+    up
+}
+
+/// A local directory runs as it is now: a git checkout with its uncommitted change and untracked
+/// file (not its ignored one), and a plain directory; an MLflow entry point from the command line
+/// with no MLflow installed anywhere on the client.
+#[test]
+fn a_local_directory_runs_as_it_is_with_an_entry_point() {
+    let mut sb = Sandbox::new();
+    let data = sb.path().join("data");
+    let _up = start_up(&mut sb, &data);
+    wait_connected(&mut sb, &[&host_name()]);
+    let checkout = GitRepo::new(&[
+        ("MLproject", "entry_points:\n  main:\n    parameters:\n      n: int\n    command: python show.py {n}\n"),
+        ("show.py", "print('committed')\n"),
+        (".gitignore", "secret.txt\n"),
+    ])
+    .expect("git fixture");
+    let show = "import os, sys\nprint('changed', sys.argv[1:], sorted(f for f in os.listdir('.') if f.endswith('.txt')))\n";
+    std::fs::write(checkout.path.join("show.py"), show).unwrap();
+    std::fs::write(checkout.path.join("notes.txt"), "untracked").unwrap();
+    std::fs::write(checkout.path.join("secret.txt"), "ignored").unwrap();
+    let dir = checkout.path.display().to_string();
+    let r = sb.run(&[
+        "submit", "--repo", &dir, "-e", "main", "-P", "n=2", "--follow",
+    ]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("changed ['2'] ['notes.txt']"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains("snapshot snapshot:sha256:"),
+        "{}",
+        r.stderr
+    );
+    let id = r.stdout.lines().next().unwrap().trim().to_string();
+    let job = sb.job(&id);
+    assert!(
+        job["spec"]["repo"]
+            .as_str()
+            .unwrap()
+            .starts_with("snapshot:sha256:"),
+        "{job}"
+    );
+    // The same tree again is the same snapshot.
+    let again = sb.run(&["submit", "--repo", &dir, "-P", "n=3"]);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    let id2 = again.stdout.trim().to_string();
+    assert_eq!(sb.job(&id2)["spec"]["repo"], job["spec"]["repo"]);
+
+    // A plain directory, no git: every file.
+    let plain = sb.path().join("plain");
+    std::fs::create_dir_all(plain.join("pkg")).unwrap();
+    std::fs::write(plain.join("run.py"), "import pkg.mod\n").unwrap();
+    std::fs::write(plain.join("pkg/mod.py"), "print('plain dir')\n").unwrap();
+    let plain_arg = plain.display().to_string();
+    let r = sb.run(&[
+        "submit", "--repo", &plain_arg, "--script", "run.py", "--follow",
+    ]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("plain dir"), "{}", r.stdout);
+    // A revision makes no sense for a directory.
+    let r = sb.run(&[
+        "submit",
+        "--repo",
+        &plain_arg,
+        "--script",
+        "run.py",
+        "--revision",
+        "main",
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("leave --revision out"), "{}", r.stderr);
+}
+
+#[test]
+fn up_keeps_its_secrets_from_its_jobs() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("not root: jobs run as the agent's user, there is no isolation to test");
+        return;
+    }
+    let mut sb = Sandbox::new();
+    let repo = GitRepo::new(&[("probe.py", PROBE)]).expect("git fixture");
+    let data = sb.path().join("data");
+    let _up = start_up(&mut sb, &data);
     wait_connected(&mut sb, &[&host_name()]);
     let targets = [
         ("admin_token", data.join("admin.token")),

@@ -98,6 +98,8 @@ pub struct Controller {
     pub tunnels: Tunnels,
     /// MLflow runs of tracked jobs.
     pub tracking: crate::mlflow::Tracking,
+    /// Uploaded snapshots of local project directories (none: uploads are refused).
+    pub snapshots: Option<crate::snapshots::Snapshots>,
     kick: Arc<Notify>,
     /// Jobs whose last action failed, and until when they are left alone.
     retry: Arc<Mutex<HashMap<String, Retry>>>,
@@ -147,6 +149,7 @@ impl Controller {
             fold: ReportFolder::default(),
             tunnels,
             tracking: crate::mlflow::Tracking::new(None, None),
+            snapshots: None,
             kick: Arc::new(Notify::new()),
             retry: Arc::default(),
         }
@@ -161,6 +164,12 @@ impl Controller {
     /// Tracks jobs in MLflow as `tracking` says (`--mlflow-tracking-uri`, `--public-url`).
     pub fn with_tracking(mut self, tracking: crate::mlflow::Tracking) -> Controller {
         self.tracking = tracking;
+        self
+    }
+
+    /// Keeps uploaded snapshots in `snapshots`.
+    pub fn with_snapshots(mut self, snapshots: crate::snapshots::Snapshots) -> Controller {
+        self.snapshots = Some(snapshots);
         self
     }
 
@@ -185,6 +194,7 @@ impl Controller {
     ) -> Result<Job, SubmitError> {
         let id = new_job_id();
         self.check_model_from(&spec).await?;
+        self.check_snapshot(&spec).await?;
         self.tracking.uri_for(&spec)?;
         // The run exists before the job does (MLflow's flow 1): the job's first attempt already
         // has its id. Nothing is stored when it cannot be made.
@@ -235,6 +245,27 @@ impl Controller {
         info!(job = %job.id, name = %job.name, compute = %job.spec.compute, %owner, "job submitted");
         self.kick();
         Ok(job)
+    }
+
+    /// A spec that runs a snapshot needs it stored here.
+    pub async fn check_snapshot(&self, spec: &JobSpec) -> Result<(), SubmitError> {
+        let Some(sha) = runyard_model::spec::snapshot_of(&spec.repo) else {
+            return Ok(());
+        };
+        let stored = match &self.snapshots {
+            Some(s) => s.exists(sha).await,
+            None => false,
+        };
+        if stored {
+            Ok(())
+        } else {
+            Err(SubmitError::Invalid(runyard_model::ValidationError::new(
+                "repo",
+                format!(
+                    "no snapshot {sha} on this controller: upload it first (POST /api/v1/snapshots; `runyard submit --repo DIR` does)"
+                ),
+            )))
+        }
     }
 
     /// The job's best checkpoint: that of its latest attempt that has one.

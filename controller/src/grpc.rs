@@ -195,11 +195,60 @@ type Outbound =
 type CheckpointStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::CheckpointChunk, Status>> + Send>>;
 
+type SnapshotStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::SnapshotChunk, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl v1::agent_service_server::AgentService for AgentService {
     type SessionStream = Outbound;
     type TunnelStream = tunnel::Outbound;
     type DownloadCheckpointStream = CheckpointStream;
+    type DownloadSnapshotStream = SnapshotStream;
+
+    async fn download_snapshot(
+        &self,
+        req: Request<v1::SnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let name = self.enrolled(&req, "snapshot downloads")?;
+        let r = req.into_inner();
+        let job = match placed_on(&self.ctl, &name, &r.job_id, r.attempt).await {
+            Ok(job) => job,
+            Err(why) => {
+                refused(&name, "snapshot download", &r.job_id, r.attempt, &why);
+                return Err(Status::permission_denied(format!(
+                    "attempt {} of job {:?} was not placed on agent {name}",
+                    r.attempt, r.job_id
+                )));
+            }
+        };
+        if runyard_model::spec::snapshot_of(&job.spec.repo) != Some(r.sha256.as_str()) {
+            warn!(agent = %name, job = %r.job_id, snapshot = ?r.sha256, "refused a snapshot the job's spec does not name");
+            return Err(Status::permission_denied(format!(
+                "job {:?} does not run snapshot {:?}",
+                r.job_id, r.sha256
+            )));
+        }
+        let file = match &self.ctl.snapshots {
+            Some(store) => store.open_archive(&r.sha256).await,
+            None => None,
+        };
+        let Some(mut file) = file else {
+            return Err(Status::not_found(format!("no snapshot {:?}", r.sha256)));
+        };
+        info!(agent = %name, job = %r.job_id, snapshot = %r.sha256, "sending a snapshot");
+        let stream = async_stream::try_stream! {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).await.map_err(|e| Status::unavailable(format!("reading the snapshot: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                yield v1::SnapshotChunk { data: buf[..n].to_vec() };
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     async fn download_checkpoint(
         &self,

@@ -70,6 +70,7 @@ pub struct ApiState {
 }
 
 mod services;
+mod snapshots;
 
 /// `scheme://host` of the controller as the client reached it (its `Host` header), when that
 /// header is a plain host name or address with an optional port.
@@ -91,6 +92,7 @@ fn api_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(services::stop_service))
         .routes(routes!(services::service_history))
         .routes(routes!(submit, list))
+        .routes(routes!(snapshots::upload_snapshot))
         .routes(routes!(show, delete))
         .routes(routes!(placements))
         .routes(routes!(stop))
@@ -1313,7 +1315,7 @@ mod tests {
     use tower::ServiceExt;
 
     /// Every route of the API, as `METHOD path`.
-    const ROUTES: [&str; 29] = [
+    const ROUTES: [&str; 30] = [
         "DELETE /api/v1/agents/{name}",
         "DELETE /api/v1/jobs/{id}",
         "DELETE /api/v1/secrets/{name}",
@@ -1341,6 +1343,7 @@ mod tests {
         "POST /api/v1/services",
         "POST /api/v1/services/{name}/scale",
         "POST /api/v1/services/{name}/stop",
+        "POST /api/v1/snapshots",
         "POST /api/v1/tokens",
         "PUT /api/v1/secrets/{name}",
     ];

@@ -47,6 +47,7 @@ pub mod reports;
 pub mod scheduler;
 pub mod secrets;
 pub mod services;
+pub mod snapshots;
 pub mod store;
 pub mod tls;
 pub mod tls_accept;
@@ -92,6 +93,8 @@ pub struct Config {
     /// Where users open the page (`--public-url`), for links to jobs; absent = the address the
     /// submitting client used.
     pub public_url: Option<String>,
+    /// The largest snapshot of a local directory the controller takes (`--max-snapshot-size`).
+    pub max_snapshot_size: u64,
 }
 
 impl Config {
@@ -107,6 +110,7 @@ impl Config {
             service_path: services::connect::PathMode::Auto,
             mlflow_tracking_uri: None,
             public_url: None,
+            max_snapshot_size: snapshots::DEFAULT_MAX_SNAPSHOT,
         }
     }
 }
@@ -221,6 +225,9 @@ pub async fn run_with(
     let artifact_store = std::sync::Arc::new(
         artifacts::DirStore::open(config.data_dir.join("artifacts")).map_err(data_err)?,
     );
+    let snapshot_store =
+        snapshots::Snapshots::open(config.data_dir.join("snapshots"), config.max_snapshot_size)
+            .map_err(data_err)?;
     let store = store::open(&config.store, &config.data_dir).await?;
     keep_private(&config.data_dir).map_err(data_err)?;
     let jobs = jobs::Jobs::load(store.clone()).await?;
@@ -234,6 +241,7 @@ pub async fn run_with(
         config.agent_ttl,
     )
     .with_service_path(config.service_path)
+    .with_snapshots(snapshot_store)
     .with_tracking(mlflow::Tracking::new(
         config.mlflow_tracking_uri.clone(),
         config.public_url.clone(),

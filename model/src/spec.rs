@@ -227,6 +227,12 @@ impl JobSpec {
         if self.revision.len() > MAX_REVISION_LEN {
             return Err(too_long("revision", MAX_REVISION_LEN, "bytes"));
         }
+        if snapshot_of(&self.repo).is_some() && !self.revision.is_empty() {
+            return Err(ValidationError::new(
+                "revision",
+                "a snapshot of a local directory has no revision: leave it out",
+            ));
+        }
         if self.revision.chars().any(|c| c.is_control() || c == ' ')
             || self.revision.starts_with('-')
         {
@@ -704,10 +710,31 @@ pub fn is_identifier(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// A spec's `repo` naming an uploaded snapshot of a local directory: this prefix, then the hex
+/// sha256 of the archive.
+pub const SNAPSHOT_PREFIX: &str = "snapshot:sha256:";
+
+/// The hex sha256 of the snapshot `repo` names, if it names one.
+pub fn snapshot_of(repo: &str) -> Option<&str> {
+    repo.strip_prefix(SNAPSHOT_PREFIX)
+}
+
 fn validate_repo(repo: &str) -> Result<(), ValidationError> {
     let err = |m: String| Err(ValidationError::new("repo", m));
     if repo.is_empty() {
         return err("must not be empty".into());
+    }
+    if let Some(hex) = snapshot_of(repo) {
+        if hex.len() != 64
+            || !hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            return err(format!(
+                "`{repo}` is not a snapshot id (snapshot:sha256: and 64 lower-case hex digits)"
+            ));
+        }
+        return Ok(());
     }
     if repo.chars().any(|c| c.is_control() || c == ' ') {
         return err(format!("`{repo}` contains spaces or control characters"));

@@ -17,6 +17,7 @@ mod convert;
 pub mod datadir;
 pub mod join;
 pub mod secret;
+pub mod snapshot;
 
 /// gRPC metadata naming the agent that makes a call (sessions and uploads).
 pub const AGENT_NAME_HEADER: &str = "x-runyard-agent";

@@ -45,6 +45,8 @@ pub enum CommandError {
     EnvPair(String),
     #[error("-P `{0}`: expected NAME=VALUE")]
     ParamPair(String),
+    #[error("cannot snapshot the local directory: {0}")]
+    Snapshot(String),
     #[error("no data dir: give --data-dir or set RUNYARD_DATA_DIR (HOME is not set)")]
     NoDataDir,
     #[error("cannot listen on {addr} ({what}): {cause}")]

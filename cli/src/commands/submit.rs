@@ -18,8 +18,50 @@ use crate::output;
 
 /// Submits the job; with `--follow`, streams its logs and returns the exit code the job earned.
 pub async fn submit(args: SubmitArgs) -> Result<u8, CommandError> {
-    let spec = build_spec(&args)?;
+    let mut fields = spec_fields(&args)?;
+    // A local directory travels as a snapshot; any other spec is checked before a request.
+    let local = fields
+        .get("repo")
+        .and_then(Value::as_str)
+        .filter(|r| crate::snapshot::is_local_dir(r))
+        .map(std::path::PathBuf::from);
+    let check = |fields: Map<String, Value>| {
+        JobSpec::from_value(Value::Object(fields))
+            .map_err(|e| CommandError::Spec(with_flag_hint(e)))
+    };
+    if local.is_none() {
+        check(fields.clone())?;
+    }
     let client = client_for(&args.client)?;
+    if let Some(dir) = local {
+        if fields
+            .get("revision")
+            .and_then(Value::as_str)
+            .is_some_and(|r| !r.is_empty())
+        {
+            return Err(CommandError::Spec(ValidationError::new(
+                "revision",
+                "a local directory runs as it is now: leave --revision out (or give its git URL)",
+            )));
+        }
+        let archive = tokio::task::spawn_blocking(move || crate::snapshot::archive(&dir))
+            .await
+            .map_err(|e| CommandError::Snapshot(e.to_string()))?
+            .map_err(CommandError::Snapshot)?;
+        let (files, commit) = (archive.files, archive.commit.clone());
+        let stored = client.upload_snapshot(archive.bytes).await?.value;
+        eprintln!(
+            "snapshot {} ({} files, {}{})",
+            stored.snapshot,
+            files,
+            runyard_model::size::format(stored.size),
+            commit
+                .map(|c| format!(", at commit {}", &c[..c.len().min(12)]))
+                .unwrap_or_default()
+        );
+        fields.insert("repo".into(), Value::String(stored.snapshot));
+    }
+    let spec = checked(fields)?;
     let reply = client.submit(&spec).await?;
     let job = reply.value;
     if args.client.json {
@@ -36,9 +78,14 @@ pub async fn submit(args: SubmitArgs) -> Result<u8, CommandError> {
 }
 
 /// The spec from the `-f` file (if any) and the flags, validated.
+#[cfg(test)]
 pub fn build_spec(args: &SubmitArgs) -> Result<JobSpec, CommandError> {
-    let merged = spec_fields(args)?;
-    JobSpec::from_value(Value::Object(merged)).map_err(|e| CommandError::Spec(with_flag_hint(e)))
+    checked(spec_fields(args)?)
+}
+
+/// Spec fields checked as the API checks them, a missing one naming its flag.
+fn checked(fields: Map<String, Value>) -> Result<JobSpec, CommandError> {
+    JobSpec::from_value(Value::Object(fields)).map_err(|e| CommandError::Spec(with_flag_hint(e)))
 }
 
 /// The `-f` file's fields with the flags laid over them, not validated yet.
