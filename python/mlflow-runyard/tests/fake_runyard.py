@@ -1,6 +1,6 @@
 """A fake Runyard controller (standard library only) for the client's and backend's tests.
 
-It records submitted specs and stop requests and serves job states that a test sets. Time never
+It records submitted specs, stop requests and uploaded snapshots and serves job states that a test sets. Time never
 passes on its own: a job changes only when the test says so, or, for scripted jobs, one step of
 the job's `timeline` each time a follower of its log has read everything there is (the moment a
 real controller would make a follower wait). So tests synchronise on requests, not on sleeps.
@@ -8,7 +8,10 @@ real controller would make a follower wait). So tests synchronise on requests, n
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import tarfile
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +43,13 @@ class FakeRunyard:
         # After a stop, the job is `stopping` until this many more GETs of it, then `stopped`.
         self.stop_after_gets = 1
         self._stop_countdown: Dict[str, int] = {}
+        # Uploaded snapshots: sha256 hex -> the tar's bytes; each upload's (sha256, status).
+        self.snapshots: Dict[str, bytes] = {}
+        self.uploads: List[tuple] = []
+        # The controller's size limit, and whether a body over it is refused before it is read
+        # (the answer then races the client's sending).
+        self.snapshot_limit = 64 * 1024 * 1024
+        self.refuse_unread = False
         self._n = 0
         self.closed = False
         fake = self
@@ -200,6 +210,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         parts, _ = self._route()
+        if parts == ["api", "v1", "snapshots"]:
+            return self._snapshot()
         if parts == ["api", "v1", "jobs"]:
             length = int(self.headers.get("Content-Length") or 0)
             try:
@@ -230,6 +242,31 @@ class _Handler(BaseHTTPRequestHandler):
             status, body = fake._stop(parts[3])
             return self._json(status, body)
         self._error(404, "no such route")
+
+    def _snapshot(self):
+        fake = self.fake
+        if self.headers.get("Content-Type") != "application/x-tar":
+            return self._error(415, "a snapshot is sent as Content-Type: application/x-tar")
+        length = int(self.headers.get("Content-Length") or 0)
+        limit = fake.snapshot_limit
+        if length > limit and fake.refuse_unread:
+            self.close_connection = True
+            return self._error(413, f"the snapshot is {length} bytes, over the limit of {limit} bytes")
+        body = self.rfile.read(length)
+        if len(body) > limit:
+            return self._error(413, f"the snapshot is {len(body)} bytes, over the limit of {limit} bytes")
+        if not body or len(body) % 512:
+            return self._error(400, "the archive is not a tar (its size is not a multiple of 512)")
+        digest = hashlib.sha256(body).hexdigest()
+        with fake.lock:
+            status = 200 if digest in fake.snapshots else 201
+            fake.snapshots[digest] = body
+            fake.uploads.append((digest, status))
+        with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+            files = sum(1 for m in tar.getmembers() if not m.isdir())
+        return self._json(status, {
+            "snapshot": f"snapshot:sha256:{digest}", "sha256": digest, "size": len(body), "files": files,
+        })
 
     def do_GET(self):
         fake = self.fake

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 import unittest
+import unittest.mock
 import urllib.request
 import uuid
 
@@ -46,6 +48,50 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 SERVER_START_DEADLINE = float(os.environ.get("MLFLOW_TEST_SERVER_DEADLINE", "240"))
 
 _server = {}
+# The tests' git ignores the machine's and the user's configuration.
+GIT_ENV = {
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid",
+}
+HAVE_GIT = shutil.which("git") is not None
+
+
+def _git(cwd, *args) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True, timeout=60,
+        env={**os.environ, **GIT_ENV},
+    ).stdout.strip()
+
+
+def _write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def make_checkout(root) -> str:
+    """A git checkout of a project with a commit, then an uncommitted change, an untracked file
+    and an ignored file; returns its directory."""
+    d = os.path.join(root, "project")
+    _write(os.path.join(d, "MLproject"), "name: p\nentry_points:\n  train:\n    command: python train.py\n")
+    _write(os.path.join(d, "train.py"), "print(1)\n")
+    _write(os.path.join(d, ".gitignore"), "*.log\n")
+    _git(root, "init", "-q", "-b", "main", d)
+    _git(d, "add", "-A")
+    _git(d, "commit", "-q", "-m", "one")
+    _write(os.path.join(d, "train.py"), "print(2)\n")
+    _write(os.path.join(d, "new.py"), "new\n")
+    _write(os.path.join(d, "debug.log"), "ignored\n")
+    return d
+
+
+def tar_names(data: bytes):
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return sorted(m.name for m in tar.getmembers())
 
 
 def _free_port() -> int:
@@ -295,7 +341,10 @@ class BackendTest(unittest.TestCase):
             (dict(backend_config=self.config(compue="gpu")), "unknown Runyard backend config key(s): 'compue'"),
             (dict(backend_config=self.config(retries="2")), "`retries`: '2' is not a whole number"),
             (dict(backend_config=self.config(follow="yes")), "`follow`: 'yes' is not true or false"),
-            (dict(uri=HERE), "local directories: coming"),
+            (dict(uri=os.path.join(HERE, "no-such-dir")), "no such directory, and not a git repository URI"),
+            (dict(uri=os.path.join(HERE, "test_backend.py")), "is a file"),
+            (dict(uri=HERE, version="main"), "Setting a version is only supported for Git project URIs"),
+            (dict(uri=HERE + "#sub"), "run the subdirectory itself"),
             (dict(uri=URI + "#sub"), "subdirectory"),
             (dict(uri="https://example.invalid/p.zip"), "ZIP"),
         ]
@@ -305,7 +354,79 @@ class BackendTest(unittest.TestCase):
                     self.submit(**kw)
                 self.assertIn(words, str(cm.exception))
         self.assertEqual(self.fake.specs, [])
+        self.assertEqual(self.fake.uploads, [])
         self.assertEqual(len(self.runs()), 0)
+
+    @unittest.skipUnless(HAVE_GIT, "no git command")
+    def test_local_checkout_is_sent_as_a_snapshot(self):
+        root = tempfile.mkdtemp(prefix="runyard-local-")
+        self.addCleanup(shutil.rmtree, root, True)
+        d = make_checkout(root)
+        _git(d, "remote", "add", "origin", "https://someone:secret@example.invalid/org/p.git")
+        head = _git(d, "rev-parse", "HEAD")
+        with unittest.mock.patch.dict(os.environ, GIT_ENV):
+            sub = self.submit(uri=d)
+        spec = self.fake.last_spec()
+        self.assertNotIn("revision", spec)
+        self.assertRegex(spec["repo"], r"^snapshot:sha256:[0-9a-f]{64}$")
+        digest = spec["repo"].rsplit(":", 1)[1]
+        self.assertEqual(self.fake.uploads, [(digest, 201)])
+        names = tar_names(self.fake.snapshots[digest])
+        self.assertEqual(names, [".gitignore", "MLproject", "new.py", "train.py"])
+        tags = self.mlflow.get_run(sub.run_id).data.tags
+        self.assertEqual(tags["mlflow.source.name"], d)
+        self.assertEqual(tags["mlflow.source.type"], "PROJECT")
+        self.assertEqual(tags["mlflow.source.git.commit"], head)
+        self.assertEqual(tags["mlflow.source.git.repoURL"], "https://example.invalid/org/p.git")
+        self.assertEqual(tags["runyard.snapshot"], spec["repo"])
+        self.assertEqual(tags["runyard.snapshot.dirty"], "true")
+        self.assertEqual(tags["mlflow.project.backend"], "runyard")
+        # A commit reported by the job does not replace HEAD's.
+        self.fake.set(sub.job_id, status="succeeded", attempt=1, exit_code=0, commit="f" * 40)
+        self.assertTrue(sub.wait())
+        self.assertEqual(self.mlflow.get_run(sub.run_id).data.tags["mlflow.source.git.commit"], head)
+
+        # The same tree as a file:// URI: the same snapshot, already stored.
+        with unittest.mock.patch.dict(os.environ, GIT_ENV):
+            self.submit(uri="file://" + d)
+        self.assertEqual(self.fake.last_spec()["repo"], spec["repo"])
+        self.assertEqual(self.fake.uploads[-1], (digest, 200))
+
+        # A bare repository is git, file:// URI or path: Runyard clones it, at a version too.
+        bare = os.path.join(root, "bare.git")
+        _git(root, "clone", "-q", "--bare", d, bare)
+        with unittest.mock.patch.dict(os.environ, GIT_ENV):
+            for uri in ("file://" + bare, bare):
+                self.submit(uri=uri, version="main")
+                got = self.fake.last_spec()
+                self.assertEqual((got["repo"], got["revision"]), ("file://" + bare, "main"))
+        self.assertEqual(len(self.fake.uploads), 2)
+
+    def test_plain_directory_refusals(self):
+        root = tempfile.mkdtemp(prefix="runyard-local-")
+        self.addCleanup(shutil.rmtree, root, True)
+        d = os.path.join(root, "project")
+        _write(os.path.join(d, "MLproject"), "name: p\n")
+        os.symlink("../../secrets", os.path.join(d, "data"))
+        with self.assertRaises(ExecutionException) as cm:
+            self.submit(uri=d)
+        self.assertIn(os.path.join(d, "data"), str(cm.exception))
+        self.assertIn("outside", str(cm.exception))
+        os.remove(os.path.join(d, "data"))
+        self.fake.snapshot_limit = 1024
+        with self.assertRaises(ExecutionException) as cm:
+            self.submit(uri=d)
+        self.assertIn(f"Runyard did not take the snapshot of {d} (1 files, 10 KiB): "
+                      "the snapshot is 10240 bytes, over the limit of 1024 bytes", str(cm.exception))
+        self.assertEqual(self.fake.specs, [])
+        self.assertEqual(len(self.runs()), 0)
+        self.fake.snapshot_limit = 1 << 20
+        sub = self.submit(uri=d)
+        tags = self.mlflow.get_run(sub.run_id).data.tags
+        self.assertEqual(tags["mlflow.source.name"], d)
+        self.assertTrue(tags["runyard.snapshot"].startswith("snapshot:sha256:"))
+        self.assertNotIn("runyard.snapshot.dirty", tags)  # no git: nothing to differ from
+        self.assertNotIn("mlflow.source.git.commit", tags)
 
     def test_tracking_uri_must_be_http(self):
         d = tempfile.mkdtemp()
@@ -357,6 +478,44 @@ class BackendTest(unittest.TestCase):
         out = cli(self.config(follow=True))
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(out.stdout, "ok\n")
+
+    @unittest.skipUnless(HAVE_GIT, "no git command")
+    def test_mlflow_run_cli_local_directory(self):
+        """`mlflow run .` in a checkout: a snapshot, tagged; `--version` with it: refused."""
+        root = tempfile.mkdtemp(prefix="runyard-local-")
+        self.addCleanup(shutil.rmtree, root, True)
+        d = make_checkout(root)
+        head = _git(d, "rev-parse", "HEAD")
+        env = {**os.environ, **GIT_ENV, "MLFLOW_TRACKING_URI": _server["url"],
+               "MLFLOW_EXPERIMENT_ID": self.experiment_id}
+
+        def cli(*extra):
+            return subprocess.run(
+                [sys.executable, "-m", "mlflow", "run", ".", "-e", "train", *extra,
+                 "--backend", "runyard", "--backend-config", json.dumps(self.config())],
+                capture_output=True, text=True, env=env, cwd=d, timeout=300,
+            )
+
+        out = cli()
+        self.assertEqual(out.returncode, 0, out.stderr)
+        spec = self.fake.last_spec()
+        self.assertRegex(spec["repo"], r"^snapshot:sha256:[0-9a-f]{64}$")
+        self.assertNotIn("revision", spec)
+        self.assertIn(f"Sent {d} to Runyard as {spec['repo']} (4 files", out.stderr)
+        self.assertIn(f"changes on commit {head[:12]}", out.stderr)
+        [run] = self.runs()
+        tags = run.data.tags
+        self.assertEqual(tags["mlflow.source.name"], d)
+        self.assertEqual(tags["mlflow.source.type"], "PROJECT")
+        self.assertEqual(tags["mlflow.source.git.commit"], head)
+        self.assertEqual(tags["runyard.snapshot"], spec["repo"])
+        self.assertEqual(tags["runyard.snapshot.dirty"], "true")
+
+        out = cli("--version", head)
+        self.assertEqual(out.returncode, 1, out.stderr)
+        self.assertIn("Setting a version is only supported for Git project URIs", out.stderr)
+        self.assertEqual(len(self.fake.specs), 1)
+        self.assertEqual(len(self.fake.uploads), 1)
 
 
 if __name__ == "__main__":

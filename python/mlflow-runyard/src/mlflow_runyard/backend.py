@@ -7,6 +7,10 @@ MLflow run (with the tags MLflow's own project runs carry), submits a Runyard jo
 project's entry point in that run, and returns a SubmittedRun tracking the job. Runyard's
 controller then owns the run: it tags it with the job, logs the entry point's parameters, and
 sets the run FINISHED / FAILED / KILLED when the job ends.
+
+A local project directory is sent to Runyard as a snapshot (runyard_client.snapshot_of: a
+deterministic tar of the directory's files, uploaded to `POST /api/v1/snapshots`); the job then
+runs `repo: snapshot:sha256:<hex>`. See resolve_project_source for what counts as local.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 import re
 import sys
 import urllib.parse
+import urllib.request
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from mlflow.entities import RunStatus
@@ -26,6 +32,14 @@ from mlflow.projects.backend.abstract_backend import AbstractBackend
 from mlflow.projects.submitted_run import SubmittedRun
 
 from runyard_client import FINISHED_STATUSES, Client, RunyardError
+from runyard_client.snapshot import (
+    Snapshot,
+    SnapshotError,
+    git_origin_url,
+    human_size,
+    is_git_repository_dir,
+    snapshot_of,
+)
 
 # A child of MLflow's own logger, so that `mlflow run` shows these lines the way it shows its
 # own (MLflow configures only the `mlflow` logger tree).
@@ -94,6 +108,9 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PROJECT_ENV = "mlflow.project.env"
 TAG_PROJECT_BACKEND = "mlflow.project.backend"
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"
+# Runyard's own tags of a run made from a local directory.
+TAG_SNAPSHOT = "runyard.snapshot"
+TAG_SNAPSHOT_DIRTY = "runyard.snapshot.dirty"
 # Runyard's agent builds a job's Python environment with uv.
 PROJECT_ENV = "uv"
 
@@ -209,35 +226,90 @@ def is_git_uri(uri: str) -> bool:
     return bool(_SCP_LIKE.match(uri))
 
 
-def resolve_project_source(project_uri: str, version: Optional[str]) -> Tuple[str, str]:
-    """(repo, revision) for the job's spec.
+def file_uri_path(uri: str) -> str:
+    """The local path of a file:// URI (`file:///abs`, `file://host/path` as MLflow reads it)."""
+    parts = urllib.parse.urlsplit(uri)
+    path = urllib.request.url2pathname(parts.path)
+    if parts.netloc and parts.netloc != "localhost":
+        path = parts.netloc + path  # MLflow joins them too: file://rel/dir is rel/dir
+    return path
 
-    Only git URIs for now. A local directory is refused here; this is the one function to
-    replace once Runyard takes project snapshots.
+
+@dataclass(frozen=True)
+class ProjectSource:
+    """Where a job's project comes from: a git repository Runyard clones (`repo`, `revision`),
+    or a local directory sent as a snapshot (`local_dir`, absolute)."""
+
+    repo: Optional[str] = None
+    revision: str = ""
+    local_dir: Optional[str] = None
+
+
+def resolve_project_source(project_uri: str, version: Optional[str]) -> ProjectSource:
+    """What `project_uri` (as MLflow hands it over: unchanged from `mlflow run URI` or
+    `mlflow.projects.run(uri)`) names.
+
+    - A local directory: a path (`.`, `dir`, `/abs/dir`) or a `file://` URI naming an existing
+      directory that is a working tree (a git checkout or a plain directory). Sent as a
+      snapshot; a `version` is an error, as MLflow says for non-git URIs.
+    - A git repository: an https/http/ssh/git URL, scp-like `user@host:path`, a `file://` URI of
+      a path that is not a local working tree (a bare repository, `.git` directory, or a path
+      that only exists where Runyard runs), or a plain path to a bare repository (made a
+      `file://` URL). Runyard clones it at `version`.
+    ZIP URIs and `#subdirectory` are refused.
     """
     repo, sub = split_project_uri(project_uri)
     if repo.lower().endswith(".zip"):
         raise ExecutionException(
             f"`{project_uri}`: ZIP project URIs are not supported by the Runyard backend; "
-            "give a git repository URI"
+            "give a git repository URI or a local directory"
         )
-    if not is_git_uri(repo):
-        if os.path.exists(repo) or not _URL_SCHEME.match(repo):
+    scheme = _URL_SCHEME.match(repo)
+    local = None
+    if scheme and scheme.group(1).lower() == "file":
+        path = file_uri_path(repo)
+        if os.path.isdir(path) and not is_git_repository_dir(path):
+            local = os.path.abspath(path)
+    elif not scheme and os.path.exists(repo):
+        if not os.path.isdir(repo):
             raise ExecutionException(
-                f"`{project_uri}` is a local directory: the Runyard backend runs projects from git "
-                "repositories (https://, ssh://, git@host:path); local directories: coming. Push "
-                "the project and run its git URI."
+                f"`{project_uri}` is a file: give the project's directory (with its MLproject) "
+                "or a git repository URI"
+            )
+        if is_git_repository_dir(repo):
+            repo = "file://" + os.path.abspath(repo)  # a bare repository: Runyard clones it
+        else:
+            local = os.path.abspath(repo)
+    elif not is_git_uri(repo):
+        if scheme:
+            raise ExecutionException(
+                f"`{project_uri}`: Runyard clones git repositories over https, http, ssh, git or "
+                "file URLs (or scp-like user@host:path), and runs local directories"
             )
         raise ExecutionException(
-            f"`{project_uri}`: Runyard clones git repositories over https, http, ssh, git or file "
-            "URLs (or scp-like user@host:path)"
+            f"`{project_uri}`: no such directory, and not a git repository URI (https://, "
+            "ssh://, git@host:path, file://)"
         )
+    if local is not None:
+        if sub:
+            raise ExecutionException(
+                f"`{project_uri}`: `#{sub}` (a project in a subdirectory) is not supported by the "
+                f"Runyard backend; run the subdirectory itself: {os.path.join(local, sub)}"
+            )
+        if version:
+            raise ExecutionException(
+                f"Setting a version is only supported for Git project URIs: `{project_uri}` is a "
+                "local directory, sent to Runyard as a snapshot of its files as they are. Run "
+                "the repository's URI with the version, or check the version out and run the "
+                "directory"
+            )
+        return ProjectSource(local_dir=local)
     if sub:
         raise ExecutionException(
             f"`{project_uri}`: projects in a subdirectory (`#{sub}`) are not supported by the "
             "Runyard backend yet; put the MLproject at the repository's root"
         )
-    return repo, version or ""
+    return ProjectSource(repo=repo, revision=version or "")
 
 
 def check_tracking_uri(tracking_uri: Optional[str]) -> str:
@@ -279,20 +351,43 @@ def _user() -> str:
 
 
 def project_tags(project_uri: str, repo: str, entry_point: str, version: Optional[str]) -> Dict[str, str]:
-    """The tags of an MLflow project run (as mlflow/projects/utils.py _create_run sets them)."""
-    tags = {
-        TAG_USER: _user(),
-        TAG_SOURCE_NAME: project_uri,
-        TAG_SOURCE_TYPE: "PROJECT",
-        TAG_ENTRY_POINT: entry_point,
-        TAG_GIT_REPO_URL: repo,
-        TAG_PROJECT_ENV: PROJECT_ENV,
-        TAG_PROJECT_BACKEND: BACKEND_NAME,
-    }
+    """The tags of an MLflow project run from a git repository (as mlflow/projects/utils.py
+    _create_run sets them)."""
+    tags = _common_tags(project_uri, entry_point)
+    tags[TAG_GIT_REPO_URL] = repo
     # A branch or tag name cannot be told apart without the repository: only a full commit id
     # becomes a tag here (the job's resolved commit is added once Runyard reports it).
     if version and _FULL_SHA.match(version.lower()):
         tags[TAG_GIT_COMMIT] = version.lower()
+    return tags
+
+
+def local_project_tags(snap: Snapshot, snapshot_id: str, entry_point: str) -> Dict[str, str]:
+    """The tags of a run from a local directory: the directory as the source, HEAD and the
+    checkout's origin URL when it is a git checkout (as MLflow's local runs have them), the
+    snapshot, and (git only) whether the snapshot differs from HEAD."""
+    tags = _common_tags(snap.path, entry_point)
+    tags[TAG_SNAPSHOT] = snapshot_id
+    if snap.commit:
+        tags[TAG_GIT_COMMIT] = snap.commit
+    if snap.dirty is not None:
+        tags[TAG_SNAPSHOT_DIRTY] = "true" if snap.dirty else "false"
+    if snap.git_root:
+        origin = git_origin_url(snap.git_root)
+        if origin:
+            tags[TAG_GIT_REPO_URL] = origin
+    return tags
+
+
+def _common_tags(source_name: str, entry_point: str) -> Dict[str, str]:
+    tags = {
+        TAG_USER: _user(),
+        TAG_SOURCE_NAME: source_name,
+        TAG_SOURCE_TYPE: "PROJECT",
+        TAG_ENTRY_POINT: entry_point,
+        TAG_PROJECT_ENV: PROJECT_ENV,
+        TAG_PROJECT_BACKEND: BACKEND_NAME,
+    }
     try:
         from mlflow.tracking import fluent
 
@@ -307,14 +402,17 @@ def project_tags(project_uri: str, repo: str, entry_point: str, version: Optiona
 class RunyardSubmittedRun(SubmittedRun):
     """A Runyard job running an MLflow project in the MLflow run `run_id`."""
 
-    def __init__(self, client: Client, job: dict, run_id: str, mlflow_client=None, poll=None):
+    def __init__(
+        self, client: Client, job: dict, run_id: str, mlflow_client=None, poll=None, tag_commit=True
+    ):
         super().__init__()
         self._client = client
         self._job = job
         self._run_id = run_id
         self._mlflow = mlflow_client
         self.poll = POLL_SECONDS if poll is None else poll
-        self._commit_tagged = False
+        # A snapshot's job has no commit of its own to record (the run has HEAD's already).
+        self._commit_tagged = not tag_commit
 
     @property
     def run_id(self) -> str:
@@ -380,7 +478,7 @@ class RunyardSubmittedRun(SubmittedRun):
 
 
 class RunyardBackend(AbstractBackend):
-    """Runs MLflow projects from git repositories as Runyard jobs."""
+    """Runs MLflow projects from git repositories or local directories as Runyard jobs."""
 
     def run(
         self,
@@ -394,7 +492,7 @@ class RunyardBackend(AbstractBackend):
     ):
         cfg, mlflow_keys = parse_backend_config(backend_config)
         _note_ignored(mlflow_keys)
-        repo, revision = resolve_project_source(project_uri, version)
+        source = resolve_project_source(project_uri, version)
         tracking_uri = check_tracking_uri(tracking_uri)
         entry_point = entry_point or "main"
         try:
@@ -406,7 +504,13 @@ class RunyardBackend(AbstractBackend):
         from mlflow.tracking import MlflowClient
 
         mlflow_client = MlflowClient(tracking_uri=tracking_uri)
-        tags = project_tags(project_uri, repo, entry_point, version)
+        if source.local_dir is not None:
+            snap, repo = upload_local_project(client, source.local_dir)
+            revision = None
+            tags = local_project_tags(snap, repo, entry_point)
+        else:
+            repo, revision = source.repo, source.revision
+            tags = project_tags(project_uri, repo, entry_point, version)
         run_id, created = self._create_or_reuse_run(mlflow_client, cfg.get("run_id"), experiment_id, tags)
 
         spec = build_spec(cfg, repo, revision, entry_point, params, tracking_uri, run_id)
@@ -420,7 +524,9 @@ class RunyardBackend(AbstractBackend):
                 f"Runyard did not take the job{where}: {e.message}"
                 + ("" if e.status else f" [{client.controller}]")
             ) from None
-        submitted = RunyardSubmittedRun(client, job, run_id, mlflow_client)
+        submitted = RunyardSubmittedRun(
+            client, job, run_id, mlflow_client, tag_commit=source.local_dir is None
+        )
         _logger.info(
             "=== Submitted Runyard job %s for MLflow run %s (experiment %s) ===",
             submitted.job_id,
@@ -471,19 +577,55 @@ class RunyardBackend(AbstractBackend):
         return run.info.run_id, True
 
 
+def upload_local_project(client: Client, path: str) -> Tuple[Snapshot, str]:
+    """Snapshots the directory `path` and uploads it: (the snapshot, its id on the controller)."""
+    try:
+        snap = snapshot_of(path)
+    except SnapshotError as e:
+        raise ExecutionException(f"cannot send the project directory {path} to Runyard: {e}") from None
+    if snap.skipped:
+        _logger.warning(
+            "Left out of the snapshot (neither files, directories nor symlinks): %s",
+            ", ".join(snap.skipped),
+        )
+    try:
+        answer = client.upload_snapshot(snap.data)
+    except RunyardError as e:
+        raise ExecutionException(
+            f"Runyard did not take the snapshot of {path} ({snap.files} files, "
+            f"{human_size(snap.size)}): {e.message}"
+            + ("" if e.status else f" [{client.controller}]")
+        ) from None
+    state = ""
+    if snap.commit:
+        state = f", {'changes on ' if snap.dirty else ''}commit {snap.commit[:12]}"
+    _logger.info(
+        "=== Sent %s to Runyard as %s (%d files, %s%s%s) ===",
+        path,
+        answer["snapshot"],
+        snap.files,
+        human_size(snap.size),
+        state,
+        "" if answer.get("created", True) else ", already there",
+    )
+    return snap, answer["snapshot"]
+
+
 def build_spec(cfg, repo, revision, entry_point, params, tracking_uri, run_id) -> Dict[str, Any]:
     """The Runyard job spec running `entry_point` of `repo` in MLflow run `run_id`.
 
-    The run already has its experiment, so `mlflow` carries no experiment (Runyard refuses
-    run_id together with experiment_id/experiment_name).
+    `revision` None (a snapshot: `repo` is its id) leaves `revision` out. The run already has
+    its experiment, so `mlflow` carries no experiment (Runyard refuses run_id together with
+    experiment_id/experiment_name).
     """
-    spec: Dict[str, Any] = {
-        "repo": repo,
-        "revision": revision,
+    spec: Dict[str, Any] = {"repo": repo}
+    if revision is not None:
+        spec["revision"] = revision
+    spec.update({
         "entry_point": entry_point,
         "parameters": {str(k): _param_text(v) for k, v in (params or {}).items()},
         "mlflow": {"tracking_uri": tracking_uri, "run_id": run_id},
-    }
+    })
     for key in ("name", "compute", "requirements", "timeout", "retries", "env"):
         if key in cfg:
             spec[key] = cfg[key]

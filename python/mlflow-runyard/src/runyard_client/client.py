@@ -44,6 +44,8 @@ REQUEST_TIMEOUT = 30.0
 # Seconds a log stream may stay silent before it is reopened where it left off (the controller
 # sends nothing while a job prints nothing).
 STREAM_IDLE_TIMEOUT = 60.0
+# Seconds a snapshot upload may wait on one read or write (at least; 64 MiB on a slow link).
+UPLOAD_TIMEOUT = 300.0
 # How long wait() and follow_logs() keep retrying a controller that cannot be reached or answers
 # 5xx (a restart) before giving up.
 TRANSIENT_GRACE = 120.0
@@ -192,12 +194,22 @@ class Client:
             raise RunyardError(f"not a job id: {job_id!r}")
         return "/api/v1/jobs/" + urllib.parse.quote(job_id, safe="") + suffix
 
-    def _open(self, method: str, url: str, body: Any = None, timeout: Optional[float] = None):
-        data = None
+    def _open(
+        self,
+        method: str,
+        url: str,
+        body: Any = None,
+        timeout: Optional[float] = None,
+        data: Optional[bytes] = None,
+        content_type: Optional[str] = None,
+    ):
+        """Opens one request: `body` is sent as JSON, or `data` as is with `content_type`."""
         headers = {"Accept": "application/json"}
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
+        elif data is not None:
+            headers["Content-Type"] = content_type or "application/octet-stream"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -214,9 +226,18 @@ class Client:
                     "(the controller keeps it in <data-dir>/tls/ca.crt)",
                     url=url,
                 ) from None
+            if data is not None and isinstance(reason, (BrokenPipeError, ConnectionResetError)):
+                raise self._cut_upload(url, len(data), reason) from None
             raise RunyardError(
                 f"cannot connect to the controller at {self.controller} ({reason}): start it "
                 "with `runyard up`, or set RUNYARD_CONTROLLER to its URL",
+                url=url,
+            ) from None
+        except (BrokenPipeError, ConnectionResetError) as e:
+            if data is not None:
+                raise self._cut_upload(url, len(data), e) from None
+            raise RunyardError(
+                f"the controller at {self.controller} did not answer ({e or type(e).__name__})",
                 url=url,
             ) from None
         except (socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException) as e:
@@ -224,6 +245,15 @@ class Client:
                 f"the controller at {self.controller} did not answer ({e or type(e).__name__})",
                 url=url,
             ) from None
+
+    def _cut_upload(self, url: str, size: int, cause) -> RunyardError:
+        # A server refusing a body (413) may answer and close before reading it all; the
+        # answer is then lost under the broken connection.
+        return RunyardError(
+            f"the controller at {self.controller} closed the connection during the upload of "
+            f"{size} bytes ({cause}); it may have refused it as too large",
+            url=url,
+        )
 
     @staticmethod
     def _http_error(e: urllib.error.HTTPError, url: str) -> RunyardError:
@@ -262,6 +292,50 @@ class Client:
                 status=resp.status,
                 url=url,
             ) from None
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def upload_snapshot(self, tar_bytes, max_size: Optional[int] = None) -> dict:
+        """POST /api/v1/snapshots: stores a tar of a project directory (see `snapshot_of`).
+
+        Returns the controller's answer, `{"snapshot": "snapshot:sha256:<hex>", "sha256",
+        "size", "files"}`, plus `created`: False when the controller already had it (200), True
+        for a new one (201). A job runs it with `"repo": answer["snapshot"]` and no revision.
+        An archive over `max_size` (default MAX_SNAPSHOT_BYTES, the controller's default) is
+        refused here with SnapshotTooLarge, before uploading; the controller's own limit answers
+        RunyardError(status=413). `tar_bytes` may be a Snapshot.
+        """
+        from runyard_client.snapshot import (
+            MAX_SNAPSHOT_BYTES,
+            SNAPSHOT_PREFIX,
+            Snapshot,
+            SnapshotTooLarge,
+            too_large_message,
+        )
+
+        if isinstance(tar_bytes, Snapshot):
+            tar_bytes = tar_bytes.data
+        data = bytes(tar_bytes)
+        limit = MAX_SNAPSHOT_BYTES if max_size is None else max_size
+        if len(data) > limit:
+            raise SnapshotTooLarge(too_large_message("the snapshot", len(data), limit), len(data), limit)
+        url = self._url("/api/v1/snapshots")
+        timeout = max(self.timeout, UPLOAD_TIMEOUT)
+        with self._open("POST", url, data=data, content_type="application/x-tar", timeout=timeout) as resp:
+            raw = resp.read()
+            status = resp.status
+        try:
+            answer = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            answer = None
+        if not isinstance(answer, dict) or not str(answer.get("snapshot", "")).startswith(SNAPSHOT_PREFIX):
+            raise RunyardError(
+                f"the controller's answer to a snapshot upload has no snapshot id: {raw[:200]!r}",
+                status=status,
+                url=url,
+            )
+        answer["created"] = status == 201
+        return answer
 
     # -- jobs -------------------------------------------------------------------------------
 
