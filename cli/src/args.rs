@@ -302,6 +302,10 @@ pub struct HistoryArgs {
     /// line at the end of the log says how many.
     #[arg(long, env = "RUNYARD_MAX_LOG_SIZE", default_value = DEFAULT_MAX_LOG_SIZE, value_parser = parse_log_size, value_name = "SIZE")]
     pub max_log_size: u64,
+    /// Largest snapshot of a local directory (`runyard submit --repo DIR`, `mlflow run DIR`)
+    /// the controller takes.
+    #[arg(long, env = "RUNYARD_MAX_SNAPSHOT_SIZE", default_value = "64MiB", value_parser = runyard_agent::cache::parse_size, value_name = "SIZE")]
+    pub max_snapshot_size: u64,
 }
 
 impl HistoryArgs {
@@ -309,6 +313,7 @@ impl HistoryArgs {
     pub fn apply(&self, config: &mut runyard_controller::Config) {
         config.retention = self.retention;
         config.max_log_size = self.max_log_size;
+        config.max_snapshot_size = self.max_snapshot_size;
     }
 }
 

@@ -1065,7 +1065,7 @@ fn a_local_directory_runs_as_it_is_with_an_entry_point() {
         "--revision",
         "main",
     ]);
-    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(r.stderr.contains("leave --revision out"), "{}", r.stderr);
 }
 

@@ -488,6 +488,63 @@ async fn tracked_runs_and_the_mlflow_backend_plugin() -> anyhow::Result<()> {
         .wait_run(&run_id_in(&stdout), "FAILED", LIMIT)
         .await?;
 
+    // A local checkout runs as it is, uncommitted change included (`mlflow run DIR`).
+    let checkout = GitRepo::new(&[
+        ("MLproject", TRACKED_MLPROJECT),
+        (
+            "python_env.yaml",
+            &format!("python: \"3\"\ndependencies: [\"{MLFLOW_SKINNY}\"]\n"),
+        ),
+        ("train.py", TRAIN_PY),
+    ])?;
+    std::fs::write(
+        checkout.path.join("train.py"),
+        TRAIN_PY.replace("print(\"trained\"", "print(\"trained with a local change\""),
+    )?;
+    let local = checkout.path.display().to_string();
+    let out = python(
+        &py,
+        &env,
+        &[
+            "-m",
+            "mlflow",
+            "run",
+            &local,
+            "-e",
+            "main",
+            "--backend",
+            "runyard",
+            "--backend-config",
+            &config_arg,
+        ],
+    )
+    .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("trained with a local change"), "{stdout}");
+    let run = server
+        .wait_run(&run_id_in(&stdout), "FINISHED", LIMIT)
+        .await?;
+    let tags = pairs(&run, "tags");
+    assert!(
+        tags["runyard.snapshot"].starts_with("snapshot:sha256:"),
+        "{run}"
+    );
+    assert_eq!(
+        tags.get("runyard.snapshot.dirty").map(String::as_str),
+        Some("true"),
+        "{run}"
+    );
+    assert_eq!(
+        tags.get("mlflow.source.git.commit"),
+        Some(&checkout.head()?),
+        "{run}"
+    );
+
     // Without follow it returns once submitted (MLflow runs plugins asynchronously); the run
     // still ends when the job does, with nobody waiting.
     let out = mlflow_run(&[], json!({}).to_string()).await?;

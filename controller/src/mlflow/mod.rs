@@ -159,7 +159,11 @@ impl Tracking {
                 .map(|(k, v)| (k.clone(), v.chars().take(MAX_PARAM_VALUE).collect()))
                 .collect();
             let mut tags = vec![("mlflow.project.env".to_string(), project.env.clone())];
-            if let Some(commit) = &job.commit {
+            if runyard_model::spec::snapshot_of(&job.spec.repo).is_some() {
+                // A local directory's snapshot: its id is not a git commit (the client tags the
+                // checkout's HEAD itself).
+                tags.push(("runyard.snapshot".into(), job.spec.repo.clone()));
+            } else if let Some(commit) = &job.commit {
                 tags.push(("mlflow.source.git.commit".into(), commit.clone()));
             }
             for (i, chunk) in params.chunks(BATCH).enumerate() {
