@@ -30,8 +30,20 @@ pub struct EntryPlan {
 /// Why an entry point cannot run.
 pub type Refusal = (FailureKind, String);
 
-/// Reads the project in `src` (checked out at `commit`) and plans `spec`'s entry point.
-pub fn plan(src: &Path, commit: &str, spec: &JobSpec, agent: &str) -> Result<EntryPlan, Refusal> {
+/// Largest file a `path` parameter's URL may bring.
+const MAX_FETCH: u64 = 4 << 30;
+/// Longest a `path` parameter's download may take.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Reads the project in `src` (checked out at `commit`) and plans `spec`'s entry point; `path`
+/// parameters given as http(s) URLs are downloaded into `fetch_dir`, as MLflow does.
+pub async fn plan(
+    src: &Path,
+    commit: &str,
+    spec: &JobSpec,
+    agent: &str,
+    fetch_dir: &Path,
+) -> Result<EntryPlan, Refusal> {
     let entry = spec.entry_point.as_deref().unwrap_or("main");
     let project = match find_project_file(src) {
         Some(file) => {
@@ -46,7 +58,7 @@ pub fn plan(src: &Path, commit: &str, spec: &JobSpec, agent: &str) -> Result<Ent
         Some(ep) => {
             let given = mlproject::resolve(ep, &spec.parameters).map_err(params)?;
             let mut values = given.clone();
-            locate_paths(src, &mut values, agent)?;
+            locate_paths(src, &mut values, agent, fetch_dir).await?;
             let argv = mlproject::command_argv(&ep.command, &values)
                 .map_err(|m| (FailureKind::Script, format!("entry point `{entry}`: {m}")))?;
             (given, argv)
@@ -120,19 +132,36 @@ fn find_project_file(src: &Path) -> Option<PathBuf> {
 /// Path parameters as MLflow has them: a file in the checkout (relative) or on the agent
 /// (absolute), made absolute; it must exist, since the job runs here and not where it was
 /// submitted.
-fn locate_paths(src: &Path, values: &mut [Resolved], agent: &str) -> Result<(), Refusal> {
+async fn locate_paths(
+    src: &Path,
+    values: &mut [Resolved],
+    agent: &str,
+    fetch_dir: &Path,
+) -> Result<(), Refusal> {
     for r in values
         .iter_mut()
         .filter(|r| r.kind == Some(ParamType::Path))
     {
         if let Some(scheme) = mlproject::uri_scheme(&r.value) {
-            return Err((
-                FailureKind::Params,
-                format!(
-                    "parameter `{}`: `{}` is a {scheme} URI; Runyard does not fetch path parameters yet: put the file in the repository or on the agent, or declare the parameter as `uri` and fetch it in the script",
-                    r.name, r.value
-                ),
-            ));
+            if scheme != "http" && scheme != "https" {
+                return Err((
+                    FailureKind::Params,
+                    format!(
+                        "parameter `{}`: `{}` is a {scheme} URI; the agent fetches http(s) URLs only: give an https:// URL, or declare the parameter as `uri` and fetch it in the script",
+                        r.name, r.value
+                    ),
+                ));
+            }
+            let path = fetch(&r.value, &fetch_dir.join(&r.name))
+                .await
+                .map_err(|m| {
+                    (
+                        FailureKind::Params,
+                        format!("parameter `{}`: cannot fetch {}: {m}", r.name, r.value),
+                    )
+                })?;
+            r.value = path.display().to_string();
+            continue;
         }
         let p = Path::new(&r.value);
         let full = if p.is_absolute() {
@@ -161,6 +190,56 @@ fn locate_paths(src: &Path, values: &mut [Resolved], agent: &str) -> Result<(), 
         r.value = full.display().to_string();
     }
     Ok(())
+}
+
+/// Downloads `url` into `dir` under the last segment of its path; returns the file.
+async fn fetch(url: &str, dir: &Path) -> Result<PathBuf, String> {
+    use tokio::io::AsyncWriteExt;
+    let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+    let name = parsed
+        .path_segments()
+        .and_then(|mut s| s.next_back())
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .unwrap_or("download")
+        .to_string();
+    let client = reqwest::Client::builder()
+        .timeout(FETCH_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut resp = client
+        .get(parsed)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| e.to_string())?;
+    if resp.content_length().is_some_and(|n| n > MAX_FETCH) {
+        return Err(format!(
+            "larger than {}",
+            runyard_model::size::format(MAX_FETCH)
+        ));
+    }
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join(name);
+    let mut file = tokio::fs::File::create(&path)
+        .await
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let mut got = 0u64;
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        got += chunk.len() as u64;
+        if got > MAX_FETCH {
+            return Err(format!(
+                "larger than {}",
+                runyard_model::size::format(MAX_FETCH)
+            ));
+        }
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    file.flush().await.map_err(|e| e.to_string())?;
+    Ok(path)
 }
 
 /// The project's environment: the declared file, else `python_env.yaml`, else `conda.yaml` (as

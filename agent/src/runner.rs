@@ -723,7 +723,8 @@ async fn prepare(
         .set_status(a, |s| s.commit = Some(commit.clone()));
     // A script, or an MLflow project's entry point: the command, and what its project needs.
     let (command, entry) = if spec.script.is_empty() {
-        let plan = crate::project::plan(src, &commit, spec, &svc.agent_name)
+        let plan = crate::project::plan(src, &commit, spec, &svc.agent_name, &dir.join("params"))
+            .await
             .map_err(|(kind, m)| End::failed(kind, m))?;
         (plan.argv.clone(), Some(plan))
     } else {

@@ -1,7 +1,7 @@
 //! Runyard's benchmark: real components in release mode, figures printed as one plain table.
 //!
 //! `cargo bench -p runyard-tests --bench bench [-- --quick] [latency] [logs] [placement]
-//! [history] [services]` (no mode named: all but `services`)
+//! [history] [services] [mlflow]` (no mode named: all but `services` and `mlflow`)
 //!
 //! - latency: submit-to-running of `print('hi')` through the HTTP API of an in-process
 //!   `TestCluster` with one agent and a warm mirror, one job at a time; by the wall clock (POST to
@@ -18,6 +18,9 @@
 //! - services (only when named: it installs uvicorn from PyPI and takes minutes): the data
 //!   plane with real replicas: proxy overhead and requests/s against the direct path (direct
 //!   and tunnel), batching gain, a load step to a second replica, failover (`services/mod.rs`).
+//! - mlflow (only when named: it installs MLflow and scikit-learn from PyPI): one MLflow project
+//!   to FINISHED with `mlflow run --env-manager uv` and with Runyard, interleaved
+//!   (`mlflow/mod.rs`).
 //!
 //! Verdicts compare medians with targets. The machine is shared: the load average is printed
 //! with the results, and a failed *measurement* (lost lines, a stuck job) exits non-zero.
@@ -39,6 +42,7 @@ use runyard_tests::cluster::{AgentSpec, TestCluster};
 use runyard_tests::fixture::GitRepo;
 use serde_json::{Value, json};
 
+mod mlflow;
 mod services;
 
 const LATENCY_TARGET: Duration = Duration::from_millis(25);
@@ -72,6 +76,7 @@ struct Opts {
     placement: bool,
     history: bool,
     services: bool,
+    mlflow: bool,
     latency_jobs: usize,
     log_runs: usize,
     placement_runs: usize,
@@ -87,10 +92,12 @@ impl Opts {
                 "--quick" => quick = true,
                 // cargo passes `--bench` to every bench binary.
                 "--bench" => {}
-                "latency" | "logs" | "placement" | "history" | "services" => picked.push(a),
+                "latency" | "logs" | "placement" | "history" | "services" | "mlflow" => {
+                    picked.push(a)
+                }
                 other => bail!(
                     "unknown argument `{other}`; usage: bench [--quick] [latency] [logs] \
-                     [placement] [history] [services]"
+                     [placement] [history] [services] [mlflow]"
                 ),
             }
         }
@@ -103,6 +110,7 @@ impl Opts {
             history: on("history"),
             // Minutes long and needs PyPI: only when named.
             services: picked.iter().any(|p| p == "services"),
+            mlflow: picked.iter().any(|p| p == "mlflow"),
             latency_jobs: if quick { 15 } else { 50 },
             log_runs: if quick { 1 } else { 3 },
             placement_runs: if quick { 3 } else { 10 },
@@ -183,6 +191,11 @@ fn main() -> ExitCode {
         && let Err(e) = rt.block_on(services::run(opts.quick, &mut rows, &mut notes))
     {
         fail(&mut rows, &mut notes, "services", e);
+    }
+    if opts.mlflow
+        && let Err(e) = rt.block_on(mlflow::run(opts.quick, &mut rows, &mut notes))
+    {
+        fail(&mut rows, &mut notes, "mlflow", e);
     }
 
     println!();

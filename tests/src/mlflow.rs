@@ -203,7 +203,7 @@ impl MlflowServer {
             if tokio::time::Instant::now() > deadline {
                 bail!("run {run_id} is not {status} after {timeout:?}: {run}");
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 }

@@ -607,3 +607,74 @@ async fn an_admin_removes_a_gone_agent_and_its_name_enrols_again() -> anyhow::Re
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     c.shutdown().await
 }
+
+/// A snapshot goes only to the agent holding an attempt that runs it: an enrolled agent asking
+/// for another agent's job's snapshot, or naming its own job with a snapshot that job does not
+/// run, gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_goes_only_to_the_agent_running_it() -> anyhow::Result<()> {
+    let repo = GitRepo::new(&[("own.py", "print('never runs here')\n")])?;
+    let mut c = TestCluster::builder().start().await?;
+    let token = c.agent_token.clone();
+    let me = auth("mallory", "ryc_mallory-own-credential", &token);
+    let mut s = Fake::open(&c, &me, register("mallory", vec![])).await?;
+    let own = c
+        .submit(json!({"repo": repo.url(), "script": "own.py"}))
+        .await?;
+    s.until(
+        "mallory's assignment",
+        |m| matches!(m, In::Assign(a) if a.job_id == own),
+    )
+    .await;
+    s.send(status(&own, 1, v1::AttemptState::Running)).await;
+
+    // The victim's private project, as a snapshot run on an honest agent.
+    let mut b = tar::Builder::new(Vec::new());
+    let secret = b"print('the victim keeps this to itself')\n";
+    let mut h = tar::Header::new_gnu();
+    h.set_size(secret.len() as u64);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "victim.py", &secret[..])?;
+    let archive = b.into_inner()?;
+    let uploaded = c
+        .client
+        .post(format!("{}/api/v1/snapshots", c.base_url()))
+        .bearer_auth(&c.token)
+        .body(archive)
+        .send()
+        .await?;
+    assert_eq!(uploaded.status(), 201);
+    let snap: serde_json::Value = uploaded.json().await?;
+    let sha = snap["sha256"].as_str().unwrap().to_string();
+    c.add_agent(AgentSpec::new("honest")).await?;
+    let victim = c
+        .submit(json!({"repo": snap["snapshot"], "script": "victim.py"}))
+        .await?;
+    let done = c.wait_status(&victim, &["succeeded"], LONG).await?;
+    assert_eq!(done["agent"], "honest", "{done}");
+
+    let mut client = dial::connect(&url(&c), &me).await?;
+    for (job, attempt, sha) in [
+        (victim.as_str(), 1, sha.as_str()),
+        (own.as_str(), 1, sha.as_str()),
+        (own.as_str(), 1, "../../admin.token"),
+        (UNKNOWN_JOB, 1, sha.as_str()),
+    ] {
+        let got = client
+            .download_snapshot(v1::SnapshotRequest {
+                job_id: job.into(),
+                attempt,
+                sha256: sha.into(),
+            })
+            .await;
+        let status = got
+            .err()
+            .unwrap_or_else(|| panic!("{job}/{attempt}/{sha} was served"));
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{job}: {status}"
+        );
+    }
+    c.shutdown().await
+}

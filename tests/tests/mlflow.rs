@@ -17,7 +17,30 @@ if os.environ.get("NEED_SIX"):
     import six
     print("six", six.__version__)
 print("ARGV " + json.dumps(sys.argv[1:]))
+if os.environ.get("READ_FIRST"):
+    print("CONTENT " + open(sys.argv[1]).read())
 "#;
+
+/// Serves `body` to every GET on a loopback port (a remote file for a `path` parameter).
+async fn serve_file(body: &'static str) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    Ok(port)
+}
 
 const MLPROJECT: &str = r#"
 name: demo
