@@ -175,6 +175,31 @@ async fn entry_points_run_with_checked_parameters_and_their_environment() -> any
             .contains("not on the machine it was submitted from"),
         "{job}"
     );
+    // An http(s) URL is fetched into the attempt's directory first, as MLflow does; other
+    // schemes are refused with what works.
+    let port = serve_file("remote,rows\n").await?;
+    let (job, log) = run(
+        &c,
+        json!({"repo": repo.url(), "entry_point": "data", "parameters": {"file": format!("http://127.0.0.1:{port}/d/remote.csv")}, "env": {"READ_FIRST": "1"}}),
+    )
+    .await?;
+    assert_eq!(job["status"], "succeeded", "{job}\n{log}");
+    let file = argv_of(&log)[0].as_str().unwrap().to_string();
+    assert!(file.ends_with("/params/file/remote.csv"), "{file}");
+    assert!(log.contains("CONTENT remote,rows"), "{log}");
+    let (job, _) = run(
+        &c,
+        json!({"repo": repo.url(), "entry_point": "data", "parameters": {"file": "s3://bucket/train.csv"}}),
+    )
+    .await?;
+    assert_eq!(job["failure"], "params", "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap()
+            .contains("http(s) URLs only"),
+        "{job}"
+    );
 
     // A command that needs a shell is refused, not run by one.
     let (job, _) = run(&c, json!({"repo": repo.url(), "entry_point": "shell"})).await?;
