@@ -61,6 +61,16 @@ async fn with_retries<T, F: Future<Output = Result<T, (bool, String)>>>(
     Err(format!("cannot reach the controller: {last}"))
 }
 
+/// The controller's client, and whether a failure to get it may pass.
+async fn client(
+    controller: &str,
+    auth: &crate::dial::Auth,
+) -> Result<crate::dial::Client, (bool, String)> {
+    crate::dial::connect(controller, auth)
+        .await
+        .map_err(|e| (!matches!(e, crate::dial::DialError::Token), e.to_string()))
+}
+
 fn retryable(s: &tonic::Status) -> bool {
     matches!(
         s.code(),
@@ -79,9 +89,7 @@ async fn snapshot_once(
     sha256: &str,
     file: &Path,
 ) -> Result<(), (bool, String)> {
-    let mut client = crate::dial::connect(controller, auth)
-        .await
-        .map_err(|e| (!matches!(e, crate::dial::DialError::Token), e.to_string()))?;
+    let mut client = client(controller, auth).await?;
     let mut stream = client
         .download_snapshot(v1::SnapshotRequest {
             job_id: job_id.into(),
@@ -143,9 +151,7 @@ async fn download_once(
     source: &str,
     dir: &Path,
 ) -> Result<PathBuf, (bool, String)> {
-    let mut client = crate::dial::connect(controller, auth)
-        .await
-        .map_err(|e| (!matches!(e, crate::dial::DialError::Token), e.to_string()))?;
+    let mut client = client(controller, auth).await?;
     let mut stream = client
         .download_checkpoint(v1::CheckpointRequest {
             job_id: job_id.into(),

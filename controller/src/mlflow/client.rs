@@ -115,9 +115,8 @@ impl Client {
         Ok(value)
     }
 
-    /// The id of experiment `name`, made when missing.
-    pub async fn experiment_named(&self, uri: &str, name: &str) -> Result<String, MlflowError> {
-        let got = self
+    async fn experiment_by_name(&self, uri: &str, name: &str) -> Result<String, MlflowError> {
+        let v = self
             .call(
                 uri,
                 reqwest::Method::GET,
@@ -125,20 +124,13 @@ impl Client {
                 &[("experiment_name", name)],
                 None,
             )
-            .await;
-        let id = |v: &Value, ptr: &str| {
-            v.pointer(ptr)
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .ok_or_else(|| MlflowError::Api {
-                    uri: uri.to_string(),
-                    status: 200,
-                    code: String::new(),
-                    message: format!("no {ptr} in its answer"),
-                })
-        };
-        match got {
-            Ok(v) => id(&v, "/experiment/experiment_id"),
+            .await?;
+        string_at(uri, &v, "/experiment/experiment_id")
+    }
+
+    /// The id of experiment `name`, made when missing.
+    pub async fn experiment_named(&self, uri: &str, name: &str) -> Result<String, MlflowError> {
+        match self.experiment_by_name(uri, name).await {
             Err(e) if e.is_missing() => {
                 let made = self
                     .call(
@@ -150,24 +142,15 @@ impl Client {
                     )
                     .await;
                 match made {
-                    Ok(v) => id(&v, "/experiment_id"),
+                    Ok(v) => string_at(uri, &v, "/experiment_id"),
                     // Made meanwhile by someone else.
                     Err(MlflowError::Api { code, .. }) if code == "RESOURCE_ALREADY_EXISTS" => {
-                        let v = self
-                            .call(
-                                uri,
-                                reqwest::Method::GET,
-                                "experiments/get-by-name",
-                                &[("experiment_name", name)],
-                                None,
-                            )
-                            .await?;
-                        id(&v, "/experiment/experiment_id")
+                        self.experiment_by_name(uri, name).await
                     }
                     Err(e) => Err(e),
                 }
             }
-            Err(e) => Err(e),
+            other => other,
         }
     }
 
@@ -252,6 +235,18 @@ impl Client {
         .await
         .map(drop)
     }
+}
+
+fn string_at(uri: &str, v: &Value, ptr: &str) -> Result<String, MlflowError> {
+    v.pointer(ptr)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| MlflowError::Api {
+            uri: uri.to_string(),
+            status: 200,
+            code: String::new(),
+            message: format!("no {ptr} in its answer"),
+        })
 }
 
 fn key_values(kv: &[(String, String)]) -> Vec<Value> {
