@@ -2,12 +2,13 @@
 //! used first, and the free-space checks that keep a full disk a job failure, not an agent one.
 //!
 //! Invariants:
-//! - Only caches are ever deleted: bare mirrors (`mirrors/*`), the uv cache, and leftover
-//!   attempt dirs (`jobs/*`). `jobs/spool`, `reporter/` and `tools/` are never touched, nor is
+//! - Only caches are ever deleted: bare mirrors (`mirrors/*`), the uv cache, shared job
+//!   environments (`envs/*`, not used for [`ENV_GRACE`]) and leftover attempt dirs (`jobs/*`). `jobs/spool`, `reporter/` and `tools/` are never touched, nor is
 //!   anything in, above or below a path of the sweep's `in_use` set (held through [`InUse`]).
 //! - Reclaim order when the measured total is over the limit, stopping as soon as it is not:
 //!   leftover attempt dirs (oldest first), mirrors by last use (the mtime of their
-//!   [`LAST_USED`] file, else of the mirror dir), then the uv cache (`uv cache prune`, then
+//!   [`LAST_USED`] file, else of the mirror dir), shared environments by last use, then the uv
+//!   cache (`uv cache prune`, then
 //!   `uv cache clean`; removed outright when there is no uv).
 //! - A mirror is first renamed to `<name>.deleting`, then removed, so a half-deleted mirror is
 //!   never mistaken for a usable one; such leftovers are removed by every sweep, over the limit
@@ -39,6 +40,8 @@ const TRASH_SUFFIX: &str = ".deleting";
 const TMP_SUFFIX: &str = ".tmp";
 /// The spool directory inside `jobs/`: live data, never a leftover.
 pub const SPOOL_DIR: &str = "spool";
+/// A shared environment used this recently is never reclaimed.
+const ENV_GRACE: Duration = Duration::from_secs(600);
 /// Longest a `uv cache` command may run: it waits for running installs to release the cache.
 const UV_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -51,6 +54,8 @@ pub enum CacheKind {
     Mirror,
     /// uv's shared cache, as a whole.
     UvCache,
+    /// A shared job environment in `envs/`.
+    Env,
 }
 
 /// One reclaim step of a sweep.
@@ -152,13 +157,16 @@ impl Janitor {
         let uv_cache = normalize(&self.uv_cache);
         let mirrors = data_dir.join("mirrors");
         let jobs = data_dir.join("jobs");
+        let envs = data_dir.join(crate::ENVS_DIR);
 
         // Leftovers of interrupted deletions: garbage whatever the limit.
-        for (path, _) in list(&mirrors)? {
-            if path.to_string_lossy().ends_with(TRASH_SUFFIX) {
-                let bytes = disk_usage(&path);
-                if remove(&path, CacheKind::Mirror) {
-                    report.push(CacheKind::Mirror, path, bytes, "removed");
+        for (dir, kind) in [(&mirrors, CacheKind::Mirror), (&envs, CacheKind::Env)] {
+            for (path, _) in list(dir)? {
+                if path.to_string_lossy().ends_with(TRASH_SUFFIX) {
+                    let bytes = disk_usage(&path);
+                    if remove(&path, kind) {
+                        report.push(kind, path, bytes, "removed");
+                    }
                 }
             }
         }
@@ -206,12 +214,41 @@ impl Janitor {
                 last_used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             });
         }
+        // Shared environments, by last use (their ready file's mtime); one used in the last
+        // minutes is spared, as a job may be about to start in it.
+        let mut env_entries = Vec::new();
+        let recent = SystemTime::now() - ENV_GRACE;
+        for (path, meta) in list(&envs)? {
+            if !meta.is_dir() || path.to_string_lossy().ends_with(TRASH_SUFFIX) {
+                continue;
+            }
+            let bytes = usage(&path, &mut seen);
+            total += bytes;
+            let last_used = fs::metadata(path.join(crate::pyenv::READY))
+                .and_then(|m| m.modified())
+                .or_else(|_| meta.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            if covered(&in_use, &path) || last_used > recent {
+                continue;
+            }
+            env_entries.push(Entry {
+                kind: CacheKind::Env,
+                path,
+                bytes,
+                last_used,
+            });
+        }
         report.before_bytes = total + report.reclaimed_bytes();
 
         if total > self.max_bytes {
             job_entries.sort_by_key(|e| e.last_used);
             mirror_entries.sort_by_key(|e| e.last_used);
-            for e in job_entries.into_iter().chain(mirror_entries) {
+            env_entries.sort_by_key(|e| e.last_used);
+            for e in job_entries
+                .into_iter()
+                .chain(mirror_entries)
+                .chain(env_entries)
+            {
                 if total <= self.max_bytes {
                     break;
                 }
@@ -496,7 +533,9 @@ fn covered(in_use: &[PathBuf], path: &Path) -> bool {
 /// Removes a cache entry (a mirror through a rename, see the module invariants); logs and
 /// returns false on failure. Gone already counts as removed.
 fn remove(path: &Path, kind: CacheKind) -> bool {
-    let result = if kind == CacheKind::Mirror && !path.to_string_lossy().ends_with(TRASH_SUFFIX) {
+    // Renamed first, so a half-deleted mirror or environment is never mistaken for a whole one.
+    let renamed = matches!(kind, CacheKind::Mirror | CacheKind::Env);
+    let result = if renamed && !path.to_string_lossy().ends_with(TRASH_SUFFIX) {
         let mut trash = path.as_os_str().to_owned();
         trash.push(TRASH_SUFFIX);
         let trash = PathBuf::from(trash);

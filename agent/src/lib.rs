@@ -89,6 +89,8 @@ pub struct Config {
 }
 
 /// How often the caches are swept besides before each job.
+/// Shared job environments in the agent's data dir (see `pyenv::EnvBuilder::shared_in`).
+pub const ENVS_DIR: &str = "envs";
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +264,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
             config.data_dir.join("mirrors"),
             git_auth::GitCredentials::new(config.git_credentials.clone()),
         ),
-        envs: pyenv::EnvBuilder::new(python.clone(), uv, uv_cache),
+        envs: pyenv::EnvBuilder::new(python.clone(), uv, uv_cache)
+            .shared_in(config.data_dir.join(ENVS_DIR)),
         attempts: attempts::Attempts::default(),
         tasks: tokio_util::task::TaskTracker::new(),
         janitor: Arc::new(janitor),

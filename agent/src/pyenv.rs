@@ -21,7 +21,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
@@ -32,6 +32,13 @@ use tracing::{debug, info, warn};
 pub const VENV_DIR: &str = "venv";
 /// File the spec's requirements are written to inside a job directory.
 pub const REQUIREMENTS_FILE: &str = "requirements.runyard.txt";
+/// A shared environment is complete once this file exists in its directory (its mtime is its
+/// last use).
+pub const READY: &str = "ready";
+/// The pinned packages of a shared environment, listed when it was built.
+const PACKAGES_FILE: &str = "packages.txt";
+/// Unpinned requirements are resolved again (a new shared environment) this often.
+pub const RERESOLVE: Duration = Duration::from_secs(3600);
 /// Directory of the bootstrapped uv (a venv) inside the agent's tools dir.
 pub const UV_TOOL_DIR: &str = "uv";
 /// Longest a uv bootstrap may take (a venv and a ~20 MB download).
@@ -89,6 +96,9 @@ pub struct EnvBuilder {
     cache_dir: PathBuf,
     /// The interpreter's version (`3.11.7`), asked once.
     version: Arc<tokio::sync::OnceCell<Result<String, String>>>,
+    /// Where environments shared between jobs live (see [`EnvBuilder::shared_in`]); `None`:
+    /// every job builds its own.
+    envs_dir: Option<PathBuf>,
 }
 
 impl EnvBuilder {
@@ -102,6 +112,7 @@ impl EnvBuilder {
             uv,
             cache_dir,
             version: Arc::default(),
+            envs_dir: None,
         }
     }
 
@@ -112,12 +123,23 @@ impl EnvBuilder {
             uv: None,
             cache_dir: PathBuf::new(),
             version: Arc::default(),
+            envs_dir: None,
         }
     }
 
     /// The uv binary environments are built with, if any (also what cache sweeps prune with).
     pub fn uv(&self) -> Option<&Path> {
         self.uv.as_deref()
+    }
+
+    /// Shares environments between jobs, under `dir`: jobs whose requirements (and the
+    /// contents of their requirements files) are the same run in one environment, built once
+    /// with uv, its bytecode compiled, read-only to jobs that run as their own user. Unpinned
+    /// requirements are resolved again at most once per [`RERESOLVE`]. With pip, or requirements
+    /// that point into the checkout (`-e .`, local paths), a job still builds its own.
+    pub fn shared_in(mut self, dir: PathBuf) -> Self {
+        self.envs_dir = Some(dir);
+        self
     }
 
     /// The interpreter jobs run with.
@@ -196,6 +218,56 @@ impl EnvBuilder {
             return Err(EnvError::RequirementsFile(f.to_path_buf()));
         }
 
+        let out = Output::new(sink);
+        if let (Some(_), Some(root)) = (&self.uv, &self.envs_dir) {
+            let version = self.python_version().await.unwrap_or_default();
+            let key = tokio::task::spawn_blocking({
+                let (python, requirements, files) = (
+                    self.python.clone(),
+                    requirements.to_vec(),
+                    requirements_files.to_vec(),
+                );
+                move || shared_key(&python, &version, &requirements, &files, SystemTime::now())
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(key) = key {
+                return self
+                    .shared(
+                        &root.join(key),
+                        requirements,
+                        requirements_files,
+                        &out,
+                        started,
+                    )
+                    .await;
+            }
+        }
+        let venv_python = self
+            .build(job_dir, requirements, requirements_files, &out, false)
+            .await?;
+        let venv = job_dir.join(VENV_DIR);
+        info!(
+            installer = self.installer(),
+            venv = %venv.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "environment ready"
+        );
+        Ok(venv_python)
+    }
+
+    /// Builds a venv in `base` (`base/venv`, the spec's requirements in `base`), compiling its
+    /// bytecode when asked.
+    async fn build(
+        &self,
+        base: &Path,
+        requirements: &[String],
+        requirements_files: &[PathBuf],
+        out: &Arc<Output>,
+        compile: bool,
+    ) -> Result<PathBuf, EnvError> {
+        let job_dir = base;
         let venv = job_dir.join(VENV_DIR);
         if tokio::fs::symlink_metadata(&venv).await.is_ok() {
             tokio::fs::remove_dir_all(&venv)
@@ -224,7 +296,7 @@ impl EnvBuilder {
             req_args.extend(["-r".into(), f.as_os_str().to_owned()]);
         }
         let venv_python = venv.join("bin").join("python");
-        let out = Output::new(sink);
+        let out = out.clone();
 
         match &self.uv {
             Some(uv) => {
@@ -248,6 +320,9 @@ impl EnvBuilder {
                 cmd.args(["pip", "install", "--python"])
                     .arg(&venv_python)
                     .args(&req_args);
+                if compile {
+                    cmd.arg("--compile-bytecode");
+                }
                 run(cmd, uv, &out)
                     .await?
                     .map_err(|(status, output)| EnvError::Install {
@@ -281,17 +356,104 @@ impl EnvBuilder {
                     })?;
             }
         }
-        info!(
-            installer = self.installer(),
-            venv = %venv.display(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "environment ready"
-        );
         Ok(venv_python)
+    }
+
+    /// The shared environment in `dir`: ready, or built now under its lock (another job building
+    /// the same one is waited for).
+    async fn shared(
+        &self,
+        dir: &Path,
+        requirements: &[String],
+        requirements_files: &[PathBuf],
+        out: &Arc<Output>,
+        started: Instant,
+    ) -> Result<PathBuf, EnvError> {
+        let python = dir.join(VENV_DIR).join("bin").join("python");
+        let ready = dir.join(READY);
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| EnvError::Io { what, path, source }
+        };
+        if touch(&ready).is_ok() {
+            debug!(env = %dir.display(), "shared environment reused");
+            return Ok(python);
+        }
+        let root = dir.parent().unwrap_or(dir).to_path_buf();
+        tokio::fs::create_dir_all(&root)
+            .await
+            .map_err(io("cannot create", &root))?;
+        let lock_path = dir.with_extension("lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("cannot open", &lock_path))?;
+        let _lock = tokio::task::spawn_blocking(move || {
+            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        })
+        .await
+        .map_err(|e| EnvError::Io {
+            what: "cannot lock",
+            path: lock_path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|(_, e)| EnvError::Io {
+            what: "cannot lock",
+            path: lock_path.clone(),
+            source: e.into(),
+        })?;
+        if touch(&ready).is_ok() {
+            return Ok(python);
+        }
+        // A build that did not finish (a crash, a stop): start over.
+        if tokio::fs::symlink_metadata(dir).await.is_ok() {
+            tokio::fs::remove_dir_all(dir)
+                .await
+                .map_err(io("cannot remove", dir))?;
+        }
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(io("cannot create", dir))?;
+        self.build(dir, requirements, requirements_files, out, true)
+            .await?;
+        let packages = self.freeze(&python, dir).await?;
+        let listed = dir.join(PACKAGES_FILE);
+        let mut text = packages.join("\n");
+        text.push('\n');
+        tokio::fs::write(&listed, text)
+            .await
+            .map_err(io("cannot write", &listed))?;
+        tokio::fs::write(&ready, b"")
+            .await
+            .map_err(io("cannot write", &ready))?;
+        info!(
+            env = %dir.display(),
+            packages = packages.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "shared environment built"
+        );
+        Ok(python)
     }
 
     /// The pinned package set of an environment `prepare` returned (`name==version` lines).
     pub async fn freeze(&self, python: &Path, job_dir: &Path) -> Result<Vec<String>, EnvError> {
+        // A shared environment lists its packages once, when built.
+        let listed = python
+            .ancestors()
+            .nth(3)
+            .map(|env| env.join(PACKAGES_FILE))
+            .filter(|f| {
+                f.parent()
+                    .and_then(|e| e.join(READY).metadata().ok())
+                    .is_some()
+            });
+        if let Some(listed) = listed
+            && let Ok(text) = tokio::fs::read_to_string(&listed).await
+        {
+            return Ok(text.lines().map(str::to_string).collect());
+        }
         let mut cmd = match &self.uv {
             Some(uv) => {
                 let mut c = self.uv_command(uv, job_dir);
@@ -654,5 +816,137 @@ mod tests {
         assert_eq!(b.installer(), "uv");
         assert_eq!(b.uv(), Some(Path::new("/opt/uv")));
         assert_eq!(EnvBuilder::pip("python3".into()).uv(), None);
+    }
+}
+
+fn touch(path: &Path) -> std::io::Result<()> {
+    std::fs::File::options()
+        .write(true)
+        .open(path)?
+        .set_modified(SystemTime::now())
+}
+
+/// The key of the shared environment a job's requirements give, or `None` when they cannot be
+/// shared (they name paths: editable installs, local directories or files). The key covers the
+/// interpreter, each requirement, the content of every requirements file (and of the files those
+/// include), and, when something is not pinned with `==`, the hour: unpinned requirements are
+/// resolved again at most once per [`RERESOLVE`].
+fn shared_key(
+    python: &Path,
+    version: &str,
+    requirements: &[String],
+    files: &[PathBuf],
+    now: SystemTime,
+) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!("runyard-env-v1\n{}\n{version}\n", python.display()));
+    let mut pinned = true;
+    let mut lines: Vec<String> = requirements.to_vec();
+    let mut pending: Vec<(PathBuf, usize)> = files.iter().map(|f| (f.clone(), 0)).collect();
+    while let Some((file, depth)) = pending.pop() {
+        if depth > 8 {
+            return None;
+        }
+        let text = std::fs::read_to_string(&file).ok()?;
+        h.update(format!("file {}\n", file.display()));
+        for raw in text.lines() {
+            let line = raw.split(" #").next().unwrap_or(raw).trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let nested = ["-r", "-c", "--requirement", "--constraint"]
+                .iter()
+                .find_map(|f| line.strip_prefix(f).filter(|r| r.starts_with([' ', '='])));
+            if let Some(rest) = nested {
+                let target = rest.trim_start_matches('=').trim();
+                let path = file.parent().unwrap_or(Path::new("/")).join(target);
+                pending.push((path, depth + 1));
+                continue;
+            }
+            lines.push(line.to_string());
+        }
+    }
+    for line in &lines {
+        let local = line.starts_with("-e")
+            || line.starts_with("--editable")
+            || line.starts_with('.')
+            || line.starts_with('/')
+            || line.starts_with("file:")
+            || line.contains("@ file:");
+        if local {
+            return None;
+        }
+        if !line.starts_with('-') && !line.contains("==") {
+            pinned = false;
+        }
+        h.update(line.as_bytes());
+        h.update(b"\n");
+    }
+    if !pinned {
+        let hour = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            / RERESOLVE.as_secs();
+        h.update(format!("resolved in period {hour}\n"));
+    }
+    Some(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod shared_tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_requirements_and_files_and_unpinned_ones_expire_each_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("r.txt");
+        let nested = dir.path().join("more.txt");
+        std::fs::write(&file, "numpy==2.0.0\n-r more.txt\n").unwrap();
+        std::fs::write(&nested, "six==1.16.0  # pinned\n").unwrap();
+        let py = Path::new("/usr/bin/python3");
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 * 3600);
+        let later = t0 + RERESOLVE;
+        let key = |reqs: &[&str], files: &[PathBuf], now| {
+            let reqs: Vec<String> = reqs.iter().map(|s| s.to_string()).collect();
+            shared_key(py, "3.11.7", &reqs, files, now)
+        };
+        let pinned = key(&["a==1"], std::slice::from_ref(&file), t0).unwrap();
+        assert_eq!(
+            key(&["a==1"], std::slice::from_ref(&file), later),
+            Some(pinned.clone())
+        );
+        assert_ne!(
+            key(&["a==2"], std::slice::from_ref(&file), t0),
+            Some(pinned.clone())
+        );
+        std::fs::write(&nested, "six==1.17.0\n").unwrap();
+        assert_ne!(
+            key(&["a==1"], std::slice::from_ref(&file), t0),
+            Some(pinned.clone()),
+            "a nested file's content counts"
+        );
+        assert_ne!(
+            key(&["a"], &[], t0),
+            key(&["a"], &[], later),
+            "unpinned: resolved again"
+        );
+        assert_eq!(
+            key(&["a"], &[], t0),
+            key(&["a"], &[], t0 + Duration::from_secs(1)),
+            "within one period: the same"
+        );
+        assert_ne!(
+            shared_key(py, "3.12.1", &["a==1".into()], &[], t0),
+            key(&["a==1"], &[], t0)
+        );
+        std::fs::write(&nested, "-e .\n").unwrap();
+        assert_eq!(
+            key(&["a==1"], std::slice::from_ref(&file), t0),
+            None,
+            "editable: not shared"
+        );
+        assert_eq!(key(&[], &[dir.path().join("missing.txt")], t0), None);
     }
 }

@@ -244,6 +244,10 @@ async fn execute(
         Ok(p) => p,
         Err(end) => return (end, None),
     };
+    // A shared environment is spared by cache sweeps while the attempt uses it.
+    let _env_held = (python != svc.envs.python())
+        .then(|| python.ancestors().nth(3).map(|env| svc.in_use.hold(env)))
+        .flatten();
     let checkpoint = match &spec.model_from {
         None => None,
         Some(from) => {
@@ -298,7 +302,7 @@ async fn execute(
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
         .collect();
-    if let Some(venv_bin) = python.parent().filter(|_| python.starts_with(dir)) {
+    if let Some(venv_bin) = python.parent().filter(|_| python != svc.envs.python()) {
         let path = std::env::var("PATH").unwrap_or_default();
         env.retain(|(k, _)| k != "PATH");
         env.push(("PATH".into(), format!("{}:{path}", venv_bin.display())));
@@ -811,7 +815,7 @@ async fn prepare(
             End::failed(FailureKind::Env, message)
         }
     })?;
-    let environment = if python.starts_with(dir) {
+    let environment = if python != svc.envs.python() {
         let packages = svc.envs.freeze(&python, dir).await.unwrap_or_else(|e| {
             warn!(job = %a.job_id, error = %e, "cannot list the environment's packages");
             Vec::new()

@@ -374,3 +374,39 @@ async fn bootstrap_failure_is_an_error_and_leaves_no_uv() {
     assert!(e.to_string().contains("/nonexistent/python3"), "{e}");
     assert!(!tools.join(UV_TOOL_DIR).exists());
 }
+
+#[test]
+fn shared_environments_go_least_recently_used_after_mirrors_sparing_recent_and_busy_ones() {
+    let f = fixture();
+    let envs = f.data.join(runyard_agent::ENVS_DIR);
+    let ready = |dir: &Path, age: Duration| {
+        fs::write(dir.join(runyard_agent::pyenv::READY), b"").unwrap();
+        set_mtime(&dir.join(runyard_agent::pyenv::READY), age);
+    };
+    let old = filled(&envs.join("old"), 8);
+    ready(&old, hours(5));
+    let older_busy = filled(&envs.join("busy"), 8);
+    ready(&older_busy, hours(9));
+    let recent = filled(&envs.join("recent"), 8);
+    ready(&recent, Duration::from_secs(60));
+    let half_deleted = filled(&envs.join("gone.deleting"), 8);
+    fs::write(envs.join("old.lock"), b"").unwrap();
+    let in_use: HashSet<PathBuf> = [older_busy.clone()].into();
+    // A limit nothing can meet: everything that may go, goes, in order.
+    let j = Janitor::new(f.data.clone(), f.uv_cache.clone(), 0);
+    let report = j.sweep(&in_use, None).unwrap();
+    let envs_reclaimed: Vec<PathBuf> = report
+        .reclaimed
+        .iter()
+        .filter(|r| r.kind == CacheKind::Env)
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(envs_reclaimed, [half_deleted.clone(), old.clone()]);
+    assert!(!old.exists() && !half_deleted.exists());
+    assert!(
+        recent.exists(),
+        "used in the last minutes: a job may be starting in it"
+    );
+    assert!(older_busy.exists(), "in use");
+    assert!(envs.join("old.lock").exists());
+}

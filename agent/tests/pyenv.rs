@@ -223,3 +223,61 @@ fn write_file(p: &Path, text: &str) {
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(p, text).unwrap();
 }
+
+/// Jobs with the same requirements share one environment, built once with its bytecode
+/// compiled; requirements that point into a checkout still get a venv of their own.
+#[tokio::test]
+async fn equal_requirements_share_one_compiled_environment() {
+    let Some(uv) = uv() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let envs = tmp.path().join("envs");
+    let b =
+        EnvBuilder::new(python(), Some(uv), tmp.path().join("uv-cache")).shared_in(envs.clone());
+    let (job1, job2) = (tmp.path().join("j1"), tmp.path().join("j2"));
+    for j in [&job1, &job2] {
+        std::fs::create_dir_all(j).unwrap();
+    }
+    let reqs = ["six==1.16.0".to_string()];
+    let first = tokio::time::timeout(LIMIT, b.prepare(&job1, &reqs, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.starts_with(&envs), "{}", first.display());
+    assert!(!job1.join(VENV_DIR).exists(), "no venv of the job's own");
+    let started = std::time::Instant::now();
+    let second = tokio::time::timeout(LIMIT, b.prepare(&job2, &reqs, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second, first);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // Compiled once, when built.
+    let six = run_python(&first, "import six; print(six.__file__)");
+    let cached = run_python(
+        &first,
+        "import importlib.util, six; print(importlib.util.cache_from_source(six.__file__))",
+    );
+    assert!(Path::new(&cached).is_file(), "no bytecode for {six}");
+    assert_eq!(b.freeze(&first, &job2).await.unwrap(), ["six==1.16.0"]);
+
+    // An editable install of the checkout cannot be shared.
+    let job3 = tmp.path().join("j3");
+    write_file(
+        &job3.join("src/pyproject.toml"),
+        "[project]\nname = \"local-pkg\"\nversion = \"0.1\"\n[build-system]\nrequires = [\"setuptools\"]\nbuild-backend = \"setuptools.build_meta\"\n",
+    );
+    write_file(&job3.join("src/local_pkg.py"), "X = 1\n");
+    write_file(&job3.join("src/requirements.txt"), "-e ./src\n");
+    let own = tokio::time::timeout(
+        LIMIT,
+        b.prepare(&job3, &[], Some(&job3.join("src/requirements.txt"))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(own, job3.join(VENV_DIR).join("bin/python"));
+}

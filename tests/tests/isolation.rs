@@ -55,6 +55,14 @@ for name, path in t["create"].items():
         say("LEAKED", name, "created a file")
     except OSError as e:
         denied(name, e)
+# The job's environment (shared with every job of the same requirements): read-only to it.
+import sysconfig
+try:
+    with open(os.path.join(sysconfig.get_paths()["purelib"], "planted_by_a_job.py"), "w") as f:
+        f.write("x")
+    say("LEAKED", "env_write", sys.prefix)
+except OSError as e:
+    denied("env_write", e)
 # A file of the venv hardlinked from the uv cache: readable, never writable.
 cached = importlib.util.find_spec(t["cached_module"]).origin
 say("FACT", "cached_links", os.stat(cached).st_nlink)
@@ -204,7 +212,16 @@ async fn a_job_reaches_nothing_of_the_agent_or_of_other_jobs() -> anyhow::Result
                 .keys()
                 .map(|n| n.to_string())
         })
-        .chain(["uv_cache_write", "uv_cache_chmod", "signal", "ptrace"].map(String::from))
+        .chain(
+            [
+                "env_write",
+                "uv_cache_write",
+                "uv_cache_chmod",
+                "signal",
+                "ptrace",
+            ]
+            .map(String::from),
+        )
         .collect();
     for name in &expected {
         assert!(
