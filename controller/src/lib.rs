@@ -40,6 +40,7 @@ pub mod grpc;
 pub mod history;
 pub mod http;
 pub mod jobs;
+pub mod leader;
 pub mod logs;
 pub mod mlflow;
 pub mod reconcile;
