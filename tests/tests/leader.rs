@@ -148,3 +148,90 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_another_leads() -> anyhow:
     cancel.cancel();
     Ok(())
 }
+
+/// A store fenced by a leadership refuses every write once another controller leads, and writes
+/// again once fenced by the new leadership; nothing a deposed leader sends changes the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_fenced_by_a_lost_leadership_change_nothing() -> anyhow::Result<()> {
+    use runyard_controller::store::{EtcdStore, Precondition, Store, StoreError};
+    let etcd = EtcdServer::start().await?;
+    let endpoints = vec![etcd.endpoint.clone()];
+    let connect = || EtcdStore::connect(&endpoints, "/t/", Duration::from_secs(5));
+    let (old_store, new_store) = (connect().await?, connect().await?);
+    let (ca, cb) = (CancellationToken::new(), CancellationToken::new());
+    let a = leader::campaign(
+        client(&etcd.endpoint).await?,
+        "/t/leader".into(),
+        "a".into(),
+        TTL,
+        ca.clone(),
+    );
+    let roles = until(&[&a], "a to lead", |r| r[0].is_leader()).await?;
+    let Role::Leader { fence } = roles[0].clone() else {
+        unreachable!()
+    };
+    old_store.set_fence(Some(fence));
+    let v1 = old_store
+        .put("jobs/x", b"by a".to_vec(), Precondition::Absent)
+        .await?;
+    old_store
+        .put_all(vec![("jobs/y".into(), b"by a".to_vec(), Precondition::Any)])
+        .await?;
+
+    // b takes over; a's handle still carries a's fence.
+    let b = leader::campaign(
+        client(&etcd.endpoint).await?,
+        "/t/leader".into(),
+        "b".into(),
+        TTL,
+        cb.clone(),
+    );
+    ca.cancel();
+    let roles = until(&[&a, &b], "b to lead", |r| r[1].is_leader()).await?;
+    let Role::Leader { fence: new_fence } = roles[1].clone() else {
+        unreachable!()
+    };
+    for refused in [
+        old_store
+            .put("jobs/x", b"late a".to_vec(), Precondition::Version(v1))
+            .await
+            .map(drop),
+        old_store
+            .put("jobs/z", b"late a".to_vec(), Precondition::Any)
+            .await
+            .map(drop),
+        old_store
+            .put_all(vec![(
+                "jobs/y".into(),
+                b"late a".to_vec(),
+                Precondition::Any,
+            )])
+            .await
+            .map(drop),
+        old_store.delete("jobs/y").await,
+    ] {
+        assert!(
+            matches!(refused, Err(StoreError::Fenced { .. })),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(new_store.get("jobs/x").await?.unwrap().value, b"by a");
+    assert_eq!(new_store.get("jobs/y").await?.unwrap().value, b"by a");
+    assert!(new_store.get("jobs/z").await?.is_none());
+    // The new leader writes under its own fence; a compare-and-swap still fails on its own.
+    new_store.set_fence(Some(new_fence));
+    new_store
+        .put("jobs/x", b"by b".to_vec(), Precondition::Version(v1))
+        .await?;
+    let conflict = new_store
+        .put("jobs/x", b"stale".to_vec(), Precondition::Version(v1))
+        .await;
+    assert!(
+        matches!(conflict, Err(StoreError::Conflict { .. })),
+        "{conflict:?}"
+    );
+    new_store.delete("jobs/y").await?;
+    assert!(new_store.get("jobs/y").await?.is_none());
+    cb.cancel();
+    Ok(())
+}

@@ -3,7 +3,9 @@
 //! strictly increasing); compare-and-swap is one etcd transaction comparing `mod_revision`
 //! (`Absent`: `create_revision == 0`); lists are paged at one pinned revision, so they are one
 //! snapshot; every call is bounded by a deadline, since an unreachable cluster otherwise waits
-//! forever.
+//! forever. A handle fenced by a leadership (`set_fence`) wraps every write in a transaction that
+//! first compares the leader's election key: a deposed leader's writes fail with `Fenced` and
+//! change nothing.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,6 +41,9 @@ pub struct EtcdStore {
     prefix: String,
     /// Highest store revision this handle has observed; watches start right after it.
     seen: Arc<AtomicU64>,
+    /// The leadership every write must still hold (`leader::Fence`: the election key and its
+    /// create revision); none: writes are not fenced.
+    fence: Arc<std::sync::RwLock<Option<crate::leader::Fence>>>,
 }
 
 impl EtcdStore {
@@ -79,10 +84,69 @@ impl EtcdStore {
             client,
             prefix: prefix.to_string(),
             seen: Arc::new(AtomicU64::new(0)),
+            fence: Arc::default(),
         };
         store.observe(probe.header());
         info!(store = "etcd", endpoints = %names, prefix, "store connected");
         Ok(store)
+    }
+
+    /// Fences every later write of this handle (and its clones) with `fence`: a write commits
+    /// only while that election key still exists with that create revision, so a controller
+    /// that lost the leadership cannot change anything, even before it knows. `None` lifts it.
+    pub fn set_fence(&self, fence: Option<crate::leader::Fence>) {
+        *self.fence.write().unwrap_or_else(|e| e.into_inner()) = fence;
+    }
+
+    /// Commits `ops` if `compares` hold, as one transaction, inside the fence when one is set.
+    /// Returns whether the compares held, and the revision.
+    async fn commit(
+        &self,
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+        key: &str,
+    ) -> Result<(bool, u64), StoreError> {
+        let write_err = |source: BoxError| StoreError::Write {
+            key: key.to_string(),
+            source,
+        };
+        let fence = self.fence.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let inner = Txn::new().when(compares).and_then(ops);
+        let mut client = self.client.clone();
+        let Some(fence) = fence else {
+            let resp = bounded(REQUEST_TIMEOUT, client.txn(inner))
+                .await
+                .map_err(write_err)?;
+            self.observe(resp.header());
+            return Ok((resp.succeeded(), revision(resp.header())));
+        };
+        let outer = Txn::new()
+            .when([Compare::create_revision(
+                fence.key.clone(),
+                CompareOp::Equal,
+                fence.revision,
+            )])
+            .and_then([TxnOp::txn(inner)]);
+        let resp = bounded(REQUEST_TIMEOUT, client.txn(outer))
+            .await
+            .map_err(write_err)?;
+        self.observe(resp.header());
+        if !resp.succeeded() {
+            return Err(StoreError::Fenced {
+                key: key.to_string(),
+            });
+        }
+        let held = resp.op_responses().into_iter().next().is_some_and(
+            |r| matches!(r, etcd_client::TxnOpResponse::Txn(inner) if inner.succeeded()),
+        );
+        Ok((held, revision(resp.header())))
+    }
+
+    fn fenced(&self) -> bool {
+        self.fence
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// The key prefix inside etcd.
@@ -242,41 +306,39 @@ impl Store for EtcdStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, pre: Precondition) -> Result<u64, StoreError> {
-        let write_err = |source: BoxError| StoreError::Write {
-            key: key.to_string(),
-            source,
-        };
         let conflict = || StoreError::Conflict {
             key: key.to_string(),
         };
-        let mut client = self.client.clone();
         let full = self.full_key(key);
-        let compare = match pre {
-            Precondition::Any => {
+        let compares = match pre {
+            Precondition::Any if !self.fenced() => {
+                let mut client = self.client.clone();
                 let resp = bounded(REQUEST_TIMEOUT, client.put(full, value, None))
                     .await
-                    .map_err(write_err)?;
+                    .map_err(|source| StoreError::Write {
+                        key: key.to_string(),
+                        source,
+                    })?;
                 self.observe(resp.header());
                 return Ok(revision(resp.header()));
             }
-            Precondition::Absent => Compare::create_revision(full.clone(), CompareOp::Equal, 0),
+            Precondition::Any => Vec::new(),
+            Precondition::Absent => {
+                vec![Compare::create_revision(full.clone(), CompareOp::Equal, 0)]
+            }
             Precondition::Version(v) => {
                 // No etcd revision is that large, so nothing can match it.
                 let v = i64::try_from(v).map_err(|_| conflict())?;
-                Compare::mod_revision(full.clone(), CompareOp::Equal, v)
+                vec![Compare::mod_revision(full.clone(), CompareOp::Equal, v)]
             }
         };
-        let txn = Txn::new()
-            .when([compare])
-            .and_then([TxnOp::put(full, value, None)]);
-        let resp = bounded(REQUEST_TIMEOUT, client.txn(txn))
-            .await
-            .map_err(write_err)?;
-        self.observe(resp.header());
-        if !resp.succeeded() {
+        let (held, rev) = self
+            .commit(compares, vec![TxnOp::put(full, value, None)], key)
+            .await?;
+        if !held {
             return Err(conflict());
         }
-        Ok(revision(resp.header()))
+        Ok(rev)
     }
 
     async fn put_all(
@@ -305,22 +367,14 @@ impl Store for EtcdStore {
             }
             puts.push(TxnOp::put(full, value, None));
         }
-        let mut client = self.client.clone();
-        let txn = Txn::new().when(compares).and_then(puts);
-        let resp = bounded(REQUEST_TIMEOUT, client.txn(txn))
-            .await
-            .map_err(|source| StoreError::Write {
-                key: first.clone(),
-                source,
-            })?;
-        self.observe(resp.header());
-        if !resp.succeeded() {
+        let (held, rev) = self.commit(compares, puts, &first).await?;
+        if !held {
             return Err(StoreError::Conflict {
                 key: format!("{first} (or another of {n} keys written together)"),
             });
         }
         // One transaction, one revision: every key's new version.
-        Ok(vec![revision(resp.header()); n])
+        Ok(vec![rev; n])
     }
 
     fn max_batch(&self) -> usize {
@@ -328,6 +382,10 @@ impl Store for EtcdStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        if self.fenced() {
+            let op = TxnOp::delete(self.full_key(key), None);
+            return self.commit(Vec::new(), vec![op], key).await.map(drop);
+        }
         let mut client = self.client.clone();
         let resp = bounded(REQUEST_TIMEOUT, client.delete(self.full_key(key), None))
             .await

@@ -78,6 +78,10 @@ pub enum StoreError {
     Connect { endpoints: String, reason: String },
     #[error("precondition failed for key {key:?}: it was changed, created or deleted meanwhile")]
     Conflict { key: String },
+    #[error(
+        "write of {key:?} refused: this controller no longer leads (another controller was elected)"
+    )]
+    Fenced { key: String },
     #[error("store read of {key:?} failed: {source}")]
     Read {
         key: String,
