@@ -223,6 +223,15 @@ impl Controller {
         service: Option<runyard_model::ReplicaOf>,
         mlflow: Option<runyard_model::MlflowRun>,
     ) -> Result<Job, SubmitError> {
+        if let Some(sha) = runyard_model::spec::snapshot_of(&spec.repo) {
+            // Before the job: a snapshot is never collected while a stored job names it.
+            let key = crate::snapshots::ref_key(sha, &id);
+            self.jobs
+                .store()
+                .put(&key, Vec::new(), crate::store::Precondition::Any)
+                .await
+                .map_err(JobsError::from)?;
+        }
         let spec = self.secrets.take(&id, spec).await?;
         let mut state = JobState::new(id, spec, Timestamp::now());
         state.intent.owner = Some(owner.to_string());

@@ -46,7 +46,19 @@ impl Controller {
         let Some(job) = self.jobs.remove(id).await? else {
             return Ok(Deleted::Unknown);
         };
+        let snapshot_ref = async {
+            match runyard_model::spec::snapshot_of(&job.spec.repo) {
+                Some(sha) => self
+                    .jobs
+                    .store()
+                    .delete(&crate::snapshots::ref_key(sha, id))
+                    .await
+                    .map_err(std::io::Error::other),
+                None => Ok(()),
+            }
+        };
         let files = [
+            ("snapshot reference", snapshot_ref.await),
             (
                 "secret values",
                 self.secrets.forget(id).await.map_err(std::io::Error::other),
@@ -95,6 +107,28 @@ impl Controller {
             }
         }
         Ok((deleted, next))
+    }
+
+    /// Removes unreferenced snapshots every `period` until cancelled (see `snapshots.rs`).
+    pub async fn run_snapshot_collection(self, period: Duration, cancel: CancellationToken) {
+        let Some(snapshots) = self.snapshots.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let store = self.jobs.store();
+            if let Err(error) = snapshots
+                .collect(store.as_ref(), crate::snapshots::GRACE)
+                .await
+            {
+                warn!(%error, "snapshot collection failed; retrying on the next pass");
+            }
+        }
     }
 
     /// Runs retention passes every `period` until cancelled.

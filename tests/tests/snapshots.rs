@@ -1,6 +1,6 @@
 //! Snapshots of local directories through the HTTP API: stored by content, checked before they
 //! are kept (escapes, devices, the size limit), named by jobs that then run their files on an
-//! agent that fetches them over gRPC.
+//! agent that fetches them over gRPC; collected once no job names them.
 
 use std::time::Duration;
 
@@ -124,5 +124,30 @@ async fn snapshots_are_checked_stored_once_and_run() -> anyhow::Result<()> {
         (400, Some("revision")),
         "{body}"
     );
+
+    // Unreferenced snapshots are collected (here with no grace); one a stored job names is
+    // kept until that job is deleted.
+    let (status, other) = upload(&c, archive(&[("other.py", "print(2)\n")])).await?;
+    assert_eq!(status, 201, "{other}");
+    let ctl = c.ctl();
+    let snapshots = ctl
+        .snapshots
+        .clone()
+        .expect("the controller keeps snapshots");
+    let removed = snapshots
+        .collect(ctl.jobs.store().as_ref(), Duration::ZERO)
+        .await?;
+    assert_eq!(removed, [other["sha256"].as_str().unwrap()]);
+    assert!(snapshots.exists(first["sha256"].as_str().unwrap()).await);
+    let (status, body) = c.delete(&format!("/api/v1/jobs/{job}")).await?;
+    assert_eq!(status, 200, "{body}");
+    let removed = snapshots
+        .collect(ctl.jobs.store().as_ref(), Duration::ZERO)
+        .await?;
+    assert_eq!(removed, [first["sha256"].as_str().unwrap()]);
+    let (status, body) = c
+        .post("/api/v1/jobs", &json!({"repo": id, "script": "run.py"}))
+        .await?;
+    assert_eq!(status, 400, "gone: {body}");
     c.shutdown().await
 }
