@@ -161,7 +161,26 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
     }
     identity::check_reachable_all(&identities, &[&jobs_dir])?;
     // Venvs link to it and jobs without requirements run it: it must be within their reach.
-    let python = identities.job_python(&config.python)?;
+    let given = identities.job_python(&config.python)?;
+    // Through a shim (pyenv), every job would pay a shell start: run the real interpreter, when
+    // jobs can reach it too.
+    let python = match pyenv::real_interpreter(&given).await {
+        Ok(real) if real == given => given,
+        Ok(real) => match identities.check_reachable(&real) {
+            Ok(()) => {
+                info!(given = %given.display(), python = %real.display(), "jobs run the interpreter the given one execs");
+                real
+            }
+            Err(error) => {
+                warn!(given = %given.display(), real = %real.display(), %error, "jobs run the given interpreter: they cannot reach the one it execs");
+                given
+            }
+        },
+        Err(error) => {
+            warn!(python = %given.display(), %error, "cannot ask the interpreter for its executable; jobs run it as given");
+            given
+        }
+    };
     check_git_credentials(&config.git_credentials, &identities)?;
     if let Err(error) = process::become_subreaper() {
         warn!(%error, "cannot become a child subreaper; processes that leave their group may escape stops");

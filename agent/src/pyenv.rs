@@ -500,6 +500,37 @@ impl EnvBuilder {
     }
 }
 
+/// The interpreter `python` really runs: a shim (pyenv's, asdf's: a script that execs the real
+/// one) costs a shell start on every job, so the agent asks once (`sys.executable`) and runs jobs
+/// with the answer. `python` itself when it cannot say (with why).
+pub async fn real_interpreter(python: &Path) -> Result<PathBuf, String> {
+    let out = Command::new(python)
+        .args(["-c", "import sys; print(sys.executable)"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(VERSION_TIMEOUT, out)
+        .await
+        .map_err(|_| format!("{} did not answer", python.display()))?
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let real = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !real.is_absolute() || !real.is_file() {
+        return Err(format!(
+            "{} names its executable {:?}, which is not a file",
+            python.display(),
+            real
+        ));
+    }
+    Ok(real)
+}
+
 /// The first executable file named `name` in `PATH`.
 pub fn find_on_path(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;

@@ -281,3 +281,23 @@ async fn equal_requirements_share_one_compiled_environment() {
     .unwrap();
     assert_eq!(own, job3.join(VENV_DIR).join("bin/python"));
 }
+
+/// A shim (a script that execs the real interpreter, as pyenv's) is seen through once.
+#[tokio::test]
+async fn the_real_interpreter_behind_a_shim_is_found() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let real = run_python(&python(), "import sys; print(sys.executable)");
+    let shim = tmp.path().join("python3");
+    std::fs::write(&shim, format!("#!/bin/sh\nexec {real} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let found = runyard_agent::pyenv::real_interpreter(&shim).await.unwrap();
+    assert_eq!(found, PathBuf::from(&real));
+    let broken = tmp.path().join("broken");
+    std::fs::write(&broken, "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let e = runyard_agent::pyenv::real_interpreter(&broken)
+        .await
+        .unwrap_err();
+    assert!(e.contains("failed"), "{e}");
+}
