@@ -203,6 +203,25 @@ pub fn job_details(job: &JobView, now: Timestamp) -> String {
         ("commit", opt(job.commit.clone())),
         ("script", spec.script.clone()),
         ("args", list(&spec.args)),
+    ];
+    if let Some(entry) = &spec.entry_point {
+        fields.retain(|(k, _)| *k != "script" && *k != "args");
+        let given: Vec<String> = spec
+            .parameters
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        fields.push(("entry point", entry.clone()));
+        fields.push(("parameters", list(&given)));
+        if let Some(p) = &job.project {
+            fields.push(("command", p.argv.join(" ")));
+            fields.push(("project env", p.env.clone()));
+        }
+    }
+    if let Some(run) = &job.mlflow {
+        fields.push(("mlflow run", run.url.clone()));
+    }
+    fields.extend([
         ("requirements", list(&spec.requirements)),
         ("requirements file", opt(spec.requirements_file.clone())),
         ("compute", spec.compute.to_string()),
@@ -214,7 +233,7 @@ pub fn job_details(job: &JobView, now: Timestamp) -> String {
         ("started", time(job.started_at)),
         ("finished", time(job.finished_at)),
         ("updated", time(Some(job.updated_at))),
-    ];
+    ]);
     fields.extend(training_fields(job));
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     let mut out = String::new();
@@ -462,6 +481,40 @@ ID   NAME                STATUS   COMPUTE    AGENT      AGE
         assert_eq!(at(48 * 3600), "2d");
         // A clock behind the server's shows 0s, not a panic.
         assert_eq!(age(NOW, Timestamp(NOW.0 + 10_000)), "0s");
+    }
+
+    #[test]
+    fn details_show_an_entry_point_its_command_and_its_mlflow_run() {
+        let spec = JobSpec::from_value(serde_json::json!({
+            "repo": "https://example.com/a/b.git",
+            "parameters": {"alpha": "0.5"},
+        }))
+        .unwrap();
+        let mut j = JobView::from(&Job::new("01E".into(), spec, NOW));
+        j.project = Some(runyard_model::mlproject::ProjectRun {
+            entry_point: "main".into(),
+            parameters: [("alpha".to_string(), "0.5".to_string())].into(),
+            env: "python_env".into(),
+            argv: vec!["python".into(), "train.py".into(), "0.5".into()],
+        });
+        j.mlflow = Some(runyard_api::MlflowView {
+            tracking_uri: "http://m:5000".into(),
+            run_id: "abc".into(),
+            experiment_id: "1".into(),
+            url: "http://m:5000/#/experiments/1/runs/abc".into(),
+            ended: false,
+        });
+        let text = job_details(&j, NOW);
+        for line in [
+            "entry point:       main\n",
+            "parameters:        alpha=0.5\n",
+            "command:           python train.py 0.5\n",
+            "project env:       python_env\n",
+            "mlflow run:        http://m:5000/#/experiments/1/runs/abc\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
+        assert!(!text.contains("script:"), "{text}");
     }
 
     #[test]
