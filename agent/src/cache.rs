@@ -15,7 +15,9 @@
 //!   or not.
 //! - Sizes are allocated bytes (`st_blocks`), each hardlinked inode counted once per sweep, the
 //!   uv cache first: a venv hardlinked from the cache costs nothing extra, as on disk.
-//! - Sweeps are blocking and serialized per [`Janitor`]; run them in `spawn_blocking`.
+//! - Sweeps are blocking and serialized per [`Janitor`]; run them in `spawn_blocking`. The agent
+//!   runs them in the background (every 5 minutes, and coalesced after job starts); a job start
+//!   sweeps itself only when free space is short. [`SWEEPS`] counts them.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -102,6 +104,10 @@ pub struct Janitor {
     sweeping: Mutex<()>,
 }
 
+/// Sweeps run by every janitor of this process: a walk of the caches is the cost a job start
+/// must not pay (tests read it to show that jobs do not sweep).
+pub static SWEEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A measured cache entry.
 struct Entry {
     kind: CacheKind,
@@ -143,6 +149,7 @@ impl Janitor {
     /// removed are logged and skipped.
     pub fn sweep(&self, in_use: &HashSet<PathBuf>, uv: Option<&Path>) -> io::Result<SweepReport> {
         let _serial = self.sweeping.lock().unwrap_or_else(|e| e.into_inner());
+        SWEEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let mut report = SweepReport {
             max_bytes: self.max_bytes,

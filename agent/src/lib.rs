@@ -92,6 +92,8 @@ pub struct Config {
 /// Shared job environments in the agent's data dir (see `pyenv::EnvBuilder::shared_in`).
 pub const ENVS_DIR: &str = "envs";
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+/// Least time between two sweeps asked for by job starts.
+const SWEEP_SPACING: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -290,6 +292,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
         janitor: Arc::new(janitor),
         in_use: cache::InUse::default(),
         min_free: config.min_free,
+        sweep_soon: Arc::default(),
         identities: Arc::new(identities),
         cgroups: Arc::new(cgroups),
     });
@@ -299,9 +302,17 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
             async move {
                 loop {
                     runner::sweep_caches(&svc).await;
+                    let last = tokio::time::Instant::now();
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(SWEEP_EVERY) => {}
+                        _ = tokio::time::sleep(SWEEP_EVERY) => continue,
+                        _ = svc.sweep_soon.notified() => {}
+                    }
+                    // Asked by a job start: at most one sweep per SWEEP_SPACING, so a burst of
+                    // jobs costs one walk of the caches, not one each.
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep_until(last + SWEEP_SPACING) => {}
                     }
                 }
             }

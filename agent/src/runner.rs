@@ -70,6 +70,9 @@ pub struct Services {
     pub in_use: crate::cache::InUse,
     /// A job does not start while the data dir's file system has less free space.
     pub min_free: u64,
+    /// Asks the background sweeper for a sweep soon (coalesced): job starts never walk the
+    /// caches themselves unless the disk is short of space.
+    pub sweep_soon: Arc<tokio::sync::Notify>,
     /// Who jobs run as.
     pub identities: Arc<crate::identity::Identities>,
     /// The attempts' cgroups.
@@ -683,12 +686,18 @@ async fn prepare(
         )
     };
     let mirror = svc.in_use.hold(svc.checkouts.mirror_path(&spec.repo));
-    sweep_caches(svc).await;
-    let (jobs_dir, min_free) = (svc.jobs_dir.clone(), svc.min_free);
-    if let Ok(Some(why)) =
-        tokio::task::spawn_blocking(move || crate::cache::low_space(&jobs_dir, min_free)).await
-    {
-        return Err(disk_full(&why));
+    // The caches grow with this job: the sweeper reclaims in the background. The job itself
+    // pays a free-space check (one statvfs), and a sweep only when space is short.
+    svc.sweep_soon.notify_one();
+    let low = || {
+        let (jobs_dir, min_free) = (svc.jobs_dir.clone(), svc.min_free);
+        tokio::task::spawn_blocking(move || crate::cache::low_space(&jobs_dir, min_free))
+    };
+    if let Ok(Some(_)) = low().await {
+        sweep_caches(svc).await;
+        if let Ok(Some(why)) = low().await {
+            return Err(disk_full(&why));
+        }
     }
     if let Err(e) = tokio::fs::create_dir_all(dir).await {
         if crate::cache::is_disk_full(&e) {

@@ -751,3 +751,31 @@ async fn a_full_disk_fails_the_job_not_the_agent() -> anyhow::Result<()> {
     );
     c.shutdown().await
 }
+
+/// Job starts do not walk the agent's caches: a run of jobs costs at most one sweep (in the
+/// background, coalesced), not one per job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_starts_do_not_sweep_the_caches() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    let repo = GitRepo::new(&[("hi.py", "print('hi')\n")])?;
+    let c = TestCluster::builder()
+        .agent(AgentSpec::new("a1"))
+        .start()
+        .await?;
+    // The sweep the agent makes when it starts.
+    runyard_tests::eventually(LONG, "the start-up sweep", || async {
+        (runyard_agent::cache::SWEEPS.load(Ordering::Relaxed) >= 1).then_some(())
+    })
+    .await?;
+    let before = runyard_agent::cache::SWEEPS.load(Ordering::Relaxed);
+    for _ in 0..8 {
+        let id = c
+            .submit(json!({"repo": repo.url(), "script": "hi.py"}))
+            .await?;
+        let job = c.wait_status(&id, &["succeeded", "failed"], LONG).await?;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    let sweeps = runyard_agent::cache::SWEEPS.load(Ordering::Relaxed) - before;
+    assert!(sweeps <= 1, "{sweeps} sweeps for 8 job starts");
+    c.shutdown().await
+}
