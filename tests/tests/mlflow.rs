@@ -71,6 +71,13 @@ fn argv_of(log: &str) -> Value {
     serde_json::from_str(line).unwrap()
 }
 
+/// The job failed with `kind`, and its reason says `words`.
+fn failed_with(job: &Value, kind: &str, words: &str) {
+    assert_eq!(job["failure"], kind, "{job}");
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(words), "{words:?} not in the reason: {job}");
+}
+
 async fn run(c: &TestCluster, spec: Value) -> anyhow::Result<(Value, String)> {
     let id = c.submit(spec).await?;
     let job = c
@@ -143,11 +150,7 @@ async fn entry_points_run_with_checked_parameters_and_their_environment() -> any
 
     // A required parameter left out is named too.
     let (job, _) = run(&c, json!({"repo": repo.url()})).await?;
-    assert_eq!(job["failure"], "params", "{job}");
-    assert!(
-        job["reason"].as_str().unwrap().contains("required"),
-        "{job}"
-    );
+    failed_with(&job, "params", "required");
 
     // A path parameter is found in the checkout and passed as an absolute path; one that is not
     // there (a file on the submitting machine) is refused with why.
@@ -167,14 +170,7 @@ async fn entry_points_run_with_checked_parameters_and_their_environment() -> any
         json!({"repo": repo.url(), "entry_point": "data", "parameters": {"file": "/home/me/train.csv"}}),
     )
     .await?;
-    assert_eq!(job["failure"], "params", "{job}");
-    assert!(
-        job["reason"]
-            .as_str()
-            .unwrap()
-            .contains("not on the machine it was submitted from"),
-        "{job}"
-    );
+    failed_with(&job, "params", "not on the machine it was submitted from");
     // An http(s) URL is fetched into the attempt's directory first, as MLflow does; other
     // schemes are refused with what works.
     let port = serve_file("remote,rows\n").await?;
@@ -192,25 +188,11 @@ async fn entry_points_run_with_checked_parameters_and_their_environment() -> any
         json!({"repo": repo.url(), "entry_point": "data", "parameters": {"file": "s3://bucket/train.csv"}}),
     )
     .await?;
-    assert_eq!(job["failure"], "params", "{job}");
-    assert!(
-        job["reason"]
-            .as_str()
-            .unwrap()
-            .contains("http(s) URLs only"),
-        "{job}"
-    );
+    failed_with(&job, "params", "http(s) URLs only");
 
     // A command that needs a shell is refused, not run by one.
     let (job, _) = run(&c, json!({"repo": repo.url(), "entry_point": "shell"})).await?;
-    assert_eq!(job["failure"], "script", "{job}");
-    assert!(
-        job["reason"]
-            .as_str()
-            .unwrap()
-            .contains("`&&` needs a shell"),
-        "{job}"
-    );
+    failed_with(&job, "script", "`&&` needs a shell");
 
     // Entry points that are files: every parameter as --name value.
     let (job, log) = run(
@@ -230,14 +212,7 @@ async fn entry_points_run_with_checked_parameters_and_their_environment() -> any
 
     // An unknown entry point names the ones there are.
     let (job, _) = run(&c, json!({"repo": repo.url(), "entry_point": "nope"})).await?;
-    assert_eq!(job["failure"], "script", "{job}");
-    assert!(
-        job["reason"]
-            .as_str()
-            .unwrap()
-            .contains("data, main, shell"),
-        "{job}"
-    );
+    failed_with(&job, "script", "data, main, shell");
     c.shutdown().await
 }
 
@@ -309,14 +284,7 @@ async fn conda_python_and_docker_environments() -> anyhow::Result<()> {
     );
 
     let (job, _) = run(&c, json!({"repo": docker.url()})).await?;
-    assert_eq!(job["failure"], "env", "{job}");
-    assert!(
-        job["reason"]
-            .as_str()
-            .unwrap()
-            .contains("does not run containers"),
-        "{job}"
-    );
+    failed_with(&job, "env", "does not run containers");
     c.shutdown().await
 }
 

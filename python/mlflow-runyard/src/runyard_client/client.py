@@ -369,17 +369,7 @@ class Client:
         failing_since = None
         last: Optional[dict] = None
         while True:
-            try:
-                job = self.job(job_id)
-                failing_since = None
-            except RunyardError as e:
-                if not e.transient:
-                    raise
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since > TRANSIENT_GRACE:
-                    raise
-                job = None
+            job, failing_since = self._job_tolerant(job_id, failing_since)
             if job is not None:
                 if on_change and (last is None or last.get("status") != job.get("status")):
                     on_change(job)
@@ -425,18 +415,11 @@ class Client:
 
         while True:
             check_deadline()
-            try:
-                job = self.job(job_id)
-                failing_since = None
-            except RunyardError as e:
-                if not e.transient:
-                    raise
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since > TRANSIENT_GRACE:
-                    raise
+            fetched, failing_since = self._job_tolerant(job_id, failing_since)
+            if fetched is None:
                 time.sleep(poll)
                 continue
+            job = fetched
             current = int(job.get("attempt") or 0)
             finished = job.get("status") in FINISHED_STATUSES
             if current == 0:
@@ -464,6 +447,20 @@ class Client:
                     return job
             if got == 0:
                 time.sleep(poll)
+
+    def _job_tolerant(self, job_id: str, failing_since: Optional[float]):
+        """The job, or None while the controller is away (transient errors) for less than
+        TRANSIENT_GRACE seconds in a row (since `failing_since`); with the new `failing_since`."""
+        try:
+            return self.job(job_id), None
+        except RunyardError as e:
+            if not e.transient:
+                raise
+            now = time.monotonic()
+            failing_since = failing_since or now
+            if now - failing_since > TRANSIENT_GRACE:
+                raise
+            return None, failing_since
 
     def _job_or_none(self, job_id: str) -> Optional[dict]:
         try:
