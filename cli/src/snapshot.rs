@@ -4,7 +4,7 @@
 //! files that are not ignored), so uncommitted changes run; elsewhere every file but `.git/` and
 //! `__pycache__/`. The archive is deterministic: the same tree gives the same id.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The most the client reads into one archive; the controller's own limit (64 MiB by default)
@@ -103,7 +103,7 @@ pub fn archive(dir: &Path) -> Result<Archive, String> {
         h.set_gid(0);
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(&full).map_err(|e| e.to_string())?;
-            if !inside(rel, &target) {
+            if !runyard_proto::snapshot::stays_inside(rel, &target) {
                 return Err(format!(
                     "{} links to {}, outside the project: a snapshot holds only the project's own files",
                     rel.display(),
@@ -140,23 +140,4 @@ pub fn archive(dir: &Path) -> Result<Archive, String> {
         files: files.len(),
         commit,
     })
-}
-
-fn inside(link: &Path, target: &Path) -> bool {
-    if target.is_absolute() {
-        return false;
-    }
-    let mut depth = link.components().count() as i64 - 1;
-    for c in target.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::ParentDir => depth -= 1,
-            Component::CurDir => {}
-            _ => return false,
-        }
-        if depth < 0 {
-            return false;
-        }
-    }
-    true
 }

@@ -195,7 +195,6 @@ impl Controller {
         let id = new_job_id();
         self.check_model_from(&spec).await?;
         self.check_snapshot(&spec).await?;
-        self.tracking.uri_for(&spec)?;
         // The run exists before the job does (MLflow's flow 1): the job's first attempt already
         // has its id. Nothing is stored when it cannot be made.
         let run = self.tracking.open_run(&id, &spec, owner, origin).await?;

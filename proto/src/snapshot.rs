@@ -128,7 +128,7 @@ fn is_plain(p: &Path) -> bool {
 }
 
 /// Whether symlink `link` (a path in the tree) pointing at `target` resolves inside the tree.
-fn stays_inside(link: &Path, target: &Path) -> bool {
+pub fn stays_inside(link: &Path, target: &Path) -> bool {
     if target.is_absolute() {
         return false;
     }

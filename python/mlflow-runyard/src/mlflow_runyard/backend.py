@@ -32,6 +32,7 @@ from mlflow.projects.backend.abstract_backend import AbstractBackend
 from mlflow.projects.submitted_run import SubmittedRun
 
 from runyard_client import FINISHED_STATUSES, Client, RunyardError
+from runyard_client.client import _is_loopback
 from runyard_client.snapshot import (
     Snapshot,
     SnapshotError,
@@ -323,19 +324,6 @@ def check_tracking_uri(tracking_uri: Optional[str]) -> str:
             "and set MLFLOW_TRACKING_URI=http://HOST:5000"
         )
     return tracking_uri
-
-
-def _is_loopback_host(host: Optional[str]) -> bool:
-    import ipaddress
-
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _user() -> str:
@@ -659,7 +647,7 @@ def _warn_unreachable_tracking(controller: str, tracking_uri: str) -> None:
     """A loopback tracking server is only reachable from Runyard on the same machine."""
     t = urllib.parse.urlsplit(tracking_uri).hostname
     c = urllib.parse.urlsplit(controller).hostname
-    if _is_loopback_host(t) and not _is_loopback_host(c):
+    if _is_loopback(t) and not _is_loopback(c):
         _logger.warning(
             "The MLflow tracking URI %s is on this machine's loopback, but the Runyard "
             "controller (%s) is elsewhere: give a tracking URI that its agents can reach",
