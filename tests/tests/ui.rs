@@ -82,6 +82,16 @@ async fn log_total(b: &Browser) -> anyhow::Result<u64> {
     Ok(v.as_i64().unwrap_or(-1).max(0) as u64)
 }
 
+/// The id of the run whose page the browser opened (after a submit from the form).
+async fn run_page_id(b: &Browser) -> anyhow::Result<String> {
+    let hash = b
+        .wait_until("the run page", LONG, || async {
+            b.hash().await.ok().filter(|h| h.starts_with("#/runs/"))
+        })
+        .await?;
+    Ok(hash.trim_start_matches("#/runs/").to_string())
+}
+
 async fn job_status(c: &TestCluster, id: &str) -> anyhow::Result<String> {
     Ok(c.job(id).await?["status"]
         .as_str()
@@ -155,12 +165,7 @@ async fn sign_in_submit_follow_stop_and_field_errors() -> anyhow::Result<()> {
     b.fill("#f-args", "100000\n0.05").await?;
     b.fill("#f-name", "ticker from the browser").await?;
     b.click("#submit-run").await?;
-    let hash = b
-        .wait_until("the run page", LONG, || async {
-            b.hash().await.ok().filter(|h| h.starts_with("#/runs/"))
-        })
-        .await?;
-    let id = hash.trim_start_matches("#/runs/").to_string();
+    let id = run_page_id(&b).await?;
     let job = c.job(&id).await?;
     assert_eq!(job["spec"]["args"], json!(["100000", "0.05"]), "{job}");
     assert_eq!(job["spec"]["env"], json!({"GREETING": "hi there"}));
@@ -435,12 +440,7 @@ async fn an_entry_point_runs_from_the_form_with_its_parameters() -> anyhow::Resu
     assert!(err.contains("NAME=VALUE"), "{err}");
     b.fill("#f-parameters", "n=3\nname=a b").await?;
     b.click("#submit-run").await?;
-    let hash = b
-        .wait_until("the run page", LONG, || async {
-            b.hash().await.ok().filter(|h| h.starts_with("#/runs/"))
-        })
-        .await?;
-    let id = hash.trim_start_matches("#/runs/").to_string();
+    let id = run_page_id(&b).await?;
     assert_eq!(
         c.job(&id).await?["spec"]["parameters"],
         json!({"n": "3", "name": "a b"})
@@ -471,12 +471,7 @@ async fn lightning_run_shows_progress_plots_and_downloads_the_checkpoint() -> an
     b.fill("#f-script", "train.py").await?;
     b.fill("#f-requirements", "lightning").await?;
     b.click("#submit-run").await?;
-    let hash = b
-        .wait_until("the run page", LONG, || async {
-            b.hash().await.ok().filter(|h| h.starts_with("#/runs/"))
-        })
-        .await?;
-    let id = hash.trim_start_matches("#/runs/").to_string();
+    let id = run_page_id(&b).await?;
 
     // Progress moves: some value strictly between 0 and 1 is shown before the end.
     let mut seen: Vec<f64> = Vec::new();
